@@ -1,0 +1,59 @@
+"""Datasets for probes: JSONL, one question a line, with labels per served model where known."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Dataset:
+    path: Path
+    records: list[dict[str, Any]]
+
+    @property
+    def questions(self) -> list[str]:
+        return [r["question"] for r in self.records]
+
+    def conversations(self) -> list[list[dict[str, str]]]:
+        """What the gateway's scorer would read for each question sent as one user message."""
+        return [[{"role": "user", "content": q}] for q in self.questions]
+
+    def digest(self) -> str:
+        return hashlib.sha256("\x1e".join(self.questions).encode()).hexdigest()[:16]
+
+    def labels(self, model: str) -> np.ndarray:
+        """0/1 correctness of ``model`` on every question; KeyError if the data has no labels for it."""
+        missing = [i for i, r in enumerate(self.records) if model not in (r.get("correct") or {})]
+        if missing:
+            raise KeyError(f"{self.path}: no label for {model!r} on {len(missing)} of {len(self.records)} questions")
+        return np.array([int(r["correct"][model]) for r in self.records], dtype=np.int64)
+
+    def reference(self, model: str) -> np.ndarray | None:
+        """Reference probabilities (``paper_probe_p``) for ``model``, when every record has one."""
+        values = [(r.get("paper_probe_p") or {}).get(model) for r in self.records]
+        return None if any(v is None for v in values) else np.array(values, dtype=np.float64)
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    path = Path(path)
+    records = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON: {e}") from e
+            if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+                raise ValueError(f"{path}:{n}: each line needs a string field 'question'")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no questions")
+    return Dataset(path, records)

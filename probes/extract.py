@@ -1,0 +1,49 @@
+"""Scorer features for a dataset, computed with the gateway's own feature function and cached on disk.
+
+The cache key is the scorer's fingerprint (weights, layers, pooling, chat template, recipe version) and the
+dataset's questions, so a change to any of them computes afresh.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from probes.data import Dataset
+from router.config import ScorerConfig
+from router.scorer.features import FeatureExtractor
+
+log = logging.getLogger(__name__)
+
+
+def cache_path(cache_dir: Path, fingerprint: str, dataset: Dataset, max_prompt_tokens: int) -> Path:
+    return Path(cache_dir) / "features" / fingerprint / f"{dataset.digest()}-t{max_prompt_tokens}.npy"
+
+
+def extract_features(
+    cfg: ScorerConfig, dataset: Dataset, *, batch_size: int = 16, extractor: FeatureExtractor | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, FeatureExtractor]:
+    """Features of every question of ``dataset`` (one row each) and the extractor that made them."""
+    extractor = extractor or FeatureExtractor(cfg)
+    path = cache_path(cfg.cache_dir, extractor.info.fingerprint, dataset, cfg.max_prompt_tokens)
+    if path.is_file():
+        log.info("features from cache %s", path)
+        return np.load(path), extractor
+    conversations = dataset.conversations()
+    rows = []
+    bar = tqdm(total=len(conversations), desc="scorer features", unit="q", disable=not progress)
+    for start in range(0, len(conversations), batch_size):
+        batch = conversations[start:start + batch_size]
+        rows.append(extractor.features(batch))
+        bar.update(len(batch))
+    bar.close()
+    features = np.concatenate(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, features)
+    tmp.rename(path)
+    return features, extractor

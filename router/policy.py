@@ -1,0 +1,71 @@
+"""The routing policy: pure functions from estimates and costs to a decision. No I/O, no state."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    THRESHOLD = "threshold_met"  # the cheapest backend whose estimate clears the threshold
+    BEST = "best_estimate"  # none cleared it: the highest estimate
+    FALLBACK = "fallback"  # none cleared it: the configured fallback backend
+    UTILITY = "utility"  # argmax p − λ·normalised cost
+    EXPLICIT = "explicit_backend"  # the request named a backend
+    UNSCORED = "unscored"  # the scorer could not score this request: the fallback, else the dearest backend
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    cost: float  # estimated USD for this request on this backend
+    p: float  # estimated probability of a correct answer
+
+
+@dataclass(frozen=True)
+class Decision:
+    backend: str
+    reason: Reason
+    order: tuple[str, ...]  # the chosen backend first, then the others in the order to fail over to
+
+
+def request_cost(input_per_mtok: float, output_per_mtok: float, prompt_tokens: int, output_tokens: int) -> float:
+    """USD for one request at per-million-token prices."""
+    return (input_per_mtok * prompt_tokens + output_per_mtok * output_tokens) / 1e6
+
+
+def _by_cost(options: Sequence[Option]) -> list[Option]:
+    return sorted(options, key=lambda o: (o.cost, -o.p, o.name))
+
+
+def _by_p(options: Sequence[Option]) -> list[Option]:
+    return sorted(options, key=lambda o: (-o.p, o.cost, o.name))
+
+
+def choose_by_threshold(options: Sequence[Option], threshold: float, fallback: str | None = None) -> Decision:
+    """The cheapest option with p ≥ threshold; otherwise ``fallback`` if it is an option, else the best p.
+
+    The failover order after the choice: the other options that clear the threshold, cheapest first, then the
+    rest by estimate.
+    """
+    if not options:
+        raise ValueError("no backend to choose from")
+    clearing = _by_cost([o for o in options if o.p >= threshold])
+    rest = _by_p([o for o in options if o.p < threshold])
+    order = [o.name for o in clearing + rest]
+    if clearing:
+        return Decision(clearing[0].name, Reason.THRESHOLD, tuple(order))
+    if fallback is not None and fallback in order:
+        order.remove(fallback)
+        return Decision(fallback, Reason.FALLBACK, (fallback, *order))
+    return Decision(order[0], Reason.BEST, tuple(order))
+
+
+def choose_by_utility(options: Sequence[Option], cost_weight: float) -> Decision:
+    """argmax p − λ·cost/max cost (the paper's utility router); ties go to the cheaper option."""
+    if not options:
+        raise ValueError("no backend to choose from")
+    top = max(o.cost for o in options) or 1.0
+    ranked = sorted(options, key=lambda o: (-(o.p - cost_weight * o.cost / top), o.cost, o.name))
+    return Decision(ranked[0].name, Reason.UTILITY, tuple(o.name for o in ranked))

@@ -1,0 +1,151 @@
+"""The probe file format, and turning features into calibrated success probabilities.
+
+A probe is two files with one stem: ``NAME.json`` (everything but the vectors) and ``NAME.safetensors``
+(float32 vectors ``mean``, ``scale`` and ``weight``, each of the scorer's feature size). For features ``x``::
+
+    z = ((x - mean) / scale) · weight + bias          # standardised logistic regression
+    p = 1 / (1 + exp(-(platt.a * z + platt.b)))       # Platt calibration of z
+
+The JSON also records which scorer and feature recipe the probe was trained on (``scorer``: model, layers,
+pooling, hidden_size, feature_dim, fingerprint), what it was trained on (``training``) and how well it did
+(``metrics``). The gateway refuses a probe whose ``scorer`` block does not match its own scorer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from router.scorer.features import ScorerInfo
+
+FORMAT = "probe-router/linear-probe"
+VERSION = 1
+
+
+class ProbeError(Exception):
+    """A probe file is unreadable, malformed, or was made for another scorer."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray
+    bias: float
+    platt_a: float = 1.0
+    platt_b: float = 0.0
+    scorer: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def decision(self, x: np.ndarray) -> np.ndarray:
+        """The uncalibrated logit z for each row of ``x``."""
+        return ((np.asarray(x, dtype=np.float64) - self.mean) / self.scale) @ self.weight + self.bias
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Calibrated success probability for each row of ``x``."""
+        return _sigmoid(self.platt_a * self.decision(x) + self.platt_b)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1 / (1 + e^-z), without overflow warnings
+
+
+def save_probe(probe: Probe, path: str | Path) -> Path:
+    """Write ``path`` (.json) and its .safetensors sibling; return the JSON path."""
+    path = Path(path).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = path.with_suffix(".safetensors")
+    save_file(
+        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in
+         {"mean": probe.mean, "scale": probe.scale, "weight": probe.weight}.items()},
+        str(tensors),
+    )
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "tensors": tensors.name,
+        "bias": float(probe.bias),
+        "platt": {"a": float(probe.platt_a), "b": float(probe.platt_b)},
+        "scorer": probe.scorer,
+        "training": probe.training,
+        "metrics": probe.metrics,
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def load_probe(path: str | Path) -> Probe:
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ProbeError(f"probe {path}: cannot read: {e}") from e
+    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise ProbeError(f"probe {path}: not a {FORMAT} v{VERSION} file")
+    try:
+        tensors = load_file(str(path.parent / doc["tensors"]))
+        mean, scale, weight = (tensors[k].astype(np.float64) for k in ("mean", "scale", "weight"))
+        bias, a, b = float(doc["bias"]), float(doc["platt"]["a"]), float(doc["platt"]["b"])
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ProbeError(f"probe {path}: malformed: {e!r}") from e
+    if not (mean.shape == scale.shape == weight.shape) or mean.ndim != 1:
+        raise ProbeError(f"probe {path}: mean, scale and weight must be vectors of one length")
+    if np.any(scale <= 0) or not all(np.isfinite(v).all() for v in (mean, scale, weight)):
+        raise ProbeError(f"probe {path}: scale must be positive and every value finite")
+    return Probe(mean, scale, weight, bias, a, b, doc.get("scorer", {}), doc.get("training", {}),
+                 doc.get("metrics", {}))
+
+
+def scorer_block(info: ScorerInfo) -> dict[str, Any]:
+    """What a probe records about the scorer it was trained on."""
+    return {
+        "model": info.model,
+        "layers": list(info.layers),
+        "pooling": info.pooling,
+        "hidden_size": info.hidden_size,
+        "feature_dim": info.feature_dim,
+        "fingerprint": info.fingerprint,
+        "recipe": info.recipe(),
+    }
+
+
+def check_compatible(probe: Probe, info: ScorerInfo, where: str) -> None:
+    """Raise ProbeError naming every way ``probe`` disagrees with the configured scorer."""
+    want = scorer_block(info)
+    have = probe.scorer
+    problems = [
+        f"{key} is {have.get(key)!r} in the probe but {want[key]!r} in the scorer"
+        for key in ("model", "layers", "pooling", "feature_dim", "fingerprint")
+        if have.get(key) != want[key]
+    ]
+    if probe.weight.shape[0] != info.feature_dim:
+        problems.append(f"the probe has {probe.weight.shape[0]} weights for {info.feature_dim} features")
+    if problems:
+        raise ProbeError(
+            f"{where} was trained for another scorer: " + "; ".join(problems)
+            + ". Retrain it with `python -m probes train` or configure the scorer it was made for."
+        )
+
+
+class ProbeSet:
+    """Several probes folded into one matrix, so every backend is scored with one product."""
+
+    def __init__(self, names: Sequence[str], probes: Sequence[Probe]) -> None:
+        self.names = list(names)
+        w = np.stack([p.weight / p.scale for p in probes])  # (k, d)
+        self._w = w.T.astype(np.float32)
+        self._b = np.array([p.bias - float(p.mean @ (p.weight / p.scale)) for p in probes])
+        self._a = np.array([p.platt_a for p in probes])
+        self._c = np.array([p.platt_b for p in probes])
+
+    def predict(self, x: np.ndarray) -> dict[str, float]:
+        """Features of one request → {backend: p}."""
+        z = np.asarray(x, dtype=np.float32) @ self._w + self._b
+        return dict(zip(self.names, _sigmoid(self._a * z + self._c).tolist(), strict=True))

@@ -1,0 +1,146 @@
+"""Micro-batching: one worker thread runs the scorer for requests that arrive close together.
+
+Async callers ``await batcher.score(messages)``; the worker takes the first waiting request, gathers more
+until the batch is full or ``max_wait`` has passed, runs one forward pass and hands each caller its row.
+The event loop only enqueues and awaits; rendering, tokenising and the forward pass happen in the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from router.scorer.features import Message
+
+log = logging.getLogger(__name__)
+
+
+class ScorerUnavailable(Exception):
+    """The scorer cannot answer this request (queue full, stopped, failed or too slow)."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    size: int
+    forward_s: float
+
+
+@dataclass
+class _Job:
+    messages: Sequence[Message]
+    future: Future[np.ndarray]
+    enqueued: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+
+
+@dataclass(frozen=True)
+class Scored:
+    features: np.ndarray
+    queue_s: float  # waiting for a batch slot
+    total_s: float  # from the call to the result
+
+
+class MicroBatcher:
+    """Runs ``features(list_of_conversations)`` in one daemon thread, batching concurrent calls."""
+
+    def __init__(
+        self,
+        features: Callable[[Sequence[Sequence[Message]]], np.ndarray],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self._features = features
+        self._max_batch = max_batch_size
+        self._max_wait = max_wait_s
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._on_batch = on_batch
+        self._thread = threading.Thread(target=self._run, name="scorer", daemon=True)
+        self._stopped = False
+        self._thread.start()
+
+    async def score(self, messages: Sequence[Message], timeout_s: float | None = None) -> Scored:
+        start = time.perf_counter()
+        if self._stopped:
+            raise ScorerUnavailable("scorer is stopped")
+        job = _Job(messages, Future())
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full as e:
+            raise ScorerUnavailable("scorer queue is full") from e
+        try:
+            features = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout_s)
+        except TimeoutError as e:
+            job.future.cancel()
+            raise ScorerUnavailable(f"scorer took longer than {timeout_s:.1f}s") from e
+        done = time.perf_counter()
+        started = job.started if job.started is not None else done
+        return Scored(features, queue_s=started - job.enqueued, total_s=done - start)
+
+    @property
+    def alive(self) -> bool:
+        return not self._stopped and self._thread.is_alive()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
+        batch = [first]
+        deadline = time.perf_counter() + self._max_wait
+        while len(batch) < self._max_batch:
+            remaining = deadline - time.perf_counter()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return batch, True
+            batch.append(job)
+        return batch, False
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch, stop = self._collect(first)
+            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            started = time.perf_counter()
+            for job in batch:
+                job.started = started
+            try:
+                rows = self._features([job.messages for job in batch])
+            except Exception as e:  # one bad batch must not kill the worker
+                log.exception("scorer forward pass failed")
+                for job in batch:
+                    job.future.set_exception(ScorerUnavailable(f"scorer failed: {e}"))
+                continue
+            if self._on_batch is not None:
+                self._on_batch(BatchStats(len(batch), time.perf_counter() - started))
+            for job, row in zip(batch, rows, strict=True):
+                job.future.set_result(row)
+        # Whatever is still queued when we stop gets a clear answer instead of waiting for ever.
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ScorerUnavailable("scorer is stopped"))
