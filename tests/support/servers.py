@@ -1,0 +1,107 @@
+"""Real HTTP servers on 127.0.0.1 for tests: any ASGI app under uvicorn in a thread, and a small
+OpenAI-compatible backend that records what it received."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(app: Any, port: int | None = None, timeout_s: float = 30.0) -> Iterator[str]:
+    """Run ``app`` on 127.0.0.1 until the block ends; yield its base URL."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"test server on port {port} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+
+
+class FakeBackend:
+    """An OpenAI-compatible backend that answers with a fixed text and remembers every request body."""
+
+    def __init__(self, name: str, text: str = "The answer is 42.", status: int = 200) -> None:
+        self.name = name
+        self.text = text
+        self.status = status
+        self.received: list[dict[str, Any]] = []
+        self.app = self._build()
+
+    def _usage(self, body: dict[str, Any]) -> dict[str, int]:
+        return {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+
+    def _build(self) -> FastAPI:
+        app = FastAPI()
+
+        async def answer(request: Request, kind: str) -> Response:
+            body = orjson.loads(await request.body())
+            self.received.append(body)
+            if self.status != 200:
+                return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, status_code=self.status)
+            created = int(time.time())
+            if body.get("stream"):
+                return StreamingResponse(self._stream(body, kind, created), media_type="text/event-stream")
+            if kind == "chat":
+                choice = {"index": 0, "message": {"role": "assistant", "content": self.text}, "finish_reason": "stop"}
+                obj = "chat.completion"
+            else:
+                choice = {"index": 0, "text": self.text, "finish_reason": "stop"}
+                obj = "text_completion"
+            return JSONResponse({"id": f"{kind}-1", "object": obj, "created": created, "model": body["model"],
+                                 "choices": [choice], "usage": self._usage(body)})
+
+        async def chat(request: Request) -> Response:
+            return await answer(request, "chat")
+
+        async def completions(request: Request) -> Response:
+            return await answer(request, "text")
+
+        async def models() -> dict[str, Any]:
+            return {"object": "list", "data": [{"id": self.name, "object": "model"}]}
+
+        app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
+        app.add_api_route("/v1/completions", completions, methods=["POST"])
+        app.add_api_route("/v1/models", models, methods=["GET"])
+        app.add_api_route("/health", lambda: {"ok": True}, methods=["GET"])
+        return app
+
+    async def _stream(self, body: dict[str, Any], kind: str, created: int):  # type: ignore[no-untyped-def]
+        for word in self.text.split(" "):
+            if kind == "chat":
+                choice = {"index": 0, "delta": {"content": word + " "}, "finish_reason": None}
+            else:
+                choice = {"index": 0, "text": word + " ", "finish_reason": None}
+            chunk = {"id": "s-1", "object": "chat.completion.chunk", "created": created, "model": body["model"],
+                     "choices": [choice]}
+            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            await asyncio.sleep(0)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            chunk = {"id": "s-1", "object": "chat.completion.chunk", "created": created, "model": body["model"],
+                     "choices": [], "usage": self._usage(body)}
+            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+        yield b"data: [DONE]\n\n"

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from router.config import ScorerConfig
+from router.scorer.batcher import BatchStats, MicroBatcher, ScorerUnavailable
+from router.scorer.features import FeatureExtractor, normalise_messages
+
+QUESTIONS = [
+    "What is 2 + 2?",
+    "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning. How many are left?",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber.",
+    "Capital of France?",
+]
+
+
+def conv(q: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": q}]
+
+
+def test_render_applies_the_chat_template_with_the_generation_prompt(tiny_extractor: FeatureExtractor) -> None:
+    text = tiny_extractor.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_content_parts_and_developer_role_are_normalised() -> None:
+    got = normalise_messages([{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "image_url"},
+                                                                  {"type": "text", "text": "b"}]},
+                              {"role": "assistant", "content": None}])
+    assert got == [{"role": "system", "content": "a\nb"}, {"role": "assistant", "content": ""}]
+
+
+def test_batched_and_one_at_a_time_features_agree(tiny_extractor: FeatureExtractor) -> None:
+    batched = tiny_extractor.features([conv(q) for q in QUESTIONS])
+    single = np.concatenate([tiny_extractor.features([conv(q)]) for q in QUESTIONS])
+    assert batched.shape == (4, tiny_extractor.info.feature_dim)
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_features_are_the_residual_stream_of_the_full_model(tiny_extractor: FeatureExtractor,
+                                                            tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompt = tiny_extractor.render(conv(QUESTIONS[2]))
+    ids = tiny_extractor.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    assert ids["input_ids"].shape[1] < tiny_extractor.cfg.max_prompt_tokens  # no truncation in play
+    with torch.inference_mode():
+        hidden = full(**ids, output_hidden_states=True).hidden_states
+    assert len(tiny_extractor.model.layers) == 2  # blocks after the probed layer are not loaded
+    np.testing.assert_allclose(tiny_extractor.features([conv(QUESTIONS[2])])[0], hidden[2][0, -1].numpy(),
+                               atol=1e-5)
+
+
+def test_long_prompts_keep_their_end(tiny_extractor: FeatureExtractor) -> None:
+    limit = tiny_extractor.cfg.max_prompt_tokens
+    long_prompt = tiny_extractor.render(conv("eggs " * 500 + QUESTIONS[0]))
+    enc = tiny_extractor.tokenizer([long_prompt], add_special_tokens=False, truncation=True, max_length=limit)
+    kept = tiny_extractor.tokenizer.decode(enc["input_ids"][0])
+    assert len(enc["input_ids"][0]) == limit
+    assert kept.endswith(QUESTIONS[0] + "<|im_end|>\n<|im_start|>assistant\n")
+    assert np.isfinite(tiny_extractor.features([conv("eggs " * 500 + QUESTIONS[0])])).all()
+
+
+def test_several_layers_and_poolings_concatenate(tiny_scorer_cfg: ScorerConfig) -> None:
+    cfg = tiny_scorer_cfg.model_copy(update={"layers": [1, 3], "pooling": "last+mean"})
+    fx = FeatureExtractor(cfg)
+    assert fx.info.feature_dim == 32 * 2 * 2
+    assert fx.features([conv(QUESTIONS[0])]).shape == (1, 128)
+
+
+def test_fingerprint_depends_on_the_recipe(tiny_scorer_cfg: ScorerConfig, tiny_extractor: FeatureExtractor) -> None:
+    again = FeatureExtractor(tiny_scorer_cfg)
+    other = FeatureExtractor(tiny_scorer_cfg.model_copy(update={"layers": [3]}))
+    assert again.info.fingerprint == tiny_extractor.info.fingerprint
+    assert other.info.fingerprint != tiny_extractor.info.fingerprint
+
+
+def test_asking_for_a_layer_the_model_lacks_is_an_error(tiny_scorer_cfg: ScorerConfig) -> None:
+    with pytest.raises(ValueError, match="has 4"):
+        FeatureExtractor(tiny_scorer_cfg.model_copy(update={"layers": [9]}))
+
+
+async def test_micro_batcher_batches_concurrent_requests_and_matches_direct_features(
+    tiny_extractor: FeatureExtractor,
+) -> None:
+    stats: list[BatchStats] = []
+    batcher = MicroBatcher(tiny_extractor.features, max_batch_size=4, max_wait_s=0.05, max_queue=64,
+                           on_batch=stats.append)
+    try:
+        results = await asyncio.gather(*(batcher.score(conv(q)) for q in QUESTIONS * 2))
+    finally:
+        batcher.close()
+    direct = tiny_extractor.features([conv(q) for q in QUESTIONS * 2])
+    np.testing.assert_allclose(np.stack([r.features for r in results]), direct, atol=1e-5)
+    assert sum(s.size for s in stats) == 8 and max(s.size for s in stats) > 1
+    assert all(s.size <= 4 for s in stats)
+
+
+async def test_micro_batcher_reports_failures_and_a_full_queue() -> None:
+    def broken(_: object) -> np.ndarray:
+        raise RuntimeError("no model")
+
+    batcher = MicroBatcher(broken, max_batch_size=2, max_wait_s=0.0, max_queue=1)
+    try:
+        with pytest.raises(ScorerUnavailable, match="scorer failed: no model"):
+            await batcher.score(conv("x"))
+        assert batcher.alive  # one bad batch does not kill the worker
+    finally:
+        batcher.close()
+    with pytest.raises(ScorerUnavailable, match="stopped"):
+        await batcher.score(conv("x"))
