@@ -1,0 +1,103 @@
+"""The Grafana dashboard and its provisioning: valid, and pointing at each other and at the compose stack."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.tools import COMPOSE_FILE, DASHBOARD, GRAFANA, PROMETHEUS_CONFIG, ROOT
+
+
+def dashboard_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query of the dashboard, rows' nested panels included."""
+    found = []
+    for panel in dashboard["panels"]:
+        for p in [panel, *panel.get("panels", [])]:
+            found += [(p["title"], t["expr"]) for t in p.get("targets", [])]
+    return found
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> repository path of a service's bind mounts (from the unresolved compose file)."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        if source.startswith("./"):
+            found[target] = source
+    return found
+
+
+def test_dashboard_is_valid_and_complete(dashboard: dict[str, Any]) -> None:
+    assert dashboard["uid"] == "probe-router" and dashboard["schemaVersion"] >= 36
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        assert {"x", "y", "w", "h"} <= set(panel["gridPos"]) and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        for target in panel.get("targets", []):
+            assert target["expr"].strip() and target["refId"]
+    exprs = " ".join(e for _, e in dashboard_exprs(dashboard))
+    for metric in ("router_requests_total", "router_cost_usd_total", "router_reference_cost_usd_total",
+                   "router_predicted_success_sum", "router_feedback_score_total", "router_feedback_total",
+                   "router_scorer_seconds_bucket", "router_scorer_queue_seconds_bucket", "router_scorer_batch_size",
+                   "router_upstream_seconds_bucket", "router_time_to_first_token_seconds_bucket",
+                   "router_upstream_errors_total", "router_scorer_errors_total", "router_requests_in_flight",
+                   "router_backend_up", "router_prompt_tokens_total", "router_completion_tokens_total"):
+        assert metric in exprs, f"no panel shows {metric}"
+    assert exprs.count("histogram_quantile(") >= 8
+
+
+def test_panels_use_the_provisioned_datasource(dashboard: dict[str, Any]) -> None:
+    provisioned = [ds for f in sorted((GRAFANA / "provisioning" / "datasources").glob("*.yml"))
+                   for ds in yaml.safe_load(f.read_text())["datasources"]]
+    uids = {ds["uid"]: ds for ds in provisioned}
+    refs = [p["datasource"] for p in dashboard["panels"] if "datasource" in p]
+    refs += [t["datasource"] for p in dashboard["panels"] for t in p.get("targets", []) if "datasource" in t]
+    refs += [v["datasource"] for v in dashboard["templating"]["list"] if "datasource" in v]
+    assert refs
+    for ref in refs:
+        assert ref["uid"] in uids, f"datasource {ref} is not provisioned"
+        assert uids[ref["uid"]]["type"] == ref["type"] == "prometheus"
+
+
+def test_datasource_points_at_the_compose_prometheus(compose: dict[str, Any]) -> None:
+    (ds,) = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert ds["url"] == "http://prometheus:9090"
+    assert "prometheus" in compose["services"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in compose["services"]["prometheus"]["command"]
+    prometheus_mounts = mounts(compose["services"]["prometheus"])
+    assert ROOT / prometheus_mounts["/etc/prometheus/prometheus.yml"] == PROMETHEUS_CONFIG
+
+
+def test_dashboard_provider_loads_the_mounted_dashboard_folder(compose: dict[str, Any]) -> None:
+    grafana = compose["services"]["grafana"]
+    grafana_mounts = mounts(grafana)
+    provisioning = ROOT / grafana_mounts["/etc/grafana/provisioning"]
+    assert provisioning == GRAFANA / "provisioning"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "probe-router.yml").read_text())["providers"]
+    assert provider["type"] == "file"
+    folder = provider["options"]["path"]
+    assert ROOT / grafana_mounts[folder] == DASHBOARD.parent
+    home = Path(grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert home.parent == Path(folder) and (DASHBOARD.parent / home.name).is_file()
+
+
+def test_dashboard_jobs_exist_in_the_scrape_config(dashboard: dict[str, Any]) -> None:
+    jobs = {job["job_name"] for job in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]}
+    for title, expr in dashboard_exprs(dashboard):
+        for job in ("probe-router", "vllm"):
+            if f'job="{job}"' in expr:
+                assert job in jobs, f"{title}: {expr} names job {job}, which Prometheus does not scrape"
