@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from router.auth import require_key
 from router.errors import APIError
 from router.gateway import THRESHOLD_HEADER, Forward, Gateway, parse_threshold
-from router.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from router.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, parse_body
 
-routes = APIRouter()
+routes = APIRouter()  # open to all
+protected = APIRouter(dependencies=[Depends(require_key)])  # needs a key when keys are configured
 
 
 def _body_schema(model: type) -> dict[str, Any]:
@@ -37,7 +43,33 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-@routes.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> Response:
+    """Run ``work``; if the client disconnects first, cancel it (closing the upstream request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return Response(status_code=499)  # nobody is listening; the status is for the access log
+    return task.result()
+
+
+async def _handle(request: Request, fwd: Forward, threshold: float | None) -> Response:
+    request_id = uuid.uuid4().hex
+    return await _unless_client_leaves(request, _gateway(request).handle(fwd, threshold, request_id))
+
+
+@protected.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     threshold = parse_threshold(request.headers.get(THRESHOLD_HEADER))
     body, req = parse_body(await _read_body(request), ChatCompletionRequest)
@@ -50,7 +82,7 @@ async def chat_completions(request: Request) -> Response:
         client_wants_usage=bool(req.stream_options and req.stream_options.include_usage),
         output_tokens=req.max_completion_tokens or req.max_tokens,
     )
-    return await _gateway(request).handle(fwd, threshold)
+    return await _handle(request, fwd, threshold)
 
 
 def _prompt_text(prompt: str | list[Any]) -> str | None:
@@ -62,7 +94,7 @@ def _prompt_text(prompt: str | list[Any]) -> str | None:
     return None
 
 
-@routes.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+@protected.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
 async def completions(request: Request) -> Response:
     threshold = parse_threshold(request.headers.get(THRESHOLD_HEADER))
     body, req = parse_body(await _read_body(request), CompletionRequest)
@@ -76,10 +108,19 @@ async def completions(request: Request) -> Response:
         client_wants_usage=bool(req.stream_options and req.stream_options.include_usage),
         output_tokens=req.max_tokens,
     )
-    return await _gateway(request).handle(fwd, threshold)
+    return await _handle(request, fwd, threshold)
 
 
-@routes.get("/v1/models")
+@protected.post("/v1/feedback", openapi_extra=_body_schema(FeedbackRequest))
+async def feedback(request: Request) -> JSONResponse:
+    """Rate an answer by its id (the x-router-request-id header or the completion's id)."""
+    _, req = parse_body(await _read_body(request), FeedbackRequest)
+    answered = _gateway(request).rate(req.id, req.value())
+    return JSONResponse({"id": req.id, "backend": answered.backend, "score": req.value(),
+                         "p_success": answered.p_success})
+
+
+@protected.get("/v1/models")
 async def models(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     created = request.app.state.started
@@ -95,17 +136,18 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@routes.get("/ready")
+@protected.get("/ready")
 async def ready(request: Request) -> JSONResponse:
+    """Ready when the scorer runs and a backend answers its health check now."""
     state = request.app.state
     scorer_ok = state.batcher.alive
-    backends = await state.pool.reachable()
-    ok = scorer_ok and any(backends.values())
+    healthy = await state.pool.check_all()
+    circuits = state.pool.states()
+    ok = scorer_ok and any(healthy.values())
     body = {"ready": ok, "scorer": "loaded" if scorer_ok else "down",
-            "backends": {n: "reachable" if up else "unreachable" for n, up in backends.items()}}
+            "backends": {n: {"healthy": healthy[n], "circuit": str(circuits[n])} for n in healthy}}
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@routes.get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

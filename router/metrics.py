@@ -1,10 +1,21 @@
-"""Prometheus metrics, one registry per app (no global state). Labels are backend names, statuses and reasons."""
+"""Prometheus metrics, one registry per app (no global state).
+
+Every label has bounded cardinality: backend names come from the config, statuses are HTTP codes, reasons and
+kinds are fixed vocabularies. Handy queries (also in the Grafana dashboard):
+
+- savings: ``1 - sum(router_cost_usd_total) / sum(router_reference_cost_usd_total)``
+- expected accuracy: ``sum(router_predicted_success_sum) / sum(router_predicted_success_count)``
+- realised accuracy: ``sum(router_feedback_score_total) / sum(router_feedback_total)``
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _SCORER = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
@@ -28,9 +39,18 @@ class Metrics:
             "router_completion_tokens", "Completion tokens reported by the backend", ["backend"], registry=r
         )
         self.cost = Counter("router_cost_usd", "Cost in USD at the configured prices", ["backend"], registry=r)
+        self.reference_cost = Counter(
+            "router_reference_cost_usd",
+            "What the reference policy (always the dearest backend) would have paid for the same tokens, "
+            "by the backend that actually served them", ["backend"], registry=r,
+        )
         self.predicted_success = Histogram(
             "router_predicted_success", "Estimated success probability of the chosen backend",
             ["backend"], buckets=_PROB, registry=r,
+        )
+        self.feedback = Counter("router_feedback", "Answers rated through /v1/feedback", ["backend"], registry=r)
+        self.feedback_score = Counter(
+            "router_feedback_score", "Sum of feedback scores (1 = right, 0 = wrong)", ["backend"], registry=r
         )
         self.scorer_seconds = Histogram(
             "router_scorer_seconds", "Time from asking for a score to having it", buckets=_SCORER, registry=r
@@ -43,16 +63,33 @@ class Metrics:
             "router_scorer_batch_size", "Prompts per scorer forward pass", buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
-        self.scorer_errors = Counter("router_scorer_errors", "Requests the scorer could not score", registry=r)
+        self.scorer_errors = Counter(
+            "router_scorer_errors", "Requests the scorer could not score, by kind", ["kind"], registry=r
+        )
         self.upstream_seconds = Histogram(
             "router_upstream_seconds", "Time from forwarding to the backend's last byte", ["backend"],
             buckets=_LATENCY, registry=r,
         )
         self.ttft_seconds = Histogram(
-            "router_upstream_first_byte_seconds", "Time from forwarding to the backend's first byte",
-            ["backend"], buckets=_LATENCY, registry=r,
+            "router_time_to_first_token_seconds",
+            "Streams: time from forwarding to the backend's first chunk", ["backend"], buckets=_LATENCY, registry=r,
         )
         self.upstream_errors = Counter(
             "router_upstream_errors", "Failed attempts to reach a backend, by kind", ["backend", "kind"], registry=r
         )
         self.in_flight = Gauge("router_requests_in_flight", "Requests being answered now", registry=r)
+
+
+class BackendStates(Collector):
+    """``router_backend_up{backend}``: 1 while a backend is a routing candidate, 0 while its circuit is open;
+    read from the breakers when scraped."""
+
+    def __init__(self, states: Callable[[], Mapping[str, str]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("router_backend_up", "1 while a backend is a routing candidate, 0 while its "
+                               "circuit is open", labels=["backend"])
+        for name, state in self._states().items():
+            up.add_metric([name], 0.0 if state == "open" else 1.0)
+        yield up

@@ -77,26 +77,32 @@ class Router:
             for name, p in probabilities.items()
         ]
 
-    def _unscored(self) -> Decision:
-        names = self.probes.names
+    def _candidates(self, available: set[str]) -> list[str]:
+        """Probed backends that are up; all probed backends if none is (better to try than to refuse)."""
+        return [n for n in self.probes.names if n in available] or list(self.probes.names)
+
+    def unscored(self, available: set[str]) -> Decision:
+        """Without a score: the configured fallback, else the dearest backend (the safest bet on accuracy)."""
+        names = self._candidates(available)
         dearest = max(names, key=lambda n: (self.backends[n].output_cost_per_mtok,
                                              self.backends[n].input_cost_per_mtok))
-        first = self.policy.fallback or dearest
+        first = self.policy.fallback if self.policy.fallback in available else dearest
         return Decision(first, Reason.UNSCORED, (first, *[n for n in names if n != first]))
 
     async def decide(
-        self, messages: Sequence[Message], *, threshold: float | None, output_tokens: int | None,
-        prompt_chars: int,
+        self, messages: Sequence[Message], *, available: set[str], threshold: float | None,
+        output_tokens: int | None, prompt_chars: int,
     ) -> Routed:
         try:
             scored = await self.batcher.score(messages, timeout_s=self.settings.scorer.timeout_s)
         except ScorerUnavailable as e:
             log.warning("routing without a score: %s", e)
-            self.metrics.scorer_errors.inc()
-            return Routed(self._unscored())
+            self.metrics.scorer_errors.labels(e.kind).inc()
+            return Routed(self.unscored(available))
         self.metrics.scorer_seconds.observe(scored.total_s)
         self.metrics.scorer_queue_seconds.observe(scored.queue_s)
-        probabilities = self.probes.predict(scored.features)
+        candidates = self._candidates(available)
+        probabilities = {n: p for n, p in self.probes.predict(scored.features).items() if n in candidates}
         options = self._options(
             probabilities, prompt_chars // CHARS_PER_TOKEN, output_tokens or self.policy.expected_output_tokens
         )

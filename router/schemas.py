@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from router.errors import APIError
 
@@ -40,6 +40,23 @@ class CompletionRequest(_Open):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=200, description="x-router-request-id or the completion's id")
+    correct: bool | None = None
+    score: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_rating(self) -> FeedbackRequest:
+        if (self.correct is None) == (self.score is None):
+            raise ValueError("give exactly one of 'correct' (true/false) or 'score' (0 to 1)")
+        return self
+
+    def value(self) -> float:
+        return float(self.correct) if self.correct is not None else float(self.score or 0.0)
 
 
 def parse_body(raw: bytes, schema: type[T]) -> tuple[dict[str, Any], T]:

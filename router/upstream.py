@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
 import orjson
 
-from router.config import BackendConfig
+from router.breaker import Breaker, State
+from router.config import BackendConfig, ResilienceConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,77 +39,130 @@ class UpstreamUnreachable(Exception):
 
 
 class Backend:
-    def __init__(self, cfg: BackendConfig, max_connections: int = 256) -> None:
+    def __init__(self, cfg: BackendConfig, resilience: ResilienceConfig, max_connections: int = 512) -> None:
         self.cfg = cfg
         self.name = cfg.name
+        self.breaker = Breaker(resilience.failure_threshold, resilience.cooldown_s)
+        url = httpx.URL(str(cfg.base_url))
+        self.health_url = str(url.copy_with(path=cfg.health_path, query=None))
         headers = {"content-type": "application/json"}
         if (key := cfg.api_key()) is not None:
             headers["authorization"] = f"Bearer {key}"
+        # Waits for the first byte and between chunks are bounded by the caller (see open() and relay_stream),
+        # because a non-streamed answer sends nothing until it is complete.
         self.client = httpx.AsyncClient(
             base_url=str(cfg.base_url),
             headers=headers,
-            timeout=httpx.Timeout(connect=cfg.connect_timeout_s, read=cfg.read_timeout_s, write=30.0, pool=30.0),
+            timeout=httpx.Timeout(connect=cfg.connect_timeout_s, read=None, write=30.0, pool=cfg.connect_timeout_s),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
 
-    async def open(self, path: str, body: bytes) -> httpx.Response:
-        """POST ``body`` to ``path`` and return the response with its body still unread."""
+    async def open(self, path: str, body: bytes, timeout_s: float) -> httpx.Response:
+        """POST ``body`` to ``path``; return once the status and headers are in, with the body unread."""
         request = self.client.build_request("POST", path, content=body)
+        self.breaker.begin()
         try:
-            return await self.client.send(request, stream=True)
+            async with asyncio.timeout(min(timeout_s, self.cfg.first_byte_timeout_s)):
+                response = await self.client.send(request, stream=True)
+        except TimeoutError as e:
+            self.breaker.failure()
+            raise UpstreamUnreachable(self.name, "timeout", "no response in time") from e
         except httpx.TimeoutException as e:
+            self.breaker.failure()
             raise UpstreamUnreachable(self.name, "timeout", repr(e)) from e
         except httpx.TransportError as e:
+            self.breaker.failure()
             raise UpstreamUnreachable(self.name, "connect", repr(e)) from e
+        if response.status_code >= 500:
+            self.breaker.failure()
+        else:
+            self.breaker.success()
+        return response
 
-    async def reachable(self, timeout_s: float = 2.0) -> bool:
+    async def check_health(self, timeout_s: float) -> bool:
+        """One active health check; its result feeds the breaker."""
         try:
-            r = await self.client.get("models", timeout=timeout_s)
+            ok = (await self.client.get(self.health_url, timeout=timeout_s)).status_code == 200
         except httpx.HTTPError:
-            return False
-        return r.status_code < 500
+            ok = False
+        if ok:
+            self.breaker.success()
+        else:
+            self.breaker.failure()
+        return ok
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
 class Pool:
-    def __init__(self, configs: list[BackendConfig]) -> None:
-        self.backends = {c.name: Backend(c) for c in configs}
+    def __init__(self, configs: list[BackendConfig], resilience: ResilienceConfig) -> None:
+        self.backends = {c.name: Backend(c, resilience) for c in configs}
+        self.resilience = resilience
 
     def __getitem__(self, name: str) -> Backend:
         return self.backends[name]
 
-    async def reachable(self) -> dict[str, bool]:
+    def available(self) -> set[str]:
+        return {name for name, b in self.backends.items() if b.breaker.available()}
+
+    def states(self) -> dict[str, State]:
+        return {name: b.breaker.current for name, b in self.backends.items()}
+
+    async def check_all(self) -> dict[str, bool]:
         names = list(self.backends)
-        states = await asyncio.gather(*(self.backends[n].reachable() for n in names))
-        return dict(zip(names, states, strict=True))
+        timeout = self.resilience.health_timeout_s
+        results = await asyncio.gather(*(self.backends[n].check_health(timeout) for n in names))
+        return dict(zip(names, results, strict=True))
+
+    async def run_health_checks(self) -> None:
+        """Check every backend forever, every ``health_interval_s`` (cancel the task to stop)."""
+        while True:
+            try:
+                await self.check_all()
+            except Exception:  # a bug here must not end the checks
+                log.exception("health check round failed")
+            await asyncio.sleep(self.resilience.health_interval_s)
 
     async def aclose(self) -> None:
         await asyncio.gather(*(b.aclose() for b in self.backends.values()))
 
 
-def usage_of_body(content: bytes) -> Usage | None:
+@dataclass
+class Outcome:
+    """What the gateway learns from one answer: usage, the completion id, and whether it ended well."""
+
+    usage: Usage | None = None
+    completion_id: str | None = None
+    ok: bool = False
+    error: str | None = None
+
+
+def outcome_of_body(content: bytes) -> Outcome:
     try:
         doc = orjson.loads(content)
     except orjson.JSONDecodeError:
-        return None
-    return Usage.from_json(doc.get("usage")) if isinstance(doc, dict) else None
+        return Outcome(ok=True)
+    if not isinstance(doc, dict):
+        return Outcome(ok=True)
+    completion_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    return Outcome(Usage.from_json(doc.get("usage")), completion_id, ok=True)
 
 
-def _usage_event(event: bytes) -> tuple[Usage | None, bool]:
-    """(usage carried by this SSE event, whether the event is only a usage report with no choices)."""
+def _usage_event(event: bytes) -> tuple[Usage | None, bool, str | None]:
+    """(usage carried by this SSE event, whether it is only a usage report with no choices, its id)."""
     if b'"usage"' not in event:
-        return None, False
+        return None, False, None
     payload = event.partition(b"data:")[2].strip()
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return None, False
+        return None, False, None
     if not isinstance(doc, dict):
-        return None, False
+        return None, False, None
     usage = Usage.from_json(doc.get("usage"))
-    return usage, usage is not None and not doc.get("choices")
+    completion_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    return usage, usage is not None and not doc.get("choices"), completion_id
 
 
 def stream_error_event(message: str) -> bytes:
@@ -117,43 +172,59 @@ def stream_error_event(message: str) -> bytes:
 
 async def relay_stream(
     response: httpx.Response,
+    backend: Backend,
     *,
     drop_usage_event: bool,
+    deadline: float,
     on_first_byte: Callable[[], None],
-    on_done: Callable[[Usage | None, bool], None],
+    on_done: Callable[[Outcome], None],
 ) -> AsyncIterator[bytes]:
     """Pass an SSE stream through event by event, unchanged, reading only the usage report.
 
     ``drop_usage_event`` removes the usage-only event when the gateway asked for it and the client did not.
-    ``on_done(usage, ok)`` runs exactly once, also when the client goes away and the stream is cancelled.
+    A backend that breaks off, stalls longer than its ``read_timeout_s`` or passes ``deadline`` (monotonic)
+    ends the stream with an OpenAI-style error event. ``on_done`` runs exactly once, also when the client goes
+    away and the stream is cancelled (which closes the upstream request, so the backend stops generating).
     """
-    usage: Usage | None = None
-    ok = False
+    outcome = Outcome()
     pending = b""
     first = True
+    chunks = response.aiter_raw()
     try:
-        try:
-            async for chunk in response.aiter_raw():
-                if first:
-                    on_first_byte()
-                    first = False
-                pending += chunk
-                *events, pending = pending.split(b"\n\n")
-                out = []
-                for event in events:
-                    found, usage_only = _usage_event(event)
-                    if found is not None:
-                        usage = found
-                    if not (usage_only and drop_usage_event):
-                        out.append(event + b"\n\n")
-                if out:
-                    yield b"".join(out)
-            if pending.strip():
-                yield pending
-            ok = True
-        except httpx.HTTPError as e:
-            log.warning("stream from %s broke off: %r", response.url, e)
-            yield stream_error_event(f"the backend's stream broke off: {type(e).__name__}")
+        while True:
+            limit = min(backend.cfg.read_timeout_s, deadline - time.monotonic())
+            try:
+                async with asyncio.timeout(max(limit, 0.0)):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            if first:
+                on_first_byte()
+                first = False
+            pending += chunk
+            *events, pending = pending.split(b"\n\n")
+            out = []
+            for event in events:
+                found, usage_only, completion_id = _usage_event(event)
+                if found is not None:
+                    outcome.usage, outcome.completion_id = found, completion_id
+                if not (usage_only and drop_usage_event):
+                    out.append(event + b"\n\n")
+            if out:
+                yield b"".join(out)
+        if pending.strip():
+            yield pending
+        outcome.ok = True
+    except TimeoutError:
+        outcome.error = (f"backend {backend.name} sent nothing for {backend.cfg.read_timeout_s:g}s "
+                         "or ran past the request's deadline")
+    except httpx.HTTPError as e:
+        outcome.error = f"backend {backend.name}'s stream broke off: {type(e).__name__}"
     finally:
+        if outcome.error is not None:
+            log.warning("%s", outcome.error)
+            backend.breaker.failure()
         await response.aclose()
-        on_done(usage, ok)
+        on_done(outcome)
+    if outcome.error is not None:
+        yield stream_error_event(outcome.error)

@@ -24,7 +24,11 @@ log = logging.getLogger(__name__)
 
 
 class ScorerUnavailable(Exception):
-    """The scorer cannot answer this request (queue full, stopped, failed or too slow)."""
+    """The scorer cannot answer this request; ``kind`` is one of queue_full, stopped, failed, timeout."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -72,17 +76,17 @@ class MicroBatcher:
     async def score(self, messages: Sequence[Message], timeout_s: float | None = None) -> Scored:
         start = time.perf_counter()
         if self._stopped:
-            raise ScorerUnavailable("scorer is stopped")
+            raise ScorerUnavailable("stopped", "scorer is stopped")
         job = _Job(messages, Future())
         try:
             self._queue.put_nowait(job)
         except queue.Full as e:
-            raise ScorerUnavailable("scorer queue is full") from e
+            raise ScorerUnavailable("queue_full", "scorer queue is full") from e
         try:
             features = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout_s)
         except TimeoutError as e:
             job.future.cancel()
-            raise ScorerUnavailable(f"scorer took longer than {timeout_s:.1f}s") from e
+            raise ScorerUnavailable("timeout", f"scorer took longer than {timeout_s:.1f}s") from e
         done = time.perf_counter()
         started = job.started if job.started is not None else done
         return Scored(features, queue_s=started - job.enqueued, total_s=done - start)
@@ -130,7 +134,7 @@ class MicroBatcher:
             except Exception as e:  # one bad batch must not kill the worker
                 log.exception("scorer forward pass failed")
                 for job in batch:
-                    job.future.set_exception(ScorerUnavailable(f"scorer failed: {e}"))
+                    job.future.set_exception(ScorerUnavailable("failed", f"scorer failed: {e}"))
                 continue
             if self._on_batch is not None:
                 self._on_batch(BatchStats(len(batch), time.perf_counter() - started))
@@ -143,4 +147,4 @@ class MicroBatcher:
             except queue.Empty:
                 return
             if job is not None and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(ScorerUnavailable("scorer is stopped"))
+                job.future.set_exception(ScorerUnavailable("stopped", "scorer is stopped"))

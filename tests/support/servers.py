@@ -45,15 +45,18 @@ def serve(app: Any, port: int | None = None, timeout_s: float = 30.0) -> Iterato
 class FakeBackend:
     """An OpenAI-compatible backend that answers with a fixed text and remembers every request body."""
 
+    USAGE: dict[str, int] = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}  # noqa: RUF012
+
     def __init__(self, name: str, text: str = "The answer is 42.", status: int = 200) -> None:
         self.name = name
         self.text = text
         self.status = status
+        self.delay_s = 0.0  # before answering (a slow backend)
+        self.chunk_delay_s = 0.0  # between stream chunks
+        self.break_stream_after: int | None = None  # chunks sent before the stream is cut off
         self.received: list[dict[str, Any]] = []
+        self.cancelled = 0  # requests abandoned by the gateway before they were answered
         self.app = self._build()
-
-    def _usage(self, body: dict[str, Any]) -> dict[str, int]:
-        return {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
     def _build(self) -> FastAPI:
         app = FastAPI()
@@ -61,6 +64,9 @@ class FakeBackend:
         async def answer(request: Request, kind: str) -> Response:
             body = orjson.loads(await request.body())
             self.received.append(body)
+            if self.delay_s and await self._client_left_during(request, self.delay_s):
+                self.cancelled += 1  # like vLLM: a request whose client left is aborted
+                return Response(status_code=499)
             if self.status != 200:
                 return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, status_code=self.status)
             created = int(time.time())
@@ -72,8 +78,8 @@ class FakeBackend:
             else:
                 choice = {"index": 0, "text": self.text, "finish_reason": "stop"}
                 obj = "text_completion"
-            return JSONResponse({"id": f"{kind}-1", "object": obj, "created": created, "model": body["model"],
-                                 "choices": [choice], "usage": self._usage(body)})
+            return JSONResponse({"id": f"{kind}-{len(self.received)}", "object": obj, "created": created,
+                                 "model": body["model"], "choices": [choice], "usage": self.USAGE})
 
         async def chat(request: Request) -> Response:
             return await answer(request, "chat")
@@ -90,8 +96,28 @@ class FakeBackend:
         app.add_api_route("/health", lambda: {"ok": True}, methods=["GET"])
         return app
 
+    @staticmethod
+    async def _client_left_during(request: Request, seconds: float) -> bool:
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        try:
+            await asyncio.wait_for(disconnected(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
     async def _stream(self, body: dict[str, Any], kind: str, created: int):  # type: ignore[no-untyped-def]
-        for word in self.text.split(" "):
+        for n, word in enumerate(self.text.split(" ")):
+            if self.break_stream_after is not None and n == self.break_stream_after:
+                raise RuntimeError("backend crashed mid-stream")  # uvicorn drops the connection
+            if self.chunk_delay_s:
+                try:
+                    await asyncio.sleep(self.chunk_delay_s)
+                except asyncio.CancelledError:
+                    self.cancelled += 1
+                    raise
             if kind == "chat":
                 choice = {"index": 0, "delta": {"content": word + " "}, "finish_reason": None}
             else:
@@ -102,6 +128,6 @@ class FakeBackend:
             await asyncio.sleep(0)
         if (body.get("stream_options") or {}).get("include_usage"):
             chunk = {"id": "s-1", "object": "chat.completion.chunk", "created": created, "model": body["model"],
-                     "choices": [], "usage": self._usage(body)}
+                     "choices": [], "usage": self.USAGE}
             yield b"data: " + orjson.dumps(chunk) + b"\n\n"
         yield b"data: [DONE]\n\n"

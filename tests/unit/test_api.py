@@ -10,12 +10,10 @@ import httpx
 import openai
 import pytest
 
-from router.app import create_app
-from router.config import ScorerConfig, Settings
-from router.routing import load_engine
+from router.config import ScorerConfig
 from router.scorer.features import FeatureExtractor
-from tests.support.probes import write_constant_probes
 from tests.support.servers import FakeBackend, free_port, serve
+from tests.support.stack import make_settings, running_gateway
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
 
@@ -33,30 +31,14 @@ class Stack:
                    if line.startswith(name) and not line.startswith("#"))
 
 
-def make_settings(tmp_path: Path, cfg: ScorerConfig, info_source: FeatureExtractor, small_url: str,
-                  large_url: str, **policy: object) -> Settings:
-    probes = write_constant_probes(tmp_path, info_source.info, {"small": 0.70, "large": 0.95})
-    return Settings(
-        scorer=cfg,
-        backends=[
-            {"name": "small", "base_url": f"{small_url}/v1", "model": "org/small", "input_cost_per_mtok": 1,
-             "output_cost_per_mtok": 2, "probe": probes["small"], "connect_timeout_s": 1},
-            {"name": "large", "base_url": f"{large_url}/v1", "model": "org/large", "input_cost_per_mtok": 10,
-             "output_cost_per_mtok": 20, "probe": probes["large"], "connect_timeout_s": 1},
-        ],
-        policy={"threshold": 0.8, **policy},
-        server={"max_body_bytes": 64 * 1024},
-    )
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_scorer_cfg: ScorerConfig,
           tiny_extractor: FeatureExtractor) -> Iterator[Stack]:
     small, large = FakeBackend("org/small", "small says 4"), FakeBackend("org/large", "large says 4")
     with serve(small.app) as small_url, serve(large.app) as large_url:
-        settings = make_settings(tmp_path_factory.mktemp("probes"), tiny_scorer_cfg, tiny_extractor, small_url,
-                                 large_url)
-        with serve(create_app(settings, load_engine(settings))) as url:
+        settings = make_settings(tmp_path_factory.mktemp("probes"), tiny_scorer_cfg, tiny_extractor.info,
+                                 small_url, large_url)
+        with running_gateway(settings) as url:
             yield Stack(url, small, large, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))
 
 
@@ -136,7 +118,8 @@ def test_health_and_ready(stack: Stack) -> None:
     assert httpx.get(f"{stack.url}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{stack.url}/ready")
     assert ready.status_code == 200
-    assert ready.json()["backends"] == {"small": "reachable", "large": "reachable"}
+    assert ready.json()["backends"] == {"small": {"healthy": True, "circuit": "closed"},
+                                        "large": {"healthy": True, "circuit": "closed"}}
 
 
 def error_of(response: httpx.Response) -> dict[str, object]:
@@ -181,15 +164,16 @@ def test_a_backend_that_refuses_connections_fails_over(tmp_path: Path, tiny_scor
     small = FakeBackend("org/small", "small answers")
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     with serve(small.app) as small_url:
-        settings = make_settings(tmp_path, tiny_scorer_cfg, tiny_extractor, small_url, closed)
-        with serve(create_app(settings, load_engine(settings))) as url:
+        settings = make_settings(tmp_path, tiny_scorer_cfg, tiny_extractor.info, small_url, closed)
+        with running_gateway(settings) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
             raw = client.chat.completions.with_raw_response.create(model="router", messages=MESSAGES)
             assert raw.headers["x-router-backend"] == "small"
             assert raw.headers["x-router-reason"] == "failover"
             assert raw.parse().choices[0].message.content == "small answers"
             ready = httpx.get(f"{url}/ready").json()
-            assert ready["backends"] == {"small": "reachable", "large": "unreachable"}
+            assert ready["backends"]["small"] == {"healthy": True, "circuit": "closed"}
+            assert ready["backends"]["large"]["healthy"] is False
             with pytest.raises(openai.APIStatusError) as err:  # named explicitly: no failover, a clear 502
                 client.chat.completions.create(model="large", messages=MESSAGES)
             assert err.value.status_code == 502

@@ -1,0 +1,42 @@
+"""A gateway with the tiny test scorer and constant probes, in front of given backend URLs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from router.app import create_app
+from router.config import ScorerConfig, Settings
+from router.routing import load_engine
+from router.scorer.features import ScorerInfo
+from tests.support.probes import write_constant_probes
+from tests.support.servers import serve
+
+ESTIMATES = {"small": 0.70, "large": 0.95}
+
+
+def make_settings(folder: Path, scorer: ScorerConfig, info: ScorerInfo, small_url: str, large_url: str,
+                  **sections: dict[str, Any]) -> Settings:
+    """Two backends: 'small' ($1/$2 per Mtok, p=0.70) and 'large' ($10/$20, p=0.95); threshold 0.8."""
+    probes = write_constant_probes(folder, info, ESTIMATES)
+    backend = {"connect_timeout_s": 1}
+    return Settings(
+        scorer=scorer,
+        backends=[
+            {"name": "small", "base_url": f"{small_url}/v1", "model": "org/small", "input_cost_per_mtok": 1,
+             "output_cost_per_mtok": 2, "probe": probes["small"], **backend, **sections.pop("small", {})},
+            {"name": "large", "base_url": f"{large_url}/v1", "model": "org/large", "input_cost_per_mtok": 10,
+             "output_cost_per_mtok": 20, "probe": probes["large"], **backend, **sections.pop("large", {})},
+        ],
+        policy={"threshold": 0.8, **sections.pop("policy", {})},
+        server={"max_body_bytes": 64 * 1024, **sections.pop("server", {})},
+        **sections,
+    )
+
+
+@contextmanager
+def running_gateway(settings: Settings) -> Iterator[str]:
+    with serve(create_app(settings, load_engine(settings))) as url:
+        yield url
