@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +102,15 @@ def test_dashboard_jobs_exist_in_the_scrape_config(dashboard: dict[str, Any]) ->
         for job in ("probe-router", "vllm"):
             if f'job="{job}"' in expr:
                 assert job in jobs, f"{title}: {expr} names job {job}, which Prometheus does not scrape"
+
+
+def test_dashboard_vllm_metrics_exist_in_vllm(dashboard: dict[str, Any]) -> None:
+    """The vLLM metric names the dashboard reads are the ones vLLM exports (checked in `make setup`'s vLLM)."""
+    packages = sorted((ROOT / ".venv-vllm" / "lib").glob("python3*/site-packages/vllm"))
+    if not packages:
+        pytest.skip("vLLM is not installed in .venv-vllm (make setup installs it)")
+    source = " ".join(f.read_text(errors="replace") for f in (packages[0] / "v1" / "metrics").rglob("*.py"))
+    names = {m.removesuffix("_total") for _, e in dashboard_exprs(dashboard) for m in re.findall(r"vllm:[a-z_]+", e)}
+    assert names
+    for name in sorted(names):
+        assert f'"{name}"' in source, f"vLLM exports no metric {name}"
