@@ -1,50 +1,270 @@
-"""``python -m probes``: build the probes the gateway loads."""
+"""``python -m probes``: label datasets, extract scorer features, train, evaluate and calibrate the probes the
+gateway loads. ``python -m probes COMMAND --help`` describes each command."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
-from router.config import ConfigError, load_settings
+from router.config import ConfigError, Settings, load_settings
+
+DEFAULT_SWEEP_LAYERS = "3,6,9,12,15,18,21,24,27,30"
+
+
+def _label_keys(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--label wants BACKEND=KEY, not {item!r}")
+        name, key = item.split("=", 1)
+        out[name] = key
+    return out
+
+
+def _train_keys(items: list[str]) -> dict[str, list[str]]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--train-labels wants BACKEND=KEY[+KEY...], not {item!r}")
+        name, keys = item.split("=", 1)
+        out[name] = [k for k in keys.split("+") if k]
+    return out
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    update = {}
+    if getattr(args, "layers", None):
+        update["layers"] = sorted({int(v) for v in args.layers.split(",")})
+    if getattr(args, "pooling", None):
+        update["pooling"] = args.pooling
+    if update:
+        scorer = type(settings.scorer).model_validate(settings.scorer.model_dump() | update)
+        settings = settings.model_copy(update={"scorer": scorer})
+    return settings
+
+
+def _label(args: argparse.Namespace) -> int:
+    from probes.data import load_dataset
+    from probes.label import label_dataset
+
+    settings = _settings(args)
+    dataset = load_dataset(args.data)
+    summary = asyncio.run(label_dataset(
+        settings, dataset, args.out, backends=args.backend or None, limit=args.limit, concurrency=args.concurrency,
+        max_tokens=args.max_tokens, temperature=args.temperature, grader=args.grader, system=args.system,
+        progress=not args.no_progress,
+    ))
+    print(f"{summary.done_now} answered now, {summary.done_before} done before, {summary.failed} failed "
+          f"(rerun to retry them); results log {summary.results}; dataset {summary.out}")
+    for name, stats in summary.per_backend.items():
+        print(f"  {name}: {int(stats['answered'])} answered, accuracy {stats['accuracy']:.3f}, "
+              f"mean cost ${stats['mean_cost']:.6f}, mean latency {stats['mean_latency_s']:.2f}s")
+    return 1 if summary.failed else 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from probes.data import load_dataset
+    from probes.extract import cache_path, extract_features
+
+    settings = _settings(args)
+    dataset = load_dataset(args.data)
+    features, extractor = extract_features(settings.scorer, dataset, batch_size=args.batch_size,
+                                           progress=not args.no_progress)
+    path = cache_path(settings.scorer.cache_dir, extractor.info.fingerprint, dataset, settings.scorer.max_prompt_tokens)
+    print(f"{features.shape[0]} × {features.shape[1]} features ({extractor.info.recipe()}) in {path}")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from probes.data import load_dataset
-    from probes.train import train_probes
+    from probes.recipes import parse_recipes
+    from probes.train import sweep_recipes, train_probes
 
-    settings = load_settings(args.config)
-    labels = dict(item.split("=", 1) for item in args.label)
-    written = train_probes(settings, load_dataset(args.data), out_dir=args.out, folds=args.folds, seed=args.seed,
-                           label_keys=labels)
+    settings = _settings(args)
+    dataset = load_dataset(args.data)
+    labels, train_keys = _label_keys(args.label), _train_keys(args.train_labels)
+    extra: dict[str, object] = {}
+    if args.sweep:
+        recipes = parse_recipes(args.sweep_layers.split(","), args.sweep_pooling.split(","))
+        outcome = sweep_recipes(settings, dataset, recipes, folds=args.folds, seed=args.seed, label_keys=labels,
+                                train_keys=train_keys, progress=not args.no_progress)
+        chosen = outcome.recipe
+        print(f"sweep chose {chosen} (mean inner-CV AUROC over backends)")
+        configured = (tuple(settings.scorer.layers), settings.scorer.pooling)
+        if (chosen.layers, chosen.pooling) != configured and args.out is None:
+            print(f"error: the sweep chose {chosen}, not the configured scorer; pass --out DIR, or set "
+                  f"scorer.layers: {list(chosen.layers)} and scorer.pooling: {chosen.pooling} in the config",
+                  file=sys.stderr)
+            return 1
+        scorer = type(settings.scorer).model_validate(
+            settings.scorer.model_dump() | {"layers": list(chosen.layers), "pooling": chosen.pooling})
+        settings = settings.model_copy(update={"scorer": scorer})
+        extra["sweep"] = outcome.table
+    written = train_probes(settings, dataset, out_dir=args.out, folds=args.folds, seed=args.seed, label_keys=labels,
+                           train_keys=train_keys, extra_training=extra, progress=not args.no_progress)
     if not written:
         print("error: no backend of the config has labels in the data", file=sys.stderr)
         return 1
     for name, path in written.items():
         print(f"{name}: {path}")
+    print(f"scorer for these probes: layers: {settings.scorer.layers}, pooling: {settings.scorer.pooling}")
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from probes.data import load_dataset
+    from probes.evaluate import evaluate
+
+    settings = _settings(args)
+    report = evaluate(
+        settings, load_dataset(args.data), args.out, folds=args.folds, seed=args.seed, rounds=args.bootstrap,
+        label_keys=_label_keys(args.label), train_keys=_train_keys(args.train_labels),
+        command="python -m probes " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
+        progress=not args.no_progress,
+    )
+    for name, entry in report["backends"].items():
+        lo, hi = entry["auroc_ci95"]
+        print(f"{name}: AUROC {entry['auroc']:.3f} [{lo:.3f}, {hi:.3f}], Brier {entry['brier']:.4f}, "
+              f"ECE {entry['ece']:.4f}")
+    if "routing" in report:
+        routing = report["routing"]
+        print(f"routing {routing['cheap']} → {routing['dear']}: APGR {routing['apgr']:.3f}")
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from probes.calibrate import choose_threshold, write_threshold
+    from probes.data import load_dataset
+    from probes.evaluate import cheap_frontier
+
+    settings = _settings(args)
+    frontier, cheap, dear = cheap_frontier(settings, load_dataset(args.data), folds=args.folds, seed=args.seed,
+                                           label_keys=_label_keys(args.label),
+                                           train_keys=_train_keys(args.train_labels),
+                                           progress=not args.no_progress)
+    choice = choose_threshold(frontier, min_accuracy=args.min_accuracy, max_cost=args.max_cost_per_request,
+                              max_dear_share=args.max_dear_share)
+    print(json.dumps({"cheap": cheap, "dear": dear, **choice.as_dict()}, indent=2))
+    if not choice.met:
+        print("warning: no threshold meets the target; chose the closest operating point", file=sys.stderr)
+    if args.dry_run:
+        return 0 if choice.met else 1
+    write_threshold(args.config, choice.threshold)
+    print(f"wrote policy.threshold: {choice.threshold:.4f} to {args.config}")
+    return 0 if choice.met else 1
+
+
+def _common(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
+    p.add_argument("--config", type=Path, default=Path("config.yaml"),
+                   help="the gateway's config (default: %(default)s)")
+    p.add_argument("--data", type=Path, required=data_required,
+                   help="JSONL, one question a line: 'question' (and 'answer', 'correct': {model: 0/1})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _scorer_override(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", help="override scorer.layers, e.g. 12,15,18")
+    p.add_argument("--pooling", choices=["last", "mean", "last+mean"], help="override scorer.pooling")
+
+
+def _labels_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--label", action="append", default=[], metavar="BACKEND=KEY",
+                   help="read BACKEND's own labels from correct[KEY] (default: its served model name)")
+    p.add_argument("--train-labels", action="append", default=[], metavar="BACKEND=KEY[+KEY...]",
+                   help="train BACKEND's weights on these label sets, rows stacked once per set (C, Platt and "
+                   "metrics still use its own labels); e.g. a dear model's probe on the cheap model's labels")
+
+
+def _cv_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds, outer and inner (default: 5)")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m probes", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    label = sub.add_parser("label", help="ask every backend every question, grade and record the answers",
+                           description="Ask each backend of the config every question (OpenAI chat API), grade "
+                           "the answers and record correctness, tokens, cost and latency. Resumable: finished "
+                           "(question, backend) pairs in OUT.results.jsonl are skipped.")
+    _common(label)
+    label.add_argument("--out", type=Path, required=True, help="labelled dataset to write (JSONL)")
+    label.add_argument("--backend", action="append", help="only this backend (repeatable; default: all)")
+    label.add_argument("--limit", type=int, help="only the first N questions")
+    label.add_argument("--concurrency", type=int, default=8, help="requests in flight per backend (default: 8)")
+    label.add_argument("--max-tokens", type=int, default=3000, help="default: %(default)s")
+    label.add_argument("--temperature", type=float, default=0.0, help="default: %(default)s")
+    label.add_argument("--grader", default="math", help="how answers are graded: math (default) or exact")
+    label.add_argument("--system", help="a system message to send before each question")
+    label.set_defaults(run=_label)
+
+    extract = sub.add_parser("extract", help="write or refresh the scorer-feature cache for a dataset",
+                             description="Compute the gateway's scorer features for every question and cache "
+                             "them under scorer.cache_dir/features/FINGERPRINT/.")
+    _common(extract)
+    _scorer_override(extract)
+    extract.add_argument("--batch-size", type=int, default=16)
+    extract.set_defaults(run=_extract)
+
     train = sub.add_parser("train", help="fit one probe per backend (standardised L2 logistic regression, "
-                           "C by inner CV, Platt on out-of-fold scores)")
-    train.add_argument("--config", type=Path, default=Path("config.yaml"))
-    train.add_argument("--data", type=Path, required=True, help="JSONL with 'question' and 'correct': {model: 0/1}")
+                           "C by inner CV, Platt on out-of-fold scores)",
+                           description="Fit one probe per backend and write it where the config points (or to "
+                           "--out). With --sweep, first choose the scorer's layers × pooling by inner CV.")
+    _common(train)
+    _scorer_override(train)
     train.add_argument("--out", type=Path, help="write DIR/<backend>.json instead of each backend's probe path")
-    train.add_argument("--folds", type=int, default=5)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--label", action="append", default=[], metavar="BACKEND=KEY",
-                       help="read BACKEND's labels from correct[KEY] (default: its served model name)")
+    _cv_opts(train)
+    _labels_opts(train)
+    train.add_argument("--sweep", action="store_true", help="choose scorer layers × pooling by inner CV")
+    train.add_argument("--sweep-layers", default=DEFAULT_SWEEP_LAYERS,
+                       help="candidate layer groups, comma-separated; '+' joins layers into one recipe, e.g. "
+                       "'15,12+18' (default: %(default)s)")
+    train.add_argument("--sweep-pooling", default="last,mean,last+mean", help="default: %(default)s")
     train.set_defaults(run=_train)
+
+    ev = sub.add_parser("eval", help="nested-CV AUROC/Brier/ECE with bootstrap CIs, baselines, routing frontier",
+                        description="Nested cross-validated quality of each backend's probe beside baselines and "
+                        "reference probabilities, and the routing frontier (APGR) between the cheapest and the "
+                        "dearest backend. Writes OUT/report.json, OUT/report.md and OUT/frontier.png.")
+    _common(ev)
+    _scorer_override(ev)
+    ev.add_argument("--out", type=Path, required=True, help="report folder")
+    _cv_opts(ev)
+    _labels_opts(ev)
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default: 1000)")
+    ev.set_defaults(run=_eval, argv=None)
+
+    cal = sub.add_parser("calibrate", help="choose policy.threshold for a target and write it into the config",
+                         description="Choose the threshold on the cheap backend's nested out-of-fold estimates "
+                         "that meets one target, and write it to the config's policy.threshold (comments kept).")
+    _common(cal)
+    _scorer_override(cal)
+    _cv_opts(cal)
+    _labels_opts(cal)
+    target = cal.add_mutually_exclusive_group(required=True)
+    target.add_argument("--min-accuracy", type=float, help="cheapest threshold with at least this accuracy")
+    target.add_argument("--max-cost-per-request", type=float,
+                        help="most accurate threshold within this mean cost per request (USD)")
+    target.add_argument("--max-dear-share", type=float, help="most accurate threshold sending at most this share "
+                        "of requests to the dearest backend")
+    cal.add_argument("--dry-run", action="store_true", help="report the choice, leave the config alone")
+    cal.set_defaults(run=_calibrate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "argv"):
+        args.argv = argv
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)

@@ -1,45 +1,108 @@
 """``python -m probes train``: fit one probe per backend of a config on a labelled dataset and write them where
-the config says the gateway will find them."""
+the config says the gateway will find them.
+
+With a sweep, the scorer recipe (layers × pooling, shared by every backend since the gateway runs one scorer)
+is chosen first by inner cross-validation: the best mean AUROC over the backends."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import brier_score_loss
+from tqdm import tqdm
 
 from probes.data import Dataset
 from probes.extract import extract_features
-from probes.fit import DEFAULT_CS, fit_probe
+from probes.fit import DEFAULT_CS, fit_probe, inner_cv
+from probes.recipes import Recipe, columns
 from router.config import Settings
 from router.probe import save_probe, scorer_block
 
 log = logging.getLogger(__name__)
 
 
-def train_probes(
-    settings: Settings, dataset: Dataset, *, out_dir: Path | None = None, folds: int = 5, seed: int = 0,
-    cs: tuple[float, ...] = DEFAULT_CS, label_keys: dict[str, str] | None = None,
-) -> dict[str, Path]:
-    """Train a probe for every backend that has labels in ``dataset``; return {backend: probe path}."""
-    features, extractor = extract_features(settings.scorer, dataset)
-    label_keys = label_keys or {}
-    written: dict[str, Path] = {}
+def backend_labels(
+    settings: Settings, dataset: Dataset, label_keys: dict[str, str], train_keys: dict[str, list[str]],
+) -> dict[str, tuple[str, np.ndarray, list[str], list[np.ndarray]]]:
+    """{backend: (target key, target labels, training keys, training label sets)} for backends with labels."""
+    out = {}
     for backend in settings.backends:
         key = label_keys.get(backend.name, backend.model)
         try:
             y = dataset.labels(key)
+            keys = train_keys.get(backend.name, [key])
+            ys = [dataset.labels(k) for k in keys]
         except KeyError as e:
             log.warning("skipping backend %s: %s", backend.name, e)
             continue
+        out[backend.name] = (key, y, keys, ys)
+    return out
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    recipe: Recipe
+    table: list[dict[str, object]]  # per recipe: mean inner AUROC per backend and overall
+
+
+def sweep_recipes(
+    settings: Settings, dataset: Dataset, recipes: Sequence[Recipe], *, folds: int = 5, seed: int = 0,
+    cs: Sequence[float] = DEFAULT_CS, label_keys: dict[str, str] | None = None,
+    train_keys: dict[str, list[str]] | None = None, progress: bool = True,
+) -> SweepOutcome:
+    """The recipe with the best inner-CV AUROC averaged over the backends (ties: the first listed)."""
+    labels = backend_labels(settings, dataset, label_keys or {}, train_keys or {})
+    if not labels:
+        raise ValueError("no backend of the config has labels in the data")
+    union = sorted({layer for r in recipes for layer in r.layers})
+    cfg = settings.scorer.model_copy(update={"layers": union, "pooling": "last+mean"})
+    features, extractor = extract_features(cfg, dataset, progress=progress)
+    table: list[dict[str, object]] = []
+    best: tuple[float, Recipe] | None = None
+    for recipe in tqdm(recipes, desc="recipe sweep", unit="recipe", disable=not progress):
+        x = features[:, columns(recipe, union, "last+mean", extractor.info.hidden_size)]
+        row: dict[str, object] = {"recipe": recipe.as_dict()}
+        scores = []
+        for name, (_, y, _, ys) in labels.items():
+            inner = inner_cv(x, ys, y, cs=cs, folds=folds, seed=seed)
+            row[name] = {"inner_auroc": round(inner.best_auroc, 4), "C": inner.c}
+            scores.append(inner.best_auroc)
+        row["mean_inner_auroc"] = round(float(np.mean(scores)), 4)
+        table.append(row)
+        log.info("%s: mean inner AUROC %.4f", recipe, np.mean(scores))
+        if best is None or np.mean(scores) > best[0] + 1e-12:
+            best = (float(np.mean(scores)), recipe)
+    assert best is not None
+    return SweepOutcome(best[1], table)
+
+
+def train_probes(
+    settings: Settings, dataset: Dataset, *, out_dir: Path | None = None, folds: int = 5, seed: int = 0,
+    cs: tuple[float, ...] = DEFAULT_CS, label_keys: dict[str, str] | None = None,
+    train_keys: dict[str, list[str]] | None = None, extra_training: dict[str, object] | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Train a probe for every backend that has labels in ``dataset``; return {backend: probe path}.
+
+    ``train_keys`` gives, per backend, the label keys whose rows are stacked to train its weights (default: its
+    own); C, Platt and the reported metrics always use its own labels (``label_keys``, default its model)."""
+    features, extractor = extract_features(settings.scorer, dataset, progress=progress)
+    labels = backend_labels(settings, dataset, label_keys or {}, train_keys or {})
+    written: dict[str, Path] = {}
+    for backend in settings.backends:
+        if backend.name not in labels:
+            continue
+        key, y, keys, ys = labels[backend.name]
         target = (out_dir / f"{backend.name}.json") if out_dir else backend.probe
         if target is None:
             log.warning("skipping backend %s: it has no probe path and no --out was given", backend.name)
             continue
-        fitted = fit_probe(features, y, cs=cs, folds=folds, seed=seed)
+        fitted = fit_probe(features, y, cs=cs, folds=folds, seed=seed, train_labels=ys)
         probe = replace(
             fitted.probe,
             scorer=scorer_block(extractor.info),
@@ -47,6 +110,7 @@ def train_probes(
                 "data": dataset.path.name,
                 "data_sha256_16": dataset.digest(),
                 "label": key,
+                "trained_on": keys,
                 "n": len(y),
                 "positives": int(y.sum()),
                 "C": fitted.c,
@@ -54,12 +118,13 @@ def train_probes(
                 "folds": folds,
                 "seed": seed,
                 "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                **(extra_training or {}),
             },
             metrics={
                 "oof_auroc": round(fitted.oof_auroc, 4),
                 "oof_brier": round(float(brier_score_loss(y, fitted.oof_probability)), 4),
                 "base_rate": round(float(np.mean(y)), 4),
-                "note": "out-of-fold on the training data, C re-chosen inside each fold (nested CV)",
+                "note": "nested out-of-fold on the training data: C and Platt re-chosen inside each outer fold",
             },
         )
         written[backend.name] = save_probe(probe, target)
