@@ -63,6 +63,7 @@ def test_prometheus_scrapes_the_compose_services() -> None:
     scrape = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     targets = {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
                for job in scrape["scrape_configs"]}
-    assert targets["probe-router"] == ["gateway:8000"]
+    metrics_port = raw["services"]["gateway"]["environment"]["ROUTER_SERVER__METRICS_PORT"]
+    assert targets["probe-router"] == [f"gateway:{metrics_port}"]
     assert sorted(targets["vllm"]) == sorted(f"{name}:8000" for name in VLLM)
     assert all(host.split(":")[0] in raw["services"] for job in ("probe-router", "vllm") for host in targets[job])

@@ -8,7 +8,8 @@ OpenAI backends that report 11 prompt + 7 completion tokens per answer:
 - ``faulty``: its scorer always times out (unscored), its 'large' answers 503 (so routed requests fail over to
   small) and a 'dead' backend listens nowhere (explicit requests get a 502; its circuit opens).
 
-The vLLM job scrapes a stub exporting the vLLM metric names that the dashboard uses.
+Each gateway serves /metrics on its own metrics port, as docker-compose.yml runs it. The vLLM job scrapes a stub
+exporting the vLLM metric names that the dashboard uses.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from router.app import create_app
+from router.app import create_app, create_metrics_app
 from router.config import ScorerConfig, Settings
 from router.routing import load_engine
 from router.scorer.features import FeatureExtractor
@@ -256,6 +257,16 @@ def traffic(main: str, faulty: str, sent: Sent) -> None:
         sent.failures.append(err.value.status_code)
 
 
+@contextmanager
+def gateway(settings: Settings) -> Iterator[tuple[str, str]]:
+    """The gateway as `python -m router serve` runs it with server.metrics_port: (API URL, metrics host:port)."""
+    app = create_app(settings, load_engine(settings))
+    assert settings.server.metrics_port is not None
+    with serve(app) as url, serve(create_metrics_app(app), port=settings.server.metrics_port) as metrics_url:
+        assert httpx.get(f"{url}/metrics").status_code == 404  # not on the public port
+        yield url, metrics_url.removeprefix("http://")
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, tiny_scorer_cfg: ScorerConfig,
          tiny_extractor: FeatureExtractor) -> Iterator[Live]:
@@ -267,7 +278,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_scorer_cfg: ScorerConfig
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     with (serve(small.app) as small_url, serve(large.app) as large_url, serve(broken.app) as broken_url,
           serve(vllm.app) as vllm_url):
-        main = Settings(scorer=tiny_scorer_cfg, policy={"threshold": 0.8},
+        main = Settings(scorer=tiny_scorer_cfg, policy={"threshold": 0.8}, server={"metrics_port": free_port()},
                         backends=[backend("small", small_url, probes["small"]),
                                   backend("large", large_url, probes["large"])])
         faulty = Settings(
@@ -276,10 +287,10 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_scorer_cfg: ScorerConfig
             backends=[backend("small", small_url, probes["small"]), backend("large", broken_url, probes["large"]),
                       backend("dead", closed, None)],
             resilience={"health_interval_s": 0.5, "cooldown_s": 600},
+            server={"metrics_port": free_port()},
         )
-        with (serve(create_app(main, load_engine(main))) as main_url,
-              serve(create_app(faulty, load_engine(faulty))) as faulty_url):
-            hosts = [u.removeprefix("http://") for u in (main_url, faulty_url)]
+        with gateway(main) as (main_url, main_metrics), gateway(faulty) as (faulty_url, faulty_metrics):
+            hosts = [main_metrics, faulty_metrics]
             with prometheus(folder, lambda own: scrape_config(hosts, vllm_url.removeprefix("http://"), own)) as prom:
                 prom.wait_for_scrape_after(time.time())
                 sent = Sent()
