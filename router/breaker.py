@@ -54,6 +54,12 @@ class Breaker:
         self.failures = 0
         self.trial_in_flight = False
 
+    def healthy(self) -> None:
+        """An active health check passed: an open circuit may try one request now (that request decides)."""
+        if self.state is State.OPEN:
+            self.state = State.HALF_OPEN
+            self.trial_in_flight = False
+
     def failure(self) -> None:
         self._refresh()
         self.failures += 1

@@ -86,7 +86,7 @@ class Backend:
         except httpx.HTTPError:
             ok = False
         if ok:
-            self.breaker.success()
+            self.breaker.healthy()
         else:
             self.breaker.failure()
         return ok
@@ -118,11 +118,11 @@ class Pool:
     async def run_health_checks(self) -> None:
         """Check every backend forever, every ``health_interval_s`` (cancel the task to stop)."""
         while True:
+            await asyncio.sleep(self.resilience.health_interval_s)  # backends start out trusted
             try:
                 await self.check_all()
             except Exception:  # a bug here must not end the checks
                 log.exception("health check round failed")
-            await asyncio.sleep(self.resilience.health_interval_s)
 
     async def aclose(self) -> None:
         await asyncio.gather(*(b.aclose() for b in self.backends.values()))

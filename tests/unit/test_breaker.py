@@ -48,3 +48,13 @@ def test_a_success_resets_the_count() -> None:
     b.success()
     b.failure()
     assert b.current is State.CLOSED
+
+
+def test_a_passing_health_check_lets_an_open_circuit_try_one_request() -> None:
+    b = Breaker(failure_threshold=1, cooldown_s=60, clock=Clock())
+    b.healthy()
+    assert b.current is State.CLOSED  # nothing to do when closed
+    b.failure()
+    assert not b.available()
+    b.healthy()
+    assert b.current is State.HALF_OPEN and b.available()
