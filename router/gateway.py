@@ -129,11 +129,12 @@ class Gateway:
                 self.metrics.upstream_errors.labels(name, e.kind).inc()
                 failures.append(str(e))
                 continue
-            if response.status_code >= 500 and ex.decision.reason is not Reason.EXPLICIT:
-                await response.aclose()
+            if response.status_code >= 500:
                 self.metrics.upstream_errors.labels(name, "status_5xx").inc()
-                failures.append(f"backend {name}: HTTP {response.status_code}")
-                continue
+                if ex.decision.reason is not Reason.EXPLICIT:  # a named backend's own error goes to the client
+                    await response.aclose()
+                    failures.append(f"backend {name}: HTTP {response.status_code}")
+                    continue
             headers = self._headers(ex, name, reason)
             if not (ex.fwd.stream and response.status_code == 200):
                 try:
