@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import orjson
 from fastapi.responses import Response, StreamingResponse
 
@@ -139,6 +140,11 @@ class Gateway:
             if not (ex.fwd.stream and response.status_code == 200):
                 try:
                     content = await response.aread()
+                except httpx.HTTPError as e:  # cut off before the client got a byte: still free to fail over
+                    backend.breaker.failure()
+                    self.metrics.upstream_errors.labels(name, "read").inc()
+                    failures.append(f"backend {name}: answer cut off ({type(e).__name__})")
+                    continue
                 finally:
                     await response.aclose()
                 self.metrics.upstream_seconds.labels(name).observe(time.monotonic() - sent)
