@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,19 @@ from tests.support.servers import free_port, serve
 class Pool:
     settings: Settings
     servers: dict[str, VllmServer]
+    model_dir: Path
+    logs: Path
+
+    def restart(self, name: str) -> VllmServer:
+        """Start backend ``name`` again on its port (after a test stopped it) and wait until it serves."""
+        old = self.servers[name]
+        old.stop()
+        core = [b.name for b in self.settings.backends].index(name) % 2
+        names = [f"standin-{name}", self.settings.backend(name).model]
+        self.servers[name] = start_vllm(self.model_dir, old.port, names, core=core,
+                                        log_path=self.logs / f"{name}-restarted.log")
+        wait_ready([self.servers[name]], timeout_s=600)
+        return self.servers[name]
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +52,7 @@ def vllm_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         backends = [b.model_copy(update={"base_url": servers[b.name].base_url}) for b in settings.backends]
         # A fallback makes "nothing clears the threshold" deterministic: the dearest backend.
         policy = settings.policy.model_copy(update={"fallback": backends[-1].name})
-        yield Pool(settings.model_copy(update={"backends": backends, "policy": policy}), servers)
+        yield Pool(settings.model_copy(update={"backends": backends, "policy": policy}), servers, model_dir, logs)
     finally:
         for server in servers.values():
             server.stop()

@@ -1,0 +1,72 @@
+"""A real vLLM backend dies during a bounded load and comes back (runs after the other integration tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from router.app import create_app
+from router.routing import load_engine
+from tests.integration.conftest import Pool
+from tests.support.servers import serve
+
+pytestmark = pytest.mark.integration
+
+REQUESTS = 48
+CONCURRENCY = 4
+KILL_AFTER = 8  # answered requests before the cheap backend is killed
+
+
+async def _load(url: str, on_answer) -> list[httpx.Response]:  # type: ignore[no-untyped-def]
+    """REQUESTS routed chat requests, CONCURRENCY at a time; every one is awaited to its end."""
+    body = {"model": "router", "max_tokens": 4, "messages": [{"role": "user", "content": "What is 6 * 7?"}]}
+    slots = asyncio.Semaphore(CONCURRENCY)
+    async with httpx.AsyncClient(timeout=120) as client:
+        async def one(i: int) -> httpx.Response:
+            async with slots:
+                stream = i % 2 == 1
+                r = await client.post(f"{url}/v1/chat/completions", json={**body, "stream": stream},
+                                      headers={"x-router-threshold": "0"})  # everything to the cheap backend
+                on_answer(r)
+                return r
+        return await asyncio.gather(*(one(i) for i in range(REQUESTS)))
+
+
+def test_killing_a_backend_under_load_loses_no_request_and_it_rejoins(vllm_pool: Pool) -> None:
+    cheap, dear = (b.name for b in vllm_pool.settings.backends)
+    settings = vllm_pool.settings.model_copy(update={"resilience": vllm_pool.settings.resilience.model_copy(
+        update={"failure_threshold": 1, "cooldown_s": 3.0, "health_interval_s": 0.5, "deadline_s": 60})})
+    answered: list[httpx.Response] = []
+
+    def on_answer(r: httpx.Response) -> None:
+        answered.append(r)
+        if len(answered) == KILL_AFTER:
+            vllm_pool.servers[cheap].stop(timeout_s=5)  # SIGTERM to its process group, mid-load
+
+    with serve(create_app(settings, load_engine(settings))) as url:
+        responses = asyncio.run(_load(url, on_answer))
+        assert [r.status_code for r in responses] == [200] * REQUESTS
+        for r in responses:
+            if r.headers.get("content-type", "").startswith("text/event-stream"):
+                assert b"stream_interrupted" not in r.content and r.content.rstrip().endswith(b"data: [DONE]")
+            else:
+                assert r.json()["choices"][0]["message"]["content"] is not None
+        served = [r.headers["x-router-backend"] for r in responses]
+        assert served.count(dear) >= REQUESTS - KILL_AFTER - CONCURRENCY  # the survivor took over
+        metrics = httpx.get(f"{url}/metrics").text
+        assert f'router_backend_up{{backend="{cheap}"}} 0.0' in metrics
+
+        vllm_pool.restart(cheap)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            r = httpx.post(f"{url}/v1/chat/completions", headers={"x-router-threshold": "0"}, timeout=60,
+                           json={"model": "router", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+            assert r.status_code == 200
+            if r.headers["x-router-backend"] == cheap:
+                break
+            time.sleep(0.5)
+        assert r.headers["x-router-backend"] == cheap, "the restarted backend did not rejoin within 60 s"
+        assert f'router_backend_up{{backend="{cheap}"}} 1.0' in httpx.get(f"{url}/metrics").text
