@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from router.auth import require_key
 from router.errors import APIError
@@ -21,8 +22,23 @@ routes = APIRouter()  # open to all
 protected = APIRouter(dependencies=[Depends(require_key)])  # needs a key when keys are configured
 
 
-def _body_schema(model: type) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """Replace pydantic's local ``#/$defs/X`` references (not valid inside an OpenAPI operation) by X itself."""
+    if isinstance(node, dict):
+        ref = node.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            return _inline(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The request body's schema for the OpenAPI document (the handler parses the body itself, see schemas)."""
+    schema = model.model_json_schema()
+    schema = _inline(schema, schema.get("$defs", {}))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _gateway(request: Request) -> Gateway:

@@ -26,8 +26,8 @@ class StreamOptions(_Open):
 
 
 class ChatCompletionRequest(_Open):
-    model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: str = Field(min_length=1, examples=["router"])
+    messages: list[ChatMessage] = Field(min_length=1, examples=[[{"role": "user", "content": "What is 17*23?"}]])
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -35,8 +35,8 @@ class ChatCompletionRequest(_Open):
 
 
 class CompletionRequest(_Open):
-    model: str = Field(min_length=1)
-    prompt: str | list[str] | list[int] | list[list[int]]
+    model: str = Field(min_length=1, examples=["router"])
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(examples=["The capital of France is"])
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
