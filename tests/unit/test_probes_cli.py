@@ -1,0 +1,104 @@
+"""``python -m probes`` end to end on a few real questions and the real scorer cut after two layers: extract,
+train with a recipe sweep and label sharing, eval (report files) and calibrate (the config's threshold)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from probes.cli import build_parser, main
+from router.config import load_settings
+from router.probe import load_probe
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / ".cache" / "SmolLM2-135M-Instruct"
+SMALL, BIG = "Qwen/Qwen2.5-Math-1.5B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct"
+
+pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason="the scorer model is not cached")
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> tuple[Path, Path]:
+    lines = (ROOT / "data" / "gsm8k_test_qwen25math.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    # enough failures of each model for 2-fold CV: every question the 7B model missed among the first 400, padded
+    chosen = [r for r in records[:400] if r["correct"][BIG] == 0][:12] + records[:48]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"""\
+scorer:
+  model: {MODEL}
+  layers: [2]
+  pooling: last
+  cache_dir: {tmp_path / "cache"}
+backends:
+  - name: small
+    base_url: http://127.0.0.1:9/v1
+    model: {SMALL}
+    input_cost_per_mtok: 0.1
+    output_cost_per_mtok: 0.2
+    probe: probes/small.json
+  - name: big
+    base_url: http://127.0.0.1:9/v1
+    model: {BIG}
+    input_cost_per_mtok: 0.4
+    output_cost_per_mtok: 0.8
+    probe: probes/big.json
+policy:
+  threshold: 0.85   # keep me
+""")
+    return data, config
+
+
+def test_every_command_has_help() -> None:
+    parser = build_parser()
+    for command in ("label", "extract", "train", "eval", "calibrate"):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([command, "--help"])
+        assert e.value.code == 0
+
+
+def test_extract_train_eval_calibrate(workspace, tmp_path: Path, capsys) -> None:
+    data, config = workspace
+    common = ["--config", str(config), "--data", str(data), "--no-progress"]
+    assert main(["extract", *common]) == 0
+    assert list((tmp_path / "cache" / "features").glob("*/*.npy"))
+
+    out = tmp_path / "swept"
+    code = main(["train", *common, "--folds", "2", "--sweep", "--sweep-layers", "1,2", "--sweep-pooling",
+                 "last,mean", "--train-labels", f"big={SMALL}+{BIG}", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "sweep chose" in printed
+    big = load_probe(out / "big.json")
+    assert big.training["trained_on"] == [SMALL, BIG] and big.training["label"] == BIG
+    assert len(big.training["sweep"]) == 4
+    assert big.scorer["pooling"] in ("last", "mean") and big.weight.shape == (576,)
+
+    # a probe trained for the configured scorer loads against it
+    assert main(["train", *common, "--folds", "2"]) == 0
+    settings = load_settings(config)
+    assert load_probe(settings.backend("small").probe).scorer["layers"] == [2]
+
+    report_dir = tmp_path / "report"
+    assert main(["eval", *common, "--folds", "2", "--bootstrap", "20", "--out", str(report_dir)]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert 0 <= report["backends"]["small"]["auroc"] <= 1
+    assert {"prompt_length", "tfidf_logreg"} <= set(report["backends"]["small"]["baselines"])
+    assert "reference_paper_probe" in report["backends"]["big"]
+    assert report["routing"]["cheap"] == "small" and report["routing"]["dear"] == "big"
+    assert 0 <= report["routing"]["apgr"] <= 1.5
+    assert (report_dir / "frontier.png").stat().st_size > 1000
+    assert "| small | probe |" in (report_dir / "report.md").read_text()
+
+    assert main(["calibrate", *common, "--folds", "2", "--max-dear-share", "0.3"]) == 0
+    printed = capsys.readouterr().out
+    chosen = json.loads(printed[printed.index("{"):printed.index("}") + 1])
+    assert chosen["cheap"] == "small" and chosen["expected_dear_share"] <= 0.3
+    text = config.read_text()
+    assert "# keep me" in text
+    assert yaml.safe_load(text)["policy"]["threshold"] == pytest.approx(chosen["threshold"], abs=1e-4)
