@@ -26,7 +26,8 @@ GATEWAY = "http://127.0.0.1:8000"
 def banner(settings_names: list[tuple[str, str, str]]) -> str:
     lines = ["", "=" * 78, f"probe-router is ready at {GATEWAY}/v1", ""]
     lines.append("STAND-INS: both backends below are vLLM CPU servers running SmolLM2-135M-Instruct,")
-    lines.append("not the Qwen models the probes were trained for. Routing decisions are real; answers are not.")
+    lines.append("not the Qwen models the probes were trained for. The routing decisions use the real scorer\n"
+                 "and probes; the answers come from the 135M stand-in.")
     for name, model, url in settings_names:
         lines.append(f"  {name:20s} {url}  (serves {model!r} as a stand-in)")
     lines += [
