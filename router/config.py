@@ -54,7 +54,7 @@ class ScorerConfig(_Strict):
     max_queue: int = Field(256, ge=1)
     timeout_s: float = Field(10.0, gt=0, description="longest a request waits for its score")
     cache_dir: Path = Field(
-        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "probe-router",
+        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "probe-router",
         description="where a packaged model is converted to safetensors, once",
     )
 
