@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import orjson
 from fastapi.responses import Response, StreamingResponse
 
@@ -20,7 +19,7 @@ from router.metrics import Metrics
 from router.policy import Decision, Reason, request_cost
 from router.routing import Routed, Router
 from router.scorer.features import Message
-from router.upstream import Outcome, Pool, UpstreamUnreachable, outcome_of_body, relay_stream
+from router.upstream import Outcome, Pool, UpstreamBroken, UpstreamUnreachable, outcome_of_body, relay_stream
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +139,10 @@ class Gateway:
             if not (ex.fwd.stream and response.status_code == 200):
                 try:
                     content = await response.aread()
-                except httpx.HTTPError as e:  # cut off before the client got a byte: still free to fail over
+                except UpstreamBroken as e:  # cut off before the client got a byte: still free to fail over
                     backend.breaker.failure()
                     self.metrics.upstream_errors.labels(name, "read").inc()
-                    failures.append(f"backend {name}: answer cut off ({type(e).__name__})")
+                    failures.append(f"backend {name}: answer cut off ({e})")
                     continue
                 finally:
                     await response.aclose()

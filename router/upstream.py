@@ -1,4 +1,8 @@
-"""The backend pool: one HTTP client per backend, forwarding, and relaying streams as bytes."""
+"""The backend pool: one HTTP client per backend, forwarding, and relaying streams as bytes.
+
+The client is aiohttp: under concurrency its connection pool costs a fraction of httpx's (see
+docs/benchmarks.md), and the gateway's throughput is bounded by it.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 import orjson
+from multidict import CIMultiDictProxy
 
 from router.breaker import Breaker, State
 from router.config import BackendConfig, ResilienceConfig
@@ -38,52 +43,93 @@ class UpstreamUnreachable(Exception):
         self.kind = kind
 
 
+class UpstreamBroken(Exception):
+    """The backend's answer broke off after its status line; the message names what broke."""
+
+
+class UpstreamResponse:
+    """A backend's answer whose status and headers are in and whose body is not read yet."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status_code = response.status
+        self.headers: CIMultiDictProxy[str] = response.headers
+
+    async def aread(self) -> bytes:
+        try:
+            return await self._response.read()
+        except aiohttp.ClientError as e:
+            raise UpstreamBroken(type(e).__name__) from e
+
+    async def next_chunk(self) -> bytes:
+        """The body's next bytes as they arrive; b"" at its end."""
+        try:
+            return await self._response.content.readany()
+        except aiohttp.ClientError as e:
+            raise UpstreamBroken(type(e).__name__) from e
+
+    async def aclose(self) -> None:
+        """Give the connection back when the body was read to its end; otherwise close it (the backend sees
+        the request go away and stops generating)."""
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
 class Backend:
     def __init__(self, cfg: BackendConfig, resilience: ResilienceConfig, max_connections: int = 512) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.breaker = Breaker(resilience.failure_threshold, resilience.cooldown_s)
-        url = httpx.URL(str(cfg.base_url))
-        self.health_url = str(url.copy_with(path=cfg.health_path, query=None))
-        headers = {"content-type": "application/json"}
+        base = str(cfg.base_url).rstrip("/")
+        self.base_url = base + "/"
+        url = aiohttp.client.URL(base)
+        self.health_url = str(url.with_path(cfg.health_path).with_query(None))
+        # identity: bodies pass through as the backend sent them, never decompressed and re-encoded
+        self.headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if (key := cfg.api_key()) is not None:
-            headers["authorization"] = f"Bearer {key}"
+            self.headers["authorization"] = f"Bearer {key}"
         # Waits for the first byte and between chunks are bounded by the caller (see open() and relay_stream),
-        # because a non-streamed answer sends nothing until it is complete.
-        self.client = httpx.AsyncClient(
-            base_url=str(cfg.base_url),
-            headers=headers,
-            timeout=httpx.Timeout(connect=cfg.connect_timeout_s, read=None, write=30.0, pool=cfg.connect_timeout_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        )
+        # because a non-streamed answer sends nothing until it is complete. ``connect`` covers waiting for a
+        # pooled connection as well as opening one.
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s, sock_read=None)
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
 
-    async def open(self, path: str, body: bytes, timeout_s: float) -> httpx.Response:
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Made on first use, inside the running event loop (aiohttp binds a session to its loop)."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=self.headers,
+                                                  auto_decompress=False)
+        return self._session
+
+    async def open(self, path: str, body: bytes, timeout_s: float) -> UpstreamResponse:
         """POST ``body`` to ``path``; return once the status and headers are in, with the body unread."""
-        request = self.client.build_request("POST", path, content=body)
         self.breaker.begin()
         try:
             async with asyncio.timeout(min(timeout_s, self.cfg.first_byte_timeout_s)):
-                response = await self.client.send(request, stream=True)
-        except TimeoutError as e:
+                response = await self.session.post(self.base_url + path, data=body)
+        except TimeoutError as e:  # aiohttp's own timeouts are TimeoutErrors too
             self.breaker.failure()
-            raise UpstreamUnreachable(self.name, "timeout", "no response in time") from e
-        except httpx.TimeoutException as e:
-            self.breaker.failure()
-            raise UpstreamUnreachable(self.name, "timeout", repr(e)) from e
-        except httpx.TransportError as e:
+            raise UpstreamUnreachable(self.name, "timeout", repr(e) if str(e) else "no response in time") from e
+        except aiohttp.ClientError as e:
             self.breaker.failure()
             raise UpstreamUnreachable(self.name, "connect", repr(e)) from e
-        if response.status_code >= 500:
+        if response.status >= 500:
             self.breaker.failure()
         else:
             self.breaker.success()
-        return response
+        return UpstreamResponse(response)
 
     async def check_health(self, timeout_s: float) -> bool:
         """One active health check; its result feeds the breaker."""
         try:
-            ok = (await self.client.get(self.health_url, timeout=timeout_s)).status_code == 200
-        except httpx.HTTPError:
+            async with self.session.get(self.health_url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+                ok = r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
             ok = False
         if ok:
             self.breaker.healthy()
@@ -92,7 +138,8 @@ class Backend:
         return ok
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 class Pool:
@@ -171,7 +218,7 @@ def stream_error_event(message: str) -> bytes:
 
 
 async def relay_stream(
-    response: httpx.Response,
+    response: UpstreamResponse,
     backend: Backend,
     *,
     drop_usage_event: bool,
@@ -189,14 +236,12 @@ async def relay_stream(
     outcome = Outcome()
     pending = b""
     first = True
-    chunks = response.aiter_raw()
     try:
         while True:
             limit = min(backend.cfg.read_timeout_s, deadline - time.monotonic())
-            try:
-                async with asyncio.timeout(max(limit, 0.0)):
-                    chunk = await anext(chunks)
-            except StopAsyncIteration:
+            async with asyncio.timeout(max(limit, 0.0)):
+                chunk = await response.next_chunk()
+            if not chunk:
                 break
             if first:
                 on_first_byte()
@@ -218,8 +263,8 @@ async def relay_stream(
     except TimeoutError:
         outcome.error = (f"backend {backend.name} sent nothing for {backend.cfg.read_timeout_s:g}s "
                          "or ran past the request's deadline")
-    except httpx.HTTPError as e:
-        outcome.error = f"backend {backend.name}'s stream broke off: {type(e).__name__}"
+    except UpstreamBroken as e:
+        outcome.error = f"backend {backend.name}'s stream broke off: {e}"
     finally:
         if outcome.error is not None:
             log.warning("%s", outcome.error)
