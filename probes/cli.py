@@ -96,16 +96,17 @@ def _train(args: argparse.Namespace) -> int:
                                 train_keys=train_keys, progress=not args.no_progress)
         chosen = outcome.recipe
         print(f"sweep chose {chosen} (mean inner-CV AUROC over backends)")
-        configured = (tuple(settings.scorer.layers), settings.scorer.pooling)
-        if (chosen.layers, chosen.pooling) != configured and args.out is None:
-            print(f"error: the sweep chose {chosen}, not the configured scorer; pass --out DIR, or set "
-                  f"scorer.layers: {list(chosen.layers)} and scorer.pooling: {chosen.pooling} in the config",
-                  file=sys.stderr)
-            return 1
         scorer = type(settings.scorer).model_validate(
             settings.scorer.model_dump() | {"layers": list(chosen.layers), "pooling": chosen.pooling})
         settings = settings.model_copy(update={"scorer": scorer})
         extra["sweep"] = outcome.table
+    configured = load_settings(args.config).scorer
+    if args.out is None and (settings.scorer.layers, settings.scorer.pooling) != (configured.layers,
+                                                                                   configured.pooling):
+        print(f"error: probes for layers {settings.scorer.layers}, pooling {settings.scorer.pooling} would not load "
+              f"with the config's scorer; pass --out DIR, or set scorer.layers: {settings.scorer.layers} and "
+              f"scorer.pooling: {settings.scorer.pooling} in {args.config}", file=sys.stderr)
+        return 1
     written = train_probes(settings, dataset, out_dir=args.out, folds=args.folds, seed=args.seed, label_keys=labels,
                            train_keys=train_keys, extra_training=extra, progress=not args.no_progress)
     if not written:
