@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,15 @@ async def _run_servers(main: uvicorn.Server, metrics: uvicorn.Server | None) -> 
             await side
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (uvicorn's own choice, which our Runner would otherwise bypass)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -62,7 +71,8 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.server.metrics_port is not None:
         metrics = _side_server(create_metrics_app(app), host, settings.server.metrics_port, args.log_level)
         log.info("metrics on http://%s:%d/metrics", host, settings.server.metrics_port)
-    asyncio.run(_run_servers(main, metrics))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_run_servers(main, metrics))
     return 0
 
 
