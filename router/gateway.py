@@ -104,8 +104,10 @@ class Gateway:
 
     def _candidates(self, decision: Decision) -> list[str]:
         """The decision's order with backends whose circuit is open moved to the end (tried only if all fail)."""
-        available = self.pool.available()
         order = list(decision.order)
+        if len(order) == 1:  # a named backend: nothing to reorder
+            return order
+        available = self.pool.available()
         return [n for n in order if n in available] + [n for n in order if n not in available]
 
     async def _forward(self, ex: Exchange) -> Response:
