@@ -110,7 +110,7 @@ async def _ask(
         model=backend.model, messages=messages, max_tokens=max_tokens, temperature=temperature,  # type: ignore[arg-type]
     )
     latency = time.perf_counter() - start
-    text = reply.choices[0].message.content or "" if reply.choices else ""
+    text = (reply.choices[0].message.content or "") if reply.choices else ""
     usage = reply.usage
     prompt_tokens = int(usage.prompt_tokens) if usage else 0
     completion_tokens = int(usage.completion_tokens) if usage else 0
