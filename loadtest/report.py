@@ -1,0 +1,76 @@
+"""The results as Markdown: the table that ``docs/benchmarks.md`` carries between its markers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+LABELS = {"direct": "direct to backend", "floor": "bare FastAPI + aiohttp pass-through",
+          "gateway": "probe-router, explicit backend", "litellm": "LiteLLM proxy",
+          "routed": "probe-router, routed (scorer)"}
+
+# (key, what, target, met(value))
+TARGETS = (
+    ("explicit_vs_floor_throughput", "explicit path throughput / bare pass-through (c=64)", "≥ 0.90",
+     lambda v: v >= 0.9),
+    ("gateway_added_p50_ms_c1", "explicit path added p50 at c=1 (ms)", "≤ 1.0", lambda v: v <= 1.0),
+    ("explicit_vs_litellm_throughput", "explicit path throughput / LiteLLM (c=64)", "≥ 25×", lambda v: v >= 25),
+    ("scorer_vs_forward_b1", "routed scorer cost per request / raw forward, batch 1 (c=1)", "≤ 1.10",
+     lambda v: v <= 1.1),
+    ("scorer_vs_forward_b8", "routed scorer cost per request / raw forward, batch 8 (c=16)", "≤ 1.10",
+     lambda v: v <= 1.1),
+)
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:,.{digits}f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"Run of {results['started']}: {results['rounds']} interleaved rounds, {results['duration_s']:.0f} s; "
+        f"{m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}.",
+        "",
+        "| scenario | target | req/s | p50 ms | p90 ms | p99 ms | TTFB p50 ms | TTFB p99 ms | CPU ms/req "
+        "| peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for scenario, targets in results["scenarios"].items():
+        for target, r in targets.items():
+            lat, ttfb = r["latency_ms"] or {}, r["ttfb_ms"] or {}
+            cpu = _fmt(r["cpu_ms_per_request"], 3)
+            if target in ("gateway", "routed") and r.get("loop_cpu_ms_per_request") is not None:
+                cpu += f" (loop {_fmt(r['loop_cpu_ms_per_request'], 3)})"
+            errors = f" ({r['errors']} errors)" if r["errors"] else ""
+            lines.append(
+                f"| {scenario} | {LABELS[target]}{errors} | {_fmt(r['rps'], 0)} | {_fmt(lat.get('p50'))} "
+                f"| {_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {_fmt(ttfb.get('p50'))} "
+                f"| {_fmt(ttfb.get('p99'))} | {cpu} | {_fmt(r['peak_rss_mb'], 0)} |")
+    f = results["forward_pass"]
+    fwd = ", ".join(f"batch {b['batch']}: {b['ms_per_batch']:.1f} ms per pass, {b['ms_per_prompt']:.1f} ms per "
+                    f"prompt" for b in f["batches"])
+    lines += ["", f"Scorer forward pass alone ({f['dtype']}, {f['threads']} threads, layers {f['layers']}, "
+              f"{f['prompts']} GSM8K prompts): {fwd}.", "",
+              "| target | measured | goal | met |", "|---|---:|---:|:---:|"]
+    t = results["targets"]
+    for key, what, goal, met in TARGETS:
+        if key in t:
+            lines.append(f"| {what} | {t[key]:,.3g} | {goal} | {'yes' if met(t[key]) else 'no'} |")
+    extra = [f"{k} = {v}" for k, v in t.items() if k not in {key for key, *_ in TARGETS}]
+    if extra:
+        lines += ["", "Also derived: " + "; ".join(extra) + "."]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, results: dict[str, Any]) -> None:
+    """Replace the text between the markers in ``path`` (create the file with them if it is missing)."""
+    block = f"{START}\n{table(results)}\n{END}"
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        text = text.rstrip() + f"\n\n{START}\n{END}\n"
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    path.write_text(head + block + tail)

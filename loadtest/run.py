@@ -1,0 +1,284 @@
+"""One benchmark run: start every target on 127.0.0.1, load them in interleaved rounds, write the results.
+
+Targets: ``direct`` (the fake backend itself), ``floor`` (bare FastAPI + aiohttp pass-through), ``gateway``
+(``python -m router serve``; requests naming a backend, so nothing is scored), ``litellm`` (LiteLLM proxy in
+its own virtualenv) and ``routed`` (the same gateway with ``model: "router"``: real scorer, shipped probes).
+Each round runs every scenario on every target, the target order rotating from round to round, so machine
+noise falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loadtest.gen import Load, async_load, hey_load, percentiles_ms
+from loadtest.procs import Service, Watch, free_port
+from loadtest.prompts import chat_body, median_question, questions
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_NAME, SMALL_MODEL = "qwen2.5-math-1.5b", "Qwen/Qwen2.5-Math-1.5B-Instruct"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    targets: tuple[str, ...]
+    concurrency: int
+    stream: bool = False
+    tool: str = "hey"  # or "async"
+    varied_prompts: bool = False
+
+
+SCENARIOS = (
+    Scenario("chat c=64", ("direct", "floor", "gateway", "litellm"), 64),
+    Scenario("chat c=1", ("direct", "floor", "gateway", "litellm"), 1),
+    Scenario("stream c=16", ("direct", "floor", "gateway", "litellm"), 16, stream=True, tool="async"),
+    Scenario("routed c=1", ("gateway", "routed"), 1, tool="async", varied_prompts=True),
+    Scenario("routed c=16", ("routed",), 16, tool="async", varied_prompts=True),
+)
+
+
+@dataclass
+class Cell:
+    """Every round of one scenario on one target."""
+
+    rps: list[float] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)
+    ttfb_s: list[float] = field(default_factory=list)
+    requests: int = 0
+    errors: int = 0
+    cpu_s: float = 0.0
+    loop_cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    batches: float = 0.0
+    scored: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        ok = self.requests - self.errors
+        out: dict[str, Any] = {
+            "rps": round(sorted(self.rps)[len(self.rps) // 2], 1),  # the median round
+            "rps_rounds": [round(r, 1) for r in self.rps],
+            "requests": self.requests, "errors": self.errors,
+            "latency_ms": percentiles_ms(self.latencies_s),
+            "mean_latency_ms": round(sum(self.latencies_s) / len(self.latencies_s) * 1000, 3)
+            if self.latencies_s else None,
+            "ttfb_ms": percentiles_ms(self.ttfb_s),
+            "cpu_ms_per_request": round(self.cpu_s / ok * 1000, 3) if ok else None,
+            "loop_cpu_ms_per_request": round(self.loop_cpu_s / ok * 1000, 3) if ok else None,
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+        }
+        if self.batches:
+            out["mean_scorer_batch"] = round(self.scored / self.batches, 2)
+        return out
+
+
+def _gateway_config(folder: Path, backend_url: str, port: int) -> Path:
+    base = yaml.safe_load((ROOT / "config.yaml").read_text())
+    # torch's default (one thread per core) leaves the event loop no core of its own, and on a busy machine its
+    # threads wait on each other at every op: nproc - 1 threads measured best here (see docs/benchmarks.md).
+    threads = max(1, (os.cpu_count() or 2) - 1)
+    scorer = {**base["scorer"], "cache_dir": str(ROOT / ".cache"), "threads": threads}
+    backends = [{**b, "base_url": f"{backend_url}/v1", "probe": str(ROOT / b["probe"])} for b in base["backends"]]
+    config = {"scorer": scorer, "backends": backends, "policy": base["policy"],
+              "server": {"host": "127.0.0.1", "port": port}}
+    path = folder / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _litellm_config(folder: Path, backend_url: str) -> Path:
+    config = {
+        "model_list": [{"model_name": SMALL_NAME, "litellm_params": {
+            "model": f"openai/{SMALL_MODEL}", "api_base": f"{backend_url}/v1", "api_key": "unused"}}],
+        "litellm_settings": {"drop_params": True, "telemetry": False},
+    }
+    path = folder / "litellm.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _scorer_counts(gateway_url: str) -> tuple[float, float]:
+    """(forward passes, prompts scored) so far, from the gateway's /metrics."""
+    text = urllib.request.urlopen(f"{gateway_url}/metrics", timeout=5).read().decode()
+    count = re.search(r"^router_scorer_batch_size_count (\S+)$", text, re.M)
+    total = re.search(r"^router_scorer_batch_size_sum (\S+)$", text, re.M)
+    return float(count.group(1)) if count else 0.0, float(total.group(1)) if total else 0.0
+
+
+class Bench:
+    def __init__(self, folder: Path, litellm_bin: Path | None, run_s: float) -> None:
+        self.folder = folder
+        self.run_s = run_s
+        self.services: dict[str, Service] = {}
+        self.urls: dict[str, str] = {}
+        self.models = {"direct": SMALL_MODEL, "floor": SMALL_MODEL, "gateway": SMALL_NAME, "litellm": SMALL_NAME,
+                       "routed": "router"}
+        self.litellm_bin = litellm_bin
+        self.gateway_config: Path | None = None
+
+    def start(self) -> None:
+        py = sys.executable
+        ports = {n: free_port() for n in ("backend", "floor", "gateway", "litellm")}
+        backend = f"http://127.0.0.1:{ports['backend']}"
+        self._add("direct", [py, "-m", "loadtest.backend", "--port", str(ports["backend"])], backend, "/health")
+        self._add("floor", [py, "-m", "loadtest.proxy", "--port", str(ports["floor"]), "--upstream", backend],
+                  f"http://127.0.0.1:{ports['floor']}", "/health")
+        self.gateway_config = _gateway_config(self.folder, backend, ports["gateway"])
+        self._add("gateway", [py, "-m", "router", "--log-level", "warning", "serve", "--config",
+                              str(self.gateway_config)], f"http://127.0.0.1:{ports['gateway']}", "/health")
+        self.urls["routed"] = self.urls["gateway"]
+        if self.litellm_bin is not None:
+            self._add("litellm", [str(self.litellm_bin), "--config", str(_litellm_config(self.folder, backend)),
+                                  "--host", "127.0.0.1", "--port", str(ports["litellm"]), "--num_workers", "1"],
+                      f"http://127.0.0.1:{ports['litellm']}", "/health/liveliness",
+                      env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+                           "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"})  # no auth, like the others
+        for service in self.services.values():
+            service.wait_ready(300)
+
+    def _add(self, name: str, argv: list[str], url: str, ready: str, env: dict[str, str] | None = None) -> None:
+        self.services[name] = Service(name, argv, url + ready, self.folder, env)
+        self.urls[name] = url
+
+    def stop(self) -> None:
+        for service in reversed(self.services.values()):
+            service.stop()
+
+    def service_of(self, target: str) -> Service:
+        return self.services["gateway" if target == "routed" else target]
+
+    def load(self, scenario: Scenario, target: str, requests: int) -> tuple[Load, Watch]:
+        url = f"{self.urls[target]}/v1/chat/completions"
+        model = self.models[target]
+        texts = questions(64) if scenario.varied_prompts else [median_question()]
+        bodies = [chat_body(model, t, scenario.stream) for t in texts]
+        with Watch(self.service_of(target)) as watch:
+            if scenario.tool == "hey":
+                load = hey_load(url, bodies[0], requests, scenario.concurrency)
+            else:
+                load = async_load(url, bodies, requests, scenario.concurrency, scenario.stream)
+        return load, watch
+
+    def size(self, scenario: Scenario, target: str) -> int:
+        """Requests for one run of about ``run_s`` seconds, from a short warm-up run's rate."""
+        warm = 16 if target == "routed" or (target == "litellm" and scenario.concurrency == 1) else 128
+        load, _ = self.load(scenario, target, max(warm, scenario.concurrency * 2))
+        n = int(load.rps * self.run_s)
+        return max(scenario.concurrency * 4, min(3000, n // scenario.concurrency * scenario.concurrency))
+
+
+def forward_pass(config: Path) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "loadtest.forward", "--config", str(config)], capture_output=True,
+                         text=True, check=True, timeout=600, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run(rounds: int, run_s: float, litellm_bin: Path | None, log: Callable[[str], None]) -> dict[str, Any]:
+    folder = Path(tempfile.mkdtemp(prefix="loadtest-"))
+    bench = Bench(folder, litellm_bin, run_s)
+    started = time.time()
+    try:
+        log(f"starting targets (logs in {folder})")
+        bench.start()
+        scenarios = [s for s in SCENARIOS if any(t in bench.urls for t in s.targets)]
+        sizes = {}
+        for s in scenarios:
+            for t in s.targets:
+                if t in bench.urls:
+                    sizes[s.name, t] = bench.size(s, t)
+        log(f"requests per run: {sizes}")
+        assert bench.gateway_config is not None
+        log("scorer forward pass alone (batch 1 and 8)")
+        forward = forward_pass(bench.gateway_config)
+        cells: dict[tuple[str, str], Cell] = {key: Cell() for key in sizes}
+        for r in range(rounds):
+            for s in scenarios:
+                targets = [t for t in s.targets if t in bench.urls]
+                targets = targets[r % len(targets):] + targets[:r % len(targets)]
+                for t in targets:
+                    before = _scorer_counts(bench.urls["gateway"]) if t == "routed" else (0.0, 0.0)
+                    load, watch = bench.load(s, t, sizes[s.name, t])
+                    after = _scorer_counts(bench.urls["gateway"]) if t == "routed" else (0.0, 0.0)
+                    cell = cells[s.name, t]
+                    cell.rps.append(load.rps)
+                    cell.latencies_s += load.latencies_s
+                    cell.ttfb_s += load.ttfb_s
+                    cell.requests += load.requests
+                    cell.errors += load.errors
+                    cell.cpu_s += watch.usage.cpu_s
+                    cell.loop_cpu_s += watch.usage.loop_cpu_s
+                    cell.peak_rss_mb = max(cell.peak_rss_mb, watch.usage.peak_rss_mb)
+                    cell.batches += after[0] - before[0]
+                    cell.scored += after[1] - before[1]
+                    log(f"round {r + 1}/{rounds} {s.name:12} {t:8} {load.rps:8.1f} req/s  "
+                        f"errors {load.errors}")
+    finally:
+        bench.stop()
+    results: dict[str, Any] = {s.name: {t: cells[s.name, t].summary() for t in s.targets if (s.name, t) in cells}
+                               for s in scenarios}
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "duration_s": round(time.time() - started, 1), "rounds": rounds, "machine": machine(),
+            "scenarios": results, "forward_pass": forward, "targets": derive(results, forward)}
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")
+    mem_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal")))
+    return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem_kb / 2**20, 1),
+            "python": sys.version.split()[0]}
+
+
+def _get(results: dict[str, Any], scenario: str, target: str, *keys: str) -> float | None:
+    value: Any = results.get(scenario, {}).get(target)
+    for k in keys:
+        if value is None:
+            return None
+        value = value.get(k)
+    return value
+
+
+def derive(results: dict[str, Any], forward: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets as ratios of figures from this one run."""
+    out: dict[str, Any] = {}
+    gw, floor, lite = (_get(results, "chat c=64", t, "rps") for t in ("gateway", "floor", "litellm"))
+    if gw and floor:
+        out["explicit_vs_floor_throughput"] = round(gw / floor, 3)
+    if gw and lite:
+        out["explicit_vs_litellm_throughput"] = round(gw / lite, 1)
+    direct_p50 = _get(results, "chat c=1", "direct", "latency_ms", "p50")
+    for t in ("floor", "gateway", "litellm"):
+        p50 = _get(results, "chat c=1", t, "latency_ms", "p50")
+        if p50 is not None and direct_p50 is not None:
+            out[f"{t}_added_p50_ms_c1"] = round(p50 - direct_p50, 3)
+    fwd = {b["batch"]: b["ms_per_prompt"] for b in forward["batches"]}
+    routed1 = _get(results, "routed c=1", "routed", "mean_latency_ms")
+    plain1 = _get(results, "routed c=1", "gateway", "mean_latency_ms")
+    if routed1 is not None and plain1 is not None:
+        out["scorer_ms_per_request_c1"] = round(routed1 - plain1, 3)
+        out["scorer_vs_forward_b1"] = round((routed1 - plain1) / fwd[1], 3)
+    rps16 = _get(results, "routed c=16", "routed", "rps")
+    if rps16:
+        out["scorer_ms_per_request_c16"] = round(1000 / rps16, 3)
+        out["scorer_vs_forward_b8"] = round(1000 / rps16 / fwd[8], 3)
+        out["routed_c16_mean_batch"] = _get(results, "routed c=16", "routed", "mean_scorer_batch")
+        cpu = _get(results, "routed c=16", "routed", "cpu_ms_per_request")
+        loop = _get(results, "routed c=16", "routed", "loop_cpu_ms_per_request")
+        if cpu is not None and loop is not None:
+            out["routed_c16_gateway_loop_cpu_ms"] = loop
+            out["routed_c16_scorer_cpu_ms"] = round(cpu - loop, 3)
+    return out
