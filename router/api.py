@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Awaitable
 from typing import Any
@@ -59,25 +58,30 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> Response:
-    """Run ``work``; if the client disconnects first, cancel it (closing the upstream request)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    """Await ``work``; if the client disconnects first, cancel it (which closes the upstream request, so the
+    backend stops generating). One watcher task per request: it cancels this task when the client goes."""
+    handler = asyncio.current_task()
+    assert handler is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        handler.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        handler.uncancel()
+        return Response(status_code=499)  # nobody is listening; the status is for the access log
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return Response(status_code=499)  # nobody is listening; the status is for the access log
-    return task.result()
 
 
 async def _handle(request: Request, fwd: Forward, threshold: float | None) -> Response:

@@ -1,4 +1,7 @@
-"""A real vLLM backend dies during a bounded load and comes back (runs after the other integration tests)."""
+"""A real vLLM backend dies during a bounded load and comes back (runs after the other integration tests).
+
+Every request is answered: non-streamed ones always completely (they fail over); streams completely unless
+they were mid-answer on the server that died, which end with an explicit error event."""
 
 from __future__ import annotations
 
@@ -49,11 +52,21 @@ def test_killing_a_backend_under_load_loses_no_request_and_it_rejoins(vllm_pool:
     with serve(create_app(settings, load_engine(settings))) as url:
         responses = asyncio.run(_load(url, on_answer))
         assert [r.status_code for r in responses] == [200] * REQUESTS
+        interrupted = 0
         for r in responses:
             if r.headers.get("content-type", "").startswith("text/event-stream"):
-                assert b"stream_interrupted" not in r.content and r.content.rstrip().endswith(b"data: [DONE]")
-            else:
+                # A stream that was mid-answer when its server died cannot move (its bytes are out): it ends
+                # with an explicit error event, never a hang. Every other stream is complete.
+                if b'"code":"stream_interrupted"' in r.content:
+                    interrupted += 1
+                else:
+                    assert r.content.rstrip().endswith(b"data: [DONE]")
+            else:  # non-streamed answers fail over transparently, even when cut off mid-way
                 assert r.json()["choices"][0]["message"]["content"] is not None
+        assert interrupted <= CONCURRENCY  # at most the streams in flight at the moment of the kill
+        reasons = [r.headers["x-router-reason"] for r in responses]
+        print(f"\nkill under load: {REQUESTS} requests, {reasons.count('failover')} failed over, "
+              f"{interrupted} streams interrupted mid-answer, 0 unanswered")
         served = [r.headers["x-router-backend"] for r in responses]
         assert served.count(dear) >= REQUESTS - KILL_AFTER - CONCURRENCY  # the survivor took over
         metrics = httpx.get(f"{url}/metrics").text
