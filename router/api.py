@@ -7,18 +7,16 @@ import uuid
 from collections.abc import Awaitable
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from router.auth import require_key
 from router.errors import APIError
 from router.gateway import THRESHOLD_HEADER, Forward, Gateway, parse_threshold
 from router.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, parse_body
 
-routes = APIRouter()  # open to all
-protected = APIRouter(dependencies=[Depends(require_key)])  # needs a key when keys are configured
+routes = APIRouter()  # keys, when configured, are checked by auth.APIKeyMiddleware for all but /health
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
@@ -89,7 +87,7 @@ async def _handle(request: Request, fwd: Forward, threshold: float | None) -> Re
     return await _unless_client_leaves(request, _gateway(request).handle(fwd, threshold, request_id))
 
 
-@protected.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+@routes.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     threshold = parse_threshold(request.headers.get(THRESHOLD_HEADER))
     body, req = parse_body(await _read_body(request), ChatCompletionRequest)
@@ -114,7 +112,7 @@ def _prompt_text(prompt: str | list[Any]) -> str | None:
     return None
 
 
-@protected.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+@routes.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
 async def completions(request: Request) -> Response:
     threshold = parse_threshold(request.headers.get(THRESHOLD_HEADER))
     body, req = parse_body(await _read_body(request), CompletionRequest)
@@ -131,7 +129,7 @@ async def completions(request: Request) -> Response:
     return await _handle(request, fwd, threshold)
 
 
-@protected.post("/v1/feedback", openapi_extra=_body_schema(FeedbackRequest))
+@routes.post("/v1/feedback", openapi_extra=_body_schema(FeedbackRequest))
 async def feedback(request: Request) -> JSONResponse:
     """Rate an answer by its id (the x-router-request-id header or the completion's id)."""
     _, req = parse_body(await _read_body(request), FeedbackRequest)
@@ -140,7 +138,7 @@ async def feedback(request: Request) -> JSONResponse:
                          "p_success": answered.p_success})
 
 
-@protected.get("/v1/models")
+@routes.get("/v1/models")
 async def models(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     created = request.app.state.started
@@ -156,7 +154,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@protected.get("/ready")
+@routes.get("/ready")
 async def ready(request: Request) -> JSONResponse:
     """Ready when the scorer runs and a backend answers its health check now."""
     state = request.app.state

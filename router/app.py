@@ -8,10 +8,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
-from router.api import metrics, protected, routes
-from router.auth import Authenticator, require_key
+from router.api import metrics, routes
+from router.auth import APIKeyMiddleware, Authenticator
 from router.config import Settings
 from router.decision_log import DecisionLog
 from router.errors import install_error_handlers
@@ -71,10 +71,10 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.started = int(time.time())
     install_error_handlers(app)
     app.include_router(routes)
-    app.include_router(protected)
     if settings.server.metrics_port is None:
-        app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=[Depends(require_key)],
-                          include_in_schema=False)
+        app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    if app.state.auth.enabled:
+        app.add_middleware(APIKeyMiddleware, auth=app.state.auth)
     return app
 
 

@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.config import AuthConfig
-from router.errors import APIError
+from router.errors import APIError, error_response
 
 
 @dataclass
@@ -69,6 +69,20 @@ class Authenticator:
                            headers={"retry-after": str(math.ceil(wait))})
 
 
-async def require_key(request: Request) -> None:
-    """FastAPI dependency for every route but /health."""
-    request.app.state.auth.check(request.headers.get("authorization"))
+class APIKeyMiddleware:
+    """Pure ASGI: every request but ``open_paths`` needs a valid key (added only when keys are configured)."""
+
+    def __init__(self, app: ASGIApp, auth: Authenticator, open_paths: frozenset[str] = frozenset({"/health"})) -> None:
+        self.app = app
+        self.auth = auth
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            try:
+                self.auth.check(authorization)
+            except APIError as e:
+                await error_response(e.status, e.message, e.param, e.code, e.headers)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
