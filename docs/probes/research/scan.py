@@ -3,14 +3,21 @@
 
 Scan recipes by plain 5-fold CV (seed 0): for each recipe and C, OOF logits from models trained on a label
 set; AUROC against 1.5B and 7B targets."""
-import json, sys, time, numpy as np
-from sklearn.model_selection import StratifiedKFold
+import json
+import sys
+import time
+
+import numpy as np
 from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+
 from probes.data import load_dataset
-from probes.fit import StandardisedLogistic, DEFAULT_CS
-ds = load_dataset("data/gsm8k_test_qwen25math.jsonl")
 from probes.extract import extract_features
+from probes.fit import DEFAULT_CS, StandardisedLogistic
 from router.config import load_settings
+
+ds = load_dataset("data/gsm8k_test_qwen25math.jsonl")
+
 _cfg = load_settings("config.yaml").scorer.model_copy(update={"layers": list(range(1, 31)), "pooling": "last+mean"})
 X = extract_features(_cfg, ds)[0]  # every layer, last and mean, through the gateway's feature function (cached)
 m1, m7 = "Qwen/Qwen2.5-Math-1.5B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct"
@@ -18,7 +25,7 @@ y1, y7 = ds.labels(m1), ds.labels(m7)
 H = 576
 def cols(layers, pooling):
     kinds = {"last": [0], "mean": [1], "last+mean": [0, 1]}[pooling]
-    return np.concatenate([np.arange(H) + ((l - 1) * 2 + k) * H for l in layers for k in kinds])
+    return np.concatenate([np.arange(H) + ((layer - 1) * 2 + k) * H for layer in layers for k in kinds])
 def scan(layers, pooling, trainsets):
     x = np.asarray(X[:, cols(layers, pooling)], dtype=np.float64)
     res = {}
@@ -38,4 +45,5 @@ trainsets = {"y1": [y1], "y7": [y7], "both": [y1, y7]}
 for layers, pooling in grid:
     t = time.time()
     r = scan(layers, pooling, {k: trainsets[k] for k in sys.argv[2].split(",")})
-    print(json.dumps({"layers": layers, "pooling": pooling, **{k: v for k, v in r.items()}, "s": round(time.time() - t)}), flush=True)
+    row = {"layers": layers, "pooling": pooling, **r, "s": round(time.time() - t)}
+    print(json.dumps(row), flush=True)
