@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from probes.data import Dataset
 from probes.grading import extract_answer, get_grader
+from router import policy
 from router.config import BackendConfig, Settings
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ def results_path(out: Path) -> Path:
 
 
 def request_cost(backend: BackendConfig, prompt_tokens: int, completion_tokens: int) -> float:
-    """US dollars for one call at the backend's per-million-token prices."""
-    return (prompt_tokens * backend.input_cost_per_mtok + completion_tokens * backend.output_cost_per_mtok) / 1e6
+    """US dollars for one call at the backend's per-million-token prices (the gateway's own formula)."""
+    return policy.request_cost(backend.input_cost_per_mtok, backend.output_cost_per_mtok, prompt_tokens,
+                               completion_tokens)
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
