@@ -99,6 +99,19 @@ def _apgr_ci(
     return lambda: bootstrap_ci(stat, len(p), rounds=rounds, seed=seed)
 
 
+def labelled_backends(
+    settings: Settings, dataset: Dataset, label_keys: dict[str, str]
+) -> list[tuple[BackendConfig, np.ndarray]]:
+    """(backend, its 0/1 labels) for every backend of the config that has labels in ``dataset``."""
+    usable = []
+    for b in settings.backends:
+        try:
+            usable.append((b, dataset.labels(label_keys.get(b.name, b.model))))
+        except KeyError as e:
+            log.warning("skipping backend %s: %s", b.name, e)
+    return usable
+
+
 def evaluate(
     settings: Settings, dataset: Dataset, out_dir: Path, *, folds: int = 5, seed: int = 0, rounds: int = 1000,
     cs: Sequence[float] = DEFAULT_CS, label_keys: dict[str, str] | None = None,
@@ -110,12 +123,7 @@ def evaluate(
     prompts = [extractor.render(c) for c in dataset.conversations()]
     lengths = np.array([extractor.token_count(p) for p in prompts], dtype=np.float64)
     texts = np.array(dataset.questions, dtype=object)
-    usable = []
-    for b in settings.backends:
-        try:
-            usable.append((b, dataset.labels(label_keys.get(b.name, b.model))))
-        except KeyError as e:
-            log.warning("skipping backend %s: %s", b.name, e)
+    usable = labelled_backends(settings, dataset, label_keys)
     if not usable:
         raise ValueError("no backend of the config has labels in the data")
     bar = tqdm(total=3 * len(usable), desc="nested CV", unit="model", disable=not progress)
@@ -286,12 +294,7 @@ def cheap_frontier(
     label_keys, train_keys = label_keys or {}, train_keys or {}
     features, extractor = extract_features(settings.scorer, dataset, progress=progress)
     lengths = np.array([extractor.token_count(extractor.render(c)) for c in dataset.conversations()], dtype=float)
-    usable = []
-    for b in settings.backends:
-        try:
-            usable.append((b, dataset.labels(label_keys.get(b.name, b.model))))
-        except KeyError as e:
-            log.warning("skipping backend %s: %s", b.name, e)
+    usable = labelled_backends(settings, dataset, label_keys)
     if len(usable) < 2:
         raise ValueError("calibration needs labels for at least two backends of the config")
     out_tokens = settings.policy.expected_output_tokens
