@@ -66,7 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
              engine.extractor.info.model, engine.extractor.info.fingerprint, ", ".join(engine.probes.names))
     app = create_app(settings, engine)
     main = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=args.log_level,
-                                         timeout_graceful_shutdown=settings.server.shutdown_timeout_s))
+                                         timeout_graceful_shutdown=settings.server.shutdown_timeout_s,
+                                         timeout_keep_alive=settings.server.keep_alive_s))
     metrics = None
     if settings.server.metrics_port is not None:
         metrics = _side_server(create_metrics_app(app), host, settings.server.metrics_port, args.log_level)

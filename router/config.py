@@ -136,6 +136,10 @@ class ServerConfig(_Strict):
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     shutdown_timeout_s: float = Field(30.0, ge=0, description="how long requests in flight may finish on stop")
+    keep_alive_s: float = Field(
+        75.0, gt=0, description="idle keep-alive connections are closed after this; keep it above the clients' pool "
+        "expiry (5 s in httpx and so the OpenAI SDKs), or a client may reuse a connection the server is closing",
+    )
 
 
 class Settings(BaseSettings):

@@ -25,8 +25,9 @@ def gateway_process(
     config = {**config, "server": {**config.get("server", {}), "port": port}}
     path = folder / "gateway-config.yaml"
     path.write_text(yaml.safe_dump(config))
+    log = (folder / "gateway.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "router", "--log-level", "warning", "serve", "--config",
-                                str(path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                str(path)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
@@ -36,10 +37,12 @@ def gateway_process(
                     break
             except httpx.HTTPError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"gateway did not start: {process.stderr.read().decode()[-2000:]}") from None
+                    tail = (folder / "gateway.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"gateway did not start: {tail}") from None
                 time.sleep(0.2)
         yield url, process
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(10)
+        log.close()
