@@ -185,31 +185,35 @@ class Outcome:
     error: str | None = None
 
 
-def outcome_of_body(content: bytes) -> Outcome:
+def _usage_and_id(payload: bytes) -> tuple[Usage | None, str | None, bool] | None:
+    """(usage, completion id, whether it has no choices) of one JSON answer or chunk; None if not an object."""
     try:
-        doc = orjson.loads(content)
+        doc = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return Outcome(ok=True)
+        return None
     if not isinstance(doc, dict):
-        return Outcome(ok=True)
+        return None
     completion_id = doc.get("id") if isinstance(doc.get("id"), str) else None
-    return Outcome(Usage.from_json(doc.get("usage")), completion_id, ok=True)
+    return Usage.from_json(doc.get("usage")), completion_id, not doc.get("choices")
+
+
+def outcome_of_body(content: bytes) -> Outcome:
+    found = _usage_and_id(content)
+    if found is None:
+        return Outcome(ok=True)
+    usage, completion_id, _ = found
+    return Outcome(usage, completion_id, ok=True)
 
 
 def _usage_event(event: bytes) -> tuple[Usage | None, bool, str | None]:
     """(usage carried by this SSE event, whether it is only a usage report with no choices, its id)."""
     if b'"usage"' not in event:
         return None, False, None
-    payload = event.partition(b"data:")[2].strip()
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError:
+    found = _usage_and_id(event.partition(b"data:")[2].strip())
+    if found is None:
         return None, False, None
-    if not isinstance(doc, dict):
-        return None, False, None
-    usage = Usage.from_json(doc.get("usage"))
-    completion_id = doc.get("id") if isinstance(doc.get("id"), str) else None
-    return usage, usage is not None and not doc.get("choices"), completion_id
+    usage, completion_id, no_choices = found
+    return usage, usage is not None and no_choices, completion_id
 
 
 def stream_error_event(message: str) -> bytes:
