@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from router.app import create_app
 from router.config import ScorerConfig, Settings
 from router.routing import load_engine
@@ -40,3 +42,9 @@ def make_settings(folder: Path, scorer: ScorerConfig, info: ScorerInfo, small_ur
 def running_gateway(settings: Settings) -> Iterator[str]:
     with serve(create_app(settings, load_engine(settings))) as url:
         yield url
+
+
+def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
+    """The sum of every sample on ``url``/metrics whose line starts with ``name``."""
+    text = httpx.get(f"{url}/metrics", headers=headers).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))

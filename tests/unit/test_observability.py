@@ -18,7 +18,7 @@ from router.feedback import FeedbackStore
 from router.routing import load_engine
 from router.scorer.features import FeatureExtractor
 from tests.support.servers import FakeBackend, serve
-from tests.support.stack import make_settings, running_gateway
+from tests.support.stack import make_settings, metric, running_gateway
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
 
@@ -27,11 +27,6 @@ MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
 def urls() -> Iterator[tuple[str, str]]:
     with serve(FakeBackend("org/small").app) as small_url, serve(FakeBackend("org/large").app) as large_url:
         yield small_url, large_url
-
-
-def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
-    text = httpx.get(f"{url}/metrics", headers=headers).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def test_feedback_by_request_id_or_completion_id_counts_once(

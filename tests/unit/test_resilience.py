@@ -13,7 +13,7 @@ import pytest
 from router.config import ScorerConfig
 from router.scorer.features import FeatureExtractor
 from tests.support.servers import FakeBackend, serve
-from tests.support.stack import make_settings, running_gateway
+from tests.support.stack import make_settings, metric, running_gateway
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
 
@@ -27,11 +27,6 @@ def backends() -> Iterator[tuple[FakeBackend, FakeBackend, str, str]]:
 
 def client(url: str, **kwargs: object) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, **kwargs)  # type: ignore[arg-type]
-
-
-def metric(url: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
-               if line.startswith(name))
 
 
 def test_a_5xx_before_any_byte_fails_over_and_a_named_backend_passes_it_on(
