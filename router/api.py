@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
+import secrets
 from collections.abc import Awaitable
 from typing import Any
 
@@ -83,7 +83,7 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> 
 
 
 async def _handle(request: Request, fwd: Forward, threshold: float | None) -> Response:
-    request_id = uuid.uuid4().hex
+    request_id = secrets.token_hex(16)  # as random as uuid4().hex, at a third of its cost
     return await _unless_client_leaves(request, _gateway(request).handle(fwd, threshold, request_id))
 
 
@@ -127,6 +127,10 @@ async def completions(request: Request) -> Response:
         output_tokens=req.max_tokens,
     )
     return await _handle(request, fwd, threshold)
+
+
+HOT_ROUTES = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
+"""The routes that ``hot_routes.HotRoutes`` answers without FastAPI's routing (same handlers)."""
 
 
 @routes.post("/v1/feedback", openapi_extra=_body_schema(FeedbackRequest))

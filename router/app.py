@@ -10,13 +10,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from router.api import metrics, routes
+from router.api import HOT_ROUTES, metrics, routes
 from router.auth import APIKeyMiddleware, Authenticator
 from router.config import Settings
 from router.decision_log import DecisionLog
 from router.errors import install_error_handlers
 from router.feedback import FeedbackStore
 from router.gateway import Gateway
+from router.hot_routes import HotRoutes
 from router.metrics import BackendStates, Metrics
 from router.routing import Engine, Router
 from router.scorer.batcher import MicroBatcher
@@ -73,7 +74,8 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.include_router(routes)
     if settings.server.metrics_port is None:
         app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
-    if app.state.auth.enabled:
+    app.add_middleware(HotRoutes, routes=HOT_ROUTES)
+    if app.state.auth.enabled:  # added last, so it runs first
         app.add_middleware(APIKeyMiddleware, auth=app.state.auth)
     return app
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Answered:
+class Answered(NamedTuple):
     backend: str
     p_success: float | None
     at: float
@@ -23,14 +22,16 @@ class FeedbackStore:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
         self.clock = clock
-        self._entries: OrderedDict[str, Answered] = OrderedDict()
+        # Plain tuples of str/float/None, not Answered: the collector stops tracking such tuples (exact tuples
+        # only), so even a full store of 100,000 answers costs its collections nothing.
+        self._entries: OrderedDict[str, tuple[str, float | None, float, str | None]] = OrderedDict()
         self._aliases: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def remember(self, request_id: str, backend: str, p_success: float | None, completion_id: str | None) -> None:
-        self._entries[request_id] = Answered(backend, p_success, self.clock(), completion_id)
+        self._entries[request_id] = (backend, p_success, self.clock(), completion_id)
         if completion_id:
             self._aliases[completion_id] = request_id
         while len(self._entries) > self.max_entries:
@@ -40,17 +41,20 @@ class FeedbackStore:
         """The answer's record, once: a second rating of the same answer finds nothing."""
         self._expire()
         request_id = self._aliases.get(answer_id, answer_id)
-        answered = self._entries.pop(request_id, None)
-        if answered is not None and answered.alias:
+        entry = self._entries.pop(request_id, None)
+        if entry is None:
+            return None
+        answered = Answered(*entry)
+        if answered.alias:
             self._aliases.pop(answered.alias, None)
         return answered
 
     def _drop_oldest(self) -> None:
-        _, answered = self._entries.popitem(last=False)
-        if answered.alias:
-            self._aliases.pop(answered.alias, None)
+        _, (_, _, _, alias) = self._entries.popitem(last=False)
+        if alias:
+            self._aliases.pop(alias, None)
 
     def _expire(self) -> None:
         cutoff = self.clock() - self.ttl_s
-        while self._entries and next(iter(self._entries.values())).at < cutoff:
+        while self._entries and Answered(*next(iter(self._entries.values()))).at < cutoff:
             self._drop_oldest()

@@ -1,0 +1,109 @@
+"""What the hot path's shortcuts keep: the same answers and errors, API keys first, and the collector's settings."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from router.auth import APIKeyMiddleware, Authenticator
+from router.cli import _settle_gc
+from router.config import AuthConfig
+from router.errors import APIError, install_error_handlers
+from router.feedback import FeedbackStore
+from router.hot_routes import HotRoutes
+
+
+def _app(with_key: str | None = None) -> tuple[FastAPI, list[str]]:
+    """A FastAPI app whose /hot route exists both as a FastAPI route and in HotRoutes; ``seen`` says which ran."""
+    seen: list[str] = []
+
+    async def hot(request: Request) -> Response:
+        body = await request.json()
+        if body.get("fail") == "api":
+            raise APIError(400, "bad value", param="fail", code="invalid_value")
+        if body.get("fail") == "crash":
+            raise RuntimeError("boom")
+        seen.append("handler")
+        return JSONResponse({"echo": body, "path": request.url.path})
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/hot")
+    async def via_fastapi(request: Request) -> Response:
+        seen.append("fastapi")
+        return await hot(request)
+
+    @app.get("/cold")
+    async def cold() -> dict[str, str]:
+        return {"cold": "yes"}
+
+    app.add_middleware(HotRoutes, routes={"/hot": hot})
+    if with_key:
+        app.add_middleware(APIKeyMiddleware, auth=Authenticator(AuthConfig(api_keys=[with_key])))
+    return app, seen
+
+
+async def _client(app: FastAPI, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://gw", headers=headers)
+
+
+async def test_a_post_to_a_hot_route_skips_fastapis_routing_and_answers_the_same() -> None:
+    app, seen = _app()
+    async with await _client(app) as client:
+        response = await client.post("/hot", json={"x": 1})
+        assert response.status_code == 200 and response.json() == {"echo": {"x": 1}, "path": "/hot"}
+        assert seen == ["handler"]  # not "fastapi" first
+        assert (await client.get("/cold")).json() == {"cold": "yes"}
+        assert (await client.get("/hot")).status_code == 405  # other methods: FastAPI's answer
+
+
+async def test_hot_route_errors_keep_the_openai_shape() -> None:
+    app, _ = _app()
+    async with await _client(app) as client:
+        bad = await client.post("/hot", json={"fail": "api"})
+        assert bad.status_code == 400
+        assert bad.json() == {"error": {"message": "bad value", "type": "invalid_request_error", "param": "fail",
+                                        "code": "invalid_value"}}
+        crash = await client.post("/hot", json={"fail": "crash"})
+        assert crash.status_code == 500
+        assert crash.json()["error"]["type"] == "server_error" and "boom" not in crash.text
+
+
+async def test_api_keys_are_checked_before_a_hot_route() -> None:
+    app, seen = _app(with_key="sk-test")
+    async with await _client(app) as client:
+        assert (await client.post("/hot", json={})).status_code == 401
+        assert seen == []
+    async with await _client(app, {"authorization": "Bearer sk-test"}) as client:
+        assert (await client.post("/hot", json={})).status_code == 200
+
+
+@pytest.fixture
+def gc_restored() -> Iterator[None]:
+    threshold = gc.get_threshold()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+def test_settling_the_collector_freezes_what_is_loaded_and_sets_the_young_threshold(gc_restored: None) -> None:
+    loaded = [{"weight": i} for i in range(1000)]
+    _settle_gc(12345)
+    assert gc.get_freeze_count() >= len(loaded)
+    assert gc.get_threshold()[0] == 12345
+
+
+def test_remembered_answers_drop_out_of_the_collectors_sight() -> None:
+    store = FeedbackStore(max_entries=10, ttl_s=60)
+    store.remember("req-1", "small", 0.5, "cmpl-1")
+    gc.collect()
+    assert not any(gc.is_tracked(entry) for entry in store._entries.values())
