@@ -8,7 +8,8 @@ from typing import Any
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 LABELS = {"direct": "direct to backend", "floor": "bare FastAPI + aiohttp pass-through",
-          "gateway": "probe-router, explicit backend", "litellm": "LiteLLM proxy",
+          "gateway": "probe-router, explicit backend",
+          "untuned": "probe-router, explicit backend, Python's default GC", "litellm": "LiteLLM proxy",
           "routed": "probe-router, routed (scorer)"}
 
 # (key, what, target, met(value))
@@ -42,7 +43,7 @@ def table(results: dict[str, Any]) -> str:
         for target, r in targets.items():
             lat, ttfb = r["latency_ms"] or {}, r["ttfb_ms"] or {}
             cpu = _fmt(r["cpu_ms_per_request"], 3)
-            if target in ("gateway", "routed") and r.get("loop_cpu_ms_per_request") is not None:
+            if target in ("gateway", "untuned", "routed") and r.get("loop_cpu_ms_per_request") is not None:
                 cpu += f" (loop {_fmt(r['loop_cpu_ms_per_request'], 3)})"
             errors = f" ({r['errors']} errors)" if r["errors"] else ""
             lines.append(

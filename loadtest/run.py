@@ -43,7 +43,7 @@ class Scenario:
 
 
 SCENARIOS = (
-    Scenario("chat c=64", ("direct", "floor", "gateway", "litellm"), 64),
+    Scenario("chat c=64", ("direct", "floor", "gateway", "untuned", "litellm"), 64),
     Scenario("chat c=1", ("direct", "floor", "gateway", "litellm"), 1),
     Scenario("stream c=16", ("direct", "floor", "gateway", "litellm"), 16, stream=True, tool="async"),
     Scenario("routed c=1", ("gateway", "routed"), 1, tool="async", varied_prompts=True),
@@ -124,14 +124,14 @@ class Bench:
         self.run_s = run_s
         self.services: dict[str, Service] = {}
         self.urls: dict[str, str] = {}
-        self.models = {"direct": SMALL_MODEL, "floor": SMALL_MODEL, "gateway": SMALL_NAME, "litellm": SMALL_NAME,
-                       "routed": "router"}
+        self.models = {"direct": SMALL_MODEL, "floor": SMALL_MODEL, "gateway": SMALL_NAME, "untuned": SMALL_NAME,
+                       "litellm": SMALL_NAME, "routed": "router"}
         self.litellm_bin = litellm_bin
         self.gateway_config: Path | None = None
 
     def start(self) -> None:
         py = sys.executable
-        ports = {n: free_port() for n in ("backend", "floor", "gateway", "litellm")}
+        ports = {n: free_port() for n in ("backend", "floor", "gateway", "untuned", "litellm")}
         backend = f"http://127.0.0.1:{ports['backend']}"
         self._add("direct", [py, "-m", "loadtest.backend", "--port", str(ports["backend"])], backend, "/health")
         self._add("floor", [py, "-m", "loadtest.proxy", "--port", str(ports["floor"]), "--upstream", backend],
@@ -140,6 +140,12 @@ class Bench:
         self._add("gateway", [py, "-m", "router", "--log-level", "warning", "serve", "--config",
                               str(self.gateway_config)], f"http://127.0.0.1:{ports['gateway']}", "/health")
         self.urls["routed"] = self.urls["gateway"]
+        # The same gateway with Python's garbage collector as it comes: what server.gc_freeze and
+        # server.gc_young_threshold are worth, measured in the same run.
+        self._add("untuned", [py, "-m", "router", "--log-level", "warning", "serve", "--config",
+                              str(self.gateway_config), "--port", str(ports["untuned"])],
+                  f"http://127.0.0.1:{ports['untuned']}", "/health",
+                  env={"ROUTER_SERVER__GC_FREEZE": "false", "ROUTER_SERVER__GC_YOUNG_THRESHOLD": "700"})
         if self.litellm_bin is not None:
             self._add("litellm", [str(self.litellm_bin), "--config", str(_litellm_config(self.folder, backend)),
                                   "--host", "127.0.0.1", "--port", str(ports["litellm"]), "--num_workers", "1"],
@@ -260,6 +266,9 @@ def derive(results: dict[str, Any], forward: dict[str, Any]) -> dict[str, Any]:
         out["explicit_vs_floor_throughput"] = round(gw / floor, 3)
     if gw and lite:
         out["explicit_vs_litellm_throughput"] = round(gw / lite, 1)
+    untuned = _get(results, "chat c=64", "untuned", "rps")
+    if gw and untuned:
+        out["explicit_vs_untuned_gc_throughput"] = round(gw / untuned, 2)
     direct_p50 = _get(results, "chat c=1", "direct", "latency_ms", "p50")
     for t in ("floor", "gateway", "litellm"):
         p50 = _get(results, "chat c=1", t, "latency_ms", "p50")

@@ -43,12 +43,13 @@ async def _run_servers(main: uvicorn.Server, metrics: uvicorn.Server | None) -> 
             await side
 
 
-def _settle_gc(young_threshold: int) -> None:
+def _settle_gc(freeze: bool, young_threshold: int) -> None:
     """Move everything loaded so far (the scorer model, torch, transformers: millions of objects that live as long
     as the process) out of the collector's sight, and collect the youngest generation less often. Without this,
     collections that walk those objects cost more CPU than the rest of a forwarded request (docs/benchmarks.md)."""
-    gc.collect()
-    gc.freeze()
+    if freeze:
+        gc.collect()
+        gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(young_threshold, middle, old)
 
@@ -76,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("scorer %s ready, fingerprint %s; routing between %s",
              engine.extractor.info.model, engine.extractor.info.fingerprint, ", ".join(engine.probes.names))
     app = create_app(settings, engine)
-    _settle_gc(settings.server.gc_young_threshold)
+    _settle_gc(settings.server.gc_freeze, settings.server.gc_young_threshold)
     main = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=args.log_level,
                                          timeout_graceful_shutdown=settings.server.shutdown_timeout_s,
                                          timeout_keep_alive=settings.server.keep_alive_s))

@@ -140,6 +140,10 @@ class ServerConfig(_Strict):
         75.0, gt=0, description="idle keep-alive connections are closed after this; keep it above the clients' pool "
         "expiry (5 s in httpx and so the OpenAI SDKs), or a client may reuse a connection the server is closing",
     )
+    gc_freeze: bool = Field(
+        True, description="after loading, hide what is loaded (the scorer, torch, transformers) from Python's "
+        "garbage collector, whose full collections would otherwise walk it again and again",
+    )
     gc_young_threshold: int = Field(
         7000, ge=1, description="allocations between collections of Python's youngest garbage-collector generation "
         "(Python's default: 700); fewer collections let a request's short-lived objects die unscanned",

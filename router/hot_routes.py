@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -37,4 +37,6 @@ class HotRoutes:
             response = await handler(Request(scope, receive, send))
         except APIError as e:
             response = error_response(e.status, e.message, e.param, e.code, e.headers)
+        except ClientDisconnect:  # gone while sending its body: nobody to answer, nothing was forwarded
+            return
         await response(scope, receive, send)

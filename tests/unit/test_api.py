@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from router.config import ScorerConfig
@@ -177,3 +178,12 @@ def test_a_backend_that_refuses_connections_fails_over(tmp_path: Path, tiny_scor
             with pytest.raises(openai.APIStatusError) as err:  # named explicitly: no failover, a clear 502
                 client.chat.completions.create(model="large", messages=MESSAGES)
             assert err.value.status_code == 502
+
+
+def test_a_chunked_body_is_read_whole_and_bounded(stack: Stack) -> None:
+    body = orjson.dumps({"model": "small", "messages": MESSAGES})
+    pieces = [body[i:i + 7] for i in range(0, len(body), 7)]
+    response = httpx.post(f"{stack.url}/v1/chat/completions", content=iter(pieces))  # no content-length
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "small says 4"
+    too_big = httpx.post(f"{stack.url}/v1/chat/completions", content=iter([b"x" * 40000, b"x" * 40000]))
+    assert too_big.status_code == 413 and "larger than 65536 bytes" in str(error_of(too_big)["message"])

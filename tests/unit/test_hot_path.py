@@ -97,7 +97,7 @@ def gc_restored() -> Iterator[None]:
 
 def test_settling_the_collector_freezes_what_is_loaded_and_sets_the_young_threshold(gc_restored: None) -> None:
     loaded = [{"weight": i} for i in range(1000)]
-    _settle_gc(12345)
+    _settle_gc(True, 12345)
     assert gc.get_freeze_count() >= len(loaded)
     assert gc.get_threshold()[0] == 12345
 
