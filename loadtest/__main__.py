@@ -14,7 +14,7 @@ from loadtest.run import ROOT, run
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--run-seconds", type=float, default=3.0, help="aimed length of one load run")
     parser.add_argument("--litellm", type=Path, default=ROOT / ".venv-litellm" / "bin" / "litellm",
                         help="the litellm executable (its own virtualenv)")

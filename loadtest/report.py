@@ -54,7 +54,13 @@ def table(results: dict[str, Any]) -> str:
     fwd = ", ".join(f"batch {b['batch']}: {b['ms_per_batch']:.1f} ms per pass, {b['ms_per_prompt']:.1f} ms per "
                     f"prompt" for b in f["batches"])
     lines += ["", f"Scorer forward pass alone ({f['dtype']}, {f['threads']} threads, layers {f['layers']}, "
-              f"{f['prompts']} GSM8K prompts): {fwd}.", "",
+              f"{f['prompts']} GSM8K prompts): {fwd}.", ""]
+    if "gc" in results:
+        g = results["gc"]
+        lines += [f"Garbage collector, in a process loaded as the gateway is: {g['tracked_objects']:,} tracked "
+                  f"objects; a full collection takes {g['full_collection_ms']:,.1f} ms, "
+                  f"{g['full_collection_us_frozen']:,.1f} µs after `gc.freeze()`.", ""]
+    lines += [
               "| target | measured | goal | met |", "|---|---:|---:|:---:|"]
     t = results["targets"]
     for key, what, goal, met in TARGETS:

@@ -186,8 +186,9 @@ class Bench:
         return max(scenario.concurrency * 4, min(3000, n // scenario.concurrency * scenario.concurrency))
 
 
-def forward_pass(config: Path) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "loadtest.forward", "--config", str(config)], capture_output=True,
+def _measure(module: str, config: Path) -> dict[str, Any]:
+    """Run ``python -m module --config config`` in its own process; its last line of output is JSON."""
+    out = subprocess.run([sys.executable, "-m", module, "--config", str(config)], capture_output=True,
                          text=True, check=True, timeout=600, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -208,7 +209,9 @@ def run(rounds: int, run_s: float, litellm_bin: Path | None, log: Callable[[str]
         log(f"requests per run: {sizes}")
         assert bench.gateway_config is not None
         log("scorer forward pass alone (batch 1 and 8)")
-        forward = forward_pass(bench.gateway_config)
+        forward = _measure("loadtest.forward", bench.gateway_config)
+        log("the garbage collector's full collection, with and without gc.freeze()")
+        gc_cost = _measure("loadtest.gc_cost", bench.gateway_config)
         cells: dict[tuple[str, str], Cell] = {key: Cell() for key in sizes}
         for r in range(rounds):
             for s in scenarios:
@@ -237,7 +240,7 @@ def run(rounds: int, run_s: float, litellm_bin: Path | None, log: Callable[[str]
                                for s in scenarios}
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "duration_s": round(time.time() - started, 1), "rounds": rounds, "machine": machine(),
-            "scenarios": results, "forward_pass": forward, "targets": derive(results, forward)}
+            "scenarios": results, "forward_pass": forward, "gc": gc_cost, "targets": derive(results, forward)}
 
 
 def machine() -> dict[str, Any]:
