@@ -148,7 +148,7 @@ class Gateway:
                     continue
                 finally:
                     await response.aclose()
-                self.metrics.backend(name).upstream_seconds.observe(time.monotonic() - sent)
+                self.metrics.child(self.metrics.upstream_seconds, name).observe(time.monotonic() - sent)
                 outcome = outcome_of_body(content) if response.status_code == 200 else Outcome()
                 self._finish(ex, name, response.status_code, reason, outcome)
                 media = response.headers.get("content-type", "application/json")
@@ -158,7 +158,7 @@ class Gateway:
                     response, backend,
                     drop_usage_event=not ex.fwd.client_wants_usage,
                     deadline=ex.started + backend.cfg.total_timeout_s,
-                    on_first_byte=lambda n=name, s=sent: self.metrics.backend(n).ttft_seconds.observe(
+                    on_first_byte=lambda n=name, s=sent: self.metrics.child(self.metrics.ttft_seconds, n).observe(
                         time.monotonic() - s),
                     on_done=lambda outcome, n=name, s=sent, r=reason: self._stream_done(ex, n, s, r, outcome),
                 ),
@@ -180,28 +180,28 @@ class Gateway:
         return headers
 
     def _stream_done(self, ex: Exchange, backend: str, sent: float, reason: str, outcome: Outcome) -> None:
-        self.metrics.backend(backend).upstream_seconds.observe(time.monotonic() - sent)
+        self.metrics.child(self.metrics.upstream_seconds, backend).observe(time.monotonic() - sent)
         self._finish(ex, backend, 200 if outcome.ok else 502, reason, outcome)
         self.metrics.in_flight.dec()
 
     def _finish(self, ex: Exchange, backend: str, status: int, reason: str, outcome: Outcome) -> None:
         """Count the answer, remember it for feedback and log the decision."""
-        self.metrics.answered(backend, status, reason).inc()
-        m = self.metrics.backend(backend)
+        m = self.metrics
+        m.child(m.requests, backend, str(status), reason).inc()
         p = ex.routed.probabilities.get(backend)
         if p is not None:
-            m.predicted_success.observe(p)
+            m.child(m.predicted_success, backend).observe(p)
         cost = None
         usage = outcome.usage
         if usage is not None:
             cfg, ref = self.settings.backend(backend), self.reference
             cost = request_cost(cfg.input_cost_per_mtok, cfg.output_cost_per_mtok, usage.prompt_tokens,
                                 usage.completion_tokens)
-            m.prompt_tokens.inc(usage.prompt_tokens)
-            m.completion_tokens.inc(usage.completion_tokens)
-            m.cost.inc(cost)
-            m.reference_cost.inc(request_cost(ref.input_cost_per_mtok, ref.output_cost_per_mtok,
-                                              usage.prompt_tokens, usage.completion_tokens))
+            m.child(m.prompt_tokens, backend).inc(usage.prompt_tokens)
+            m.child(m.completion_tokens, backend).inc(usage.completion_tokens)
+            m.child(m.cost, backend).inc(cost)
+            m.child(m.reference_cost, backend).inc(request_cost(ref.input_cost_per_mtok, ref.output_cost_per_mtok,
+                                                             usage.prompt_tokens, usage.completion_tokens))
         if status == 200:
             self.feedback.remember(ex.id, backend, p, outcome.completion_id)
         if self.decisions is not None:

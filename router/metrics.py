@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -21,11 +22,13 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 _SCORER = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 _PROB = tuple(i / 20 for i in range(1, 21))
 
+M = TypeVar("M", Counter, Histogram)
+
 
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    _backends: dict[str, BackendSeries] = field(default_factory=dict, init=False, repr=False)
+    _children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -79,40 +82,16 @@ class Metrics:
             "router_upstream_errors", "Failed attempts to reach a backend, by kind", ["backend", "kind"], registry=r
         )
         self.in_flight = Gauge("router_requests_in_flight", "Requests being answered now", registry=r)
-        self._answered: dict[tuple[str, int, str], Counter] = {}
 
-    def answered(self, backend: str, status: int, reason: str) -> Counter:
-        """The ``router_requests`` series of one (backend, status, reason). Children are kept: prometheus-client's
-        ``labels()`` validates and locks on every call, several microseconds on the hot path; the label values
-        are bounded (see the module's docstring), so is this cache."""
-        key = (backend, status, reason)
-        child = self._answered.get(key)
-        if child is None:
-            child = self._answered[key] = self.requests.labels(backend, str(status), reason)
-        return child
-
-    def backend(self, name: str) -> BackendSeries:
-        """The per-backend series of ``name``, looked up once (see ``answered``)."""
-        series = self._backends.get(name)
-        if series is None:
-            series = self._backends[name] = BackendSeries(
-                *(m.labels(name) for m in (self.predicted_success, self.prompt_tokens, self.completion_tokens,
-                                           self.cost, self.reference_cost, self.upstream_seconds,
-                                           self.ttft_seconds)))
-        return series
-
-
-@dataclass(frozen=True)
-class BackendSeries:
-    """One backend's children of the per-backend metrics."""
-
-    predicted_success: Histogram
-    prompt_tokens: Counter
-    completion_tokens: Counter
-    cost: Counter
-    reference_cost: Counter
-    upstream_seconds: Histogram
-    ttft_seconds: Histogram
+    def child(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, looked up once. prometheus-client's ``labels()`` validates and locks on
+        every call, microseconds on the hot path; label values are bounded (see above), so is this cache. A
+        series still appears only once it is first used."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
 
 class BackendStates(Collector):

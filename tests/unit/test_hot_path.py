@@ -1,4 +1,5 @@
-"""What the hot path's shortcuts keep: the same answers and errors, API keys first, and the collector's settings."""
+"""What the hot path's shortcuts keep: the same answers and errors, API keys first, the collector's settings, the
+same metric series."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import generate_latest
 
 from router.auth import APIKeyMiddleware, Authenticator
 from router.cli import _settle_gc
@@ -16,6 +18,7 @@ from router.config import AuthConfig
 from router.errors import APIError, install_error_handlers
 from router.feedback import FeedbackStore
 from router.hot_routes import HotRoutes
+from router.metrics import Metrics
 
 
 def _app(with_key: str | None = None) -> tuple[FastAPI, list[str]]:
@@ -107,3 +110,14 @@ def test_remembered_answers_drop_out_of_the_collectors_sight() -> None:
     store.remember("req-1", "small", 0.5, "cmpl-1")
     gc.collect()
     assert not any(gc.is_tracked(entry) for entry in store._entries.values())
+
+
+def test_metric_children_are_kept_and_appear_only_once_used() -> None:
+    m = Metrics()
+    assert m.child(m.cost, "small") is m.child(m.cost, "small")
+    m.child(m.cost, "small").inc(0.5)
+    m.child(m.requests, "small", "200", "explicit").inc()
+    text = generate_latest(m.registry).decode()
+    assert 'router_cost_usd_total{backend="small"} 0.5' in text
+    assert 'router_requests_total{backend="small",reason="explicit",status="200"} 1.0' in text
+    assert 'backend="large"' not in text
