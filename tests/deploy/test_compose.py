@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from router.config import load_settings
 from tests.deploy.tools import COMPOSE_FILE, PROMETHEUS_CONFIG, ROOT, compose_config
 
 VLLM = {"vllm-small": "Qwen/Qwen2.5-Math-1.5B-Instruct", "vllm-large": "Qwen/Qwen2.5-Math-7B-Instruct"}
@@ -67,3 +69,18 @@ def test_prometheus_scrapes_the_compose_services() -> None:
     assert targets["probe-router"] == [f"gateway:{metrics_port}"]
     assert sorted(targets["vllm"]) == sorted(f"{name}:8000" for name in VLLM)
     assert all(host.split(":")[0] in raw["services"] for job in ("probe-router", "vllm") for host in targets[job])
+
+
+def test_the_gateway_environment_keeps_the_calibrated_threshold(resolved: dict[str, Any],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The container's variables (from .env.example) applied to config.yaml give the calibrated settings."""
+    env = resolved["services"]["gateway"]["environment"]
+    for name, value in env.items():
+        monkeypatch.setenv(name, "" if value is None else str(value))
+    calibrated = re.search(r"threshold: \$\{ROUTER_THRESHOLD:-([0-9.]+)\}", (ROOT / "config.yaml").read_text())
+    assert calibrated is not None
+    settings = load_settings(ROOT / "config.yaml")
+    assert settings.policy.threshold == float(calibrated.group(1))
+    assert str(settings.backends[0].base_url) == "http://vllm-small:8000/v1"
+    monkeypatch.setenv("ROUTER_THRESHOLD", "0.9")  # a value in .env wins
+    assert load_settings(ROOT / "config.yaml").policy.threshold == 0.9

@@ -74,6 +74,11 @@ def test_unset_variable_without_default_is_an_error(tmp_path: Path) -> None:
         load_settings(write(tmp_path, VALID.replace("${LARGE_URL:-http://127.0.0.1:9002/v1}", "${NOPE_URL}")))
 
 
+def test_an_empty_variable_takes_the_default_as_in_the_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LARGE_URL", "")  # what docker compose passes for `${LARGE_URL:-}` when .env leaves it unset
+    assert str(load_settings(write(tmp_path, VALID)).backends[1].base_url) == "http://127.0.0.1:9002/v1"
+
+
 def test_yaml_syntax_error_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(write(tmp_path, "backends: [unclosed"))

@@ -60,3 +60,5 @@ def test_set_threshold_keeps_comments_and_other_keys(tmp_path) -> None:
 def test_set_threshold_adds_a_missing_line() -> None:
     assert yaml.safe_load(set_threshold("policy:\n  alias: r\n", 0.5))["policy"] == {"threshold": 0.5, "alias": "r"}
     assert yaml.safe_load(set_threshold("scorer: {}\n", 1.0))["policy"] == {"threshold": 1.0}
+    assert set_threshold("policy:\n  threshold: ${T:-0.8647}  # note\n", 0.9) == \
+        "policy:\n  threshold: ${T:-0.9}     # note\n"  # the variable still overrides; only its default changes
