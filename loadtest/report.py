@@ -8,6 +8,8 @@ from typing import Any
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 LABELS = {"direct": "direct to backend", "floor": "bare FastAPI + aiohttp pass-through",
+          "floor-httpx": "bare FastAPI + httpx pass-through",
+          "floor-httpx-aiohttp": "bare FastAPI + httpx on aiohttp (httpx-aiohttp) pass-through",
           "gateway": "probe-router, explicit backend",
           "untuned": "probe-router, explicit backend, Python's default GC", "litellm": "LiteLLM proxy",
           "routed": "probe-router, routed (scorer)"}

@@ -27,6 +27,7 @@ import yaml
 from loadtest.gen import Load, async_load, hey_load, percentiles_ms
 from loadtest.procs import Service, Watch, free_port
 from loadtest.prompts import chat_body, median_question, questions
+from loadtest.proxy import CLIENTS
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_NAME, SMALL_MODEL = "qwen2.5-math-1.5b", "Qwen/Qwen2.5-Math-1.5B-Instruct"
@@ -43,8 +44,9 @@ class Scenario:
 
 
 SCENARIOS = (
-    Scenario("chat c=64", ("direct", "floor", "gateway", "untuned", "litellm"), 64),
-    Scenario("chat c=1", ("direct", "floor", "gateway", "litellm"), 1),
+    Scenario("chat c=64", ("direct", "floor", "floor-httpx", "floor-httpx-aiohttp", "gateway", "untuned", "litellm"),
+             64),
+    Scenario("chat c=1", ("direct", "floor", "floor-httpx", "floor-httpx-aiohttp", "gateway", "litellm"), 1),
     Scenario("stream c=16", ("direct", "floor", "gateway", "litellm"), 16, stream=True, tool="async"),
     Scenario("routed c=1", ("gateway", "routed"), 1, tool="async", varied_prompts=True),
     Scenario("routed c=16", ("routed",), 16, tool="async", varied_prompts=True),
@@ -124,18 +126,21 @@ class Bench:
         self.run_s = run_s
         self.services: dict[str, Service] = {}
         self.urls: dict[str, str] = {}
-        self.models = {"direct": SMALL_MODEL, "floor": SMALL_MODEL, "gateway": SMALL_NAME, "untuned": SMALL_NAME,
+        self.models = {"direct": SMALL_MODEL, "floor": SMALL_MODEL, "floor-httpx": SMALL_MODEL,
+                       "floor-httpx-aiohttp": SMALL_MODEL, "gateway": SMALL_NAME, "untuned": SMALL_NAME,
                        "litellm": SMALL_NAME, "routed": "router"}
         self.litellm_bin = litellm_bin
         self.gateway_config: Path | None = None
 
     def start(self) -> None:
         py = sys.executable
-        ports = {n: free_port() for n in ("backend", "floor", "gateway", "untuned", "litellm")}
+        ports = {n: free_port() for n in ("backend", "gateway", "untuned", "litellm")}
         backend = f"http://127.0.0.1:{ports['backend']}"
         self._add("direct", [py, "-m", "loadtest.backend", "--port", str(ports["backend"])], backend, "/health")
-        self._add("floor", [py, "-m", "loadtest.proxy", "--port", str(ports["floor"]), "--upstream", backend],
-                  f"http://127.0.0.1:{ports['floor']}", "/health")
+        for client in CLIENTS:  # the floor (aiohttp) and the same proxy on the other clients the issue names
+            name, port = ("floor" if client == "aiohttp" else f"floor-{client}"), free_port()
+            self._add(name, [py, "-m", "loadtest.proxy", "--port", str(port), "--upstream", backend,
+                             "--client", client], f"http://127.0.0.1:{port}", "/health")
         self.gateway_config = _gateway_config(self.folder, backend, ports["gateway"])
         self._add("gateway", [py, "-m", "router", "--log-level", "warning", "serve", "--config",
                               str(self.gateway_config)], f"http://127.0.0.1:{ports['gateway']}", "/health")
@@ -273,7 +278,7 @@ def derive(results: dict[str, Any], forward: dict[str, Any]) -> dict[str, Any]:
     if gw and untuned:
         out["explicit_vs_untuned_gc_throughput"] = round(gw / untuned, 2)
     direct_p50 = _get(results, "chat c=1", "direct", "latency_ms", "p50")
-    for t in ("floor", "gateway", "litellm"):
+    for t in ("floor", "floor-httpx", "floor-httpx-aiohttp", "gateway", "litellm"):
         p50 = _get(results, "chat c=1", t, "latency_ms", "p50")
         if p50 is not None and direct_p50 is not None:
             out[f"{t}_added_p50_ms_c1"] = round(p50 - direct_p50, 3)
