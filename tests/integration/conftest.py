@@ -60,5 +60,6 @@ def vllm_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 
 @pytest.fixture(scope="session")
 def gateway_url(vllm_pool: Pool) -> Iterator[str]:
-    with serve(create_app(vllm_pool.settings, load_engine(vllm_pool.settings))) as url:
+    with serve(create_app(vllm_pool.settings, load_engine(vllm_pool.settings)),
+               keep_alive_s=vllm_pool.settings.server.keep_alive_s) as url:
         yield url

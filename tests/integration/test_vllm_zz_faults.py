@@ -49,7 +49,7 @@ def test_killing_a_backend_under_load_loses_no_request_and_it_rejoins(vllm_pool:
         if len(answered) == KILL_AFTER:
             vllm_pool.servers[cheap].stop(timeout_s=5)  # SIGTERM to its process group, mid-load
 
-    with serve(create_app(settings, load_engine(settings))) as url:
+    with serve(create_app(settings, load_engine(settings)), keep_alive_s=settings.server.keep_alive_s) as url:
         responses = asyncio.run(_load(url, on_answer))
         assert [r.status_code for r in responses] == [200] * REQUESTS
         interrupted = 0

@@ -40,7 +40,7 @@ def make_settings(folder: Path, scorer: ScorerConfig, info: ScorerInfo, small_ur
 
 @contextmanager
 def running_gateway(settings: Settings) -> Iterator[str]:
-    with serve(create_app(settings, load_engine(settings))) as url:
+    with serve(create_app(settings, load_engine(settings)), keep_alive_s=settings.server.keep_alive_s) as url:
         yield url
 
 
