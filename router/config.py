@@ -52,7 +52,10 @@ class ScorerConfig(_Strict):
     max_batch_size: int = Field(8, ge=1, le=256)
     max_wait_ms: float = Field(2.0, ge=0, le=1000)
     max_queue: int = Field(256, ge=1)
-    timeout_s: float = Field(10.0, gt=0, description="longest a request waits for its score")
+    timeout_s: float = Field(
+        10.0, gt=0, description="longest a request waits for its score; one that would wait longer (the queue "
+        "ahead of it times the recent pass time per prompt) is routed unscored at once instead of queueing",
+    )
     cache_dir: Path = Field(
         default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "probe-router",
         description="where a packaged model is converted to safetensors, once",

@@ -3,6 +3,10 @@
 Async callers ``await batcher.score(messages)``; the worker takes the first waiting request, gathers more
 until the batch is full or ``max_wait`` has passed, runs one forward pass and hands each caller its row.
 The event loop only enqueues and awaits; rendering, tokenising and the forward pass happen in the thread.
+
+When the queue ahead of a request would take longer to score than the request may wait, the request is refused
+at once (``overloaded``) instead of queueing only to time out: the caller routes it unscored straight away.
+The estimate is the queue length times the recent forward-pass time per prompt.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class ScorerUnavailable(Exception):
-    """The scorer cannot answer this request; ``kind`` is one of queue_full, stopped, failed, timeout."""
+    """The scorer cannot answer this request; ``kind`` is one of overloaded, queue_full, stopped, failed,
+    timeout."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -71,12 +76,16 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._thread = threading.Thread(target=self._run, name="scorer", daemon=True)
         self._stopped = False
+        self._prompt_s: float | None = None  # recent forward-pass seconds per prompt (moving average)
         self._thread.start()
 
     async def score(self, messages: Sequence[Message], timeout_s: float | None = None) -> Scored:
         start = time.perf_counter()
         if self._stopped:
             raise ScorerUnavailable("stopped", "scorer is stopped")
+        if timeout_s is not None and (expected := self.expected_wait_s()) > timeout_s:
+            raise ScorerUnavailable("overloaded", f"the scorer's queue would take about {expected:.1f}s, "
+                                    f"more than the {timeout_s:g}s a request may wait")
         job = _Job(messages, Future())
         try:
             self._queue.put_nowait(job)
@@ -90,6 +99,11 @@ class MicroBatcher:
         done = time.perf_counter()
         started = job.started if job.started is not None else done
         return Scored(features, queue_s=started - job.enqueued, total_s=done - start)
+
+    def expected_wait_s(self) -> float:
+        """About how long a request queued now would wait for its score (0 until a pass has been timed)."""
+        per_prompt = self._prompt_s
+        return 0.0 if per_prompt is None else (self._queue.qsize() + 1) * per_prompt
 
     @property
     def alive(self) -> bool:
@@ -136,8 +150,11 @@ class MicroBatcher:
                 for job in batch:
                     job.future.set_exception(ScorerUnavailable("failed", f"scorer failed: {e}"))
                 continue
+            elapsed = time.perf_counter() - started
+            per_prompt = elapsed / len(batch)
+            self._prompt_s = per_prompt if self._prompt_s is None else 0.8 * self._prompt_s + 0.2 * per_prompt
             if self._on_batch is not None:
-                self._on_batch(BatchStats(len(batch), time.perf_counter() - started))
+                self._on_batch(BatchStats(len(batch), elapsed))
             for job, row in zip(batch, rows, strict=True):
                 job.future.set_result(row)
         # Whatever is still queued when we stop gets a clear answer instead of waiting for ever.

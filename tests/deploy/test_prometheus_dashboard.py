@@ -282,7 +282,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_scorer_cfg: ScorerConfig
                         backends=[backend("small", small_url, probes["small"]),
                                   backend("large", large_url, probes["large"])])
         faulty = Settings(
-            scorer=tiny_scorer_cfg.model_copy(update={"timeout_s": 0.001}),  # every score times out
+            scorer=tiny_scorer_cfg.model_copy(update={"timeout_s": 0.001}),  # no score arrives in time
             policy={"threshold": 0.8},
             backends=[backend("small", small_url, probes["small"]), backend("large", broken_url, probes["large"]),
                       backend("dead", closed, None)],
@@ -346,7 +346,9 @@ def test_requests_are_counted_by_backend_reason_and_status(live: Live) -> None:
     assert p.value('sum(router_requests_total{status=~"5.."})') == 2 * ROUNDS
     assert p.value('sum(router_upstream_errors_total{backend="large"})') >= ROUNDS  # the failovers
     assert p.value('sum(router_upstream_errors_total{backend="dead"})') >= ROUNDS
-    assert p.values("sum by (kind) (router_scorer_errors_total)", by="kind") == {"timeout": ROUNDS}
+    # no score arrives within 1 ms: each request times out, or is refused at once once a pass has been timed
+    scorer_errors = p.values("sum by (kind) (router_scorer_errors_total)", by="kind")
+    assert set(scorer_errors) <= {"timeout", "overloaded"} and sum(scorer_errors.values()) == ROUNDS
     assert p.value("sum(router_requests_in_flight)") == 0
 
 

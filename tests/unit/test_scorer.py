@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,32 @@ async def test_micro_batcher_reports_failures_and_a_full_queue() -> None:
         batcher.close()
     with pytest.raises(ScorerUnavailable, match="stopped"):
         await batcher.score(conv("x"))
+
+
+async def test_micro_batcher_refuses_at_once_what_it_could_not_score_in_time() -> None:
+    release = threading.Event()
+
+    def slow(conversations: Sequence[object]) -> np.ndarray:
+        release.wait(10)
+        return np.zeros((len(conversations), 2), dtype=np.float32)
+
+    batcher = MicroBatcher(slow, max_batch_size=1, max_wait_s=0.0, max_queue=64)
+    try:
+        assert batcher.expected_wait_s() == 0.0  # nothing timed yet: nothing refused
+        release.set()
+        await batcher.score(conv("first"), timeout_s=5.0)  # times one pass
+        release.clear()
+        per_prompt = batcher.expected_wait_s()
+        assert per_prompt > 0
+        blocked = [asyncio.create_task(batcher.score(conv(str(i)), timeout_s=5.0)) for i in range(3)]
+        await asyncio.sleep(0)  # all three are queued (one of them in the worker, held by `release`)
+        budget = per_prompt * 2.5  # less than the four passes ahead of the next request
+        with pytest.raises(ScorerUnavailable, match="queue would take about") as refused:
+            await batcher.score(conv("late"), timeout_s=budget)
+        assert refused.value.kind == "overloaded"
+        assert not any(t.done() for t in blocked)  # refused while the others still wait: it did not queue
+        release.set()
+        await asyncio.gather(*blocked)
+    finally:
+        release.set()
+        batcher.close()
