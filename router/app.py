@@ -23,6 +23,13 @@ from router.routing import Engine, Router
 from router.scorer.batcher import MicroBatcher
 from router.upstream import Pool
 
+# A question of typical length (the median GSM8K test question has 55 words) for the scorer's warm-up pass,
+# which also seeds its estimate of the time per prompt (see scorer.batcher).
+WARMUP_QUESTION = ("A bakery sells 48 muffins in the morning and a third as many in the afternoon. Each muffin "
+                   "costs $2.50, and the bakery spends $30 a day on flour, sugar and butter. On Sundays it sells "
+                   "twice as many muffins as on other days. How much profit does the bakery make from its muffins "
+                   "on a Sunday?")
+
 
 def create_app(settings: Settings, engine: Engine) -> FastAPI:
     """An app serving ``settings`` with an already loaded ``engine`` (see ``routing.load_engine``)."""
@@ -36,6 +43,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             max_wait_s=settings.scorer.max_wait_ms / 1000,
             max_queue=settings.scorer.max_queue,
             on_batch=lambda stats: app_metrics.scorer_batch_size.observe(stats.size),
+            warmup=[{"role": "user", "content": WARMUP_QUESTION}],
         )
         pool = Pool(settings.backends, settings.resilience)
         states = BackendStates(pool.states)

@@ -68,6 +68,7 @@ class MicroBatcher:
         max_wait_s: float,
         max_queue: int,
         on_batch: Callable[[BatchStats], None] | None = None,
+        warmup: Sequence[Message] | None = None,
     ) -> None:
         self._features = features
         self._max_batch = max_batch_size
@@ -77,6 +78,7 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._run, name="scorer", daemon=True)
         self._stopped = False
         self._prompt_s: float | None = None  # recent forward-pass seconds per prompt (moving average)
+        self._warmup = warmup
         self._thread.start()
 
     async def score(self, messages: Sequence[Message], timeout_s: float | None = None) -> Scored:
@@ -130,7 +132,20 @@ class MicroBatcher:
             batch.append(job)
         return batch, False
 
+    def _warm_up(self, messages: Sequence[Message]) -> None:
+        """Two passes before the first request: the first pays torch's lazy set-up, the second is timed and
+        seeds ``expected_wait_s`` (requests queue behind it meanwhile)."""
+        try:
+            self._features([messages])
+            started = time.perf_counter()
+            self._features([messages])
+            self._prompt_s = time.perf_counter() - started
+        except Exception:
+            log.exception("scorer warm-up failed")
+
     def _run(self) -> None:
+        if self._warmup is not None:
+            self._warm_up(self._warmup)
         stop = False
         while not stop:
             first = self._queue.get()

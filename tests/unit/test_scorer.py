@@ -146,3 +146,19 @@ async def test_micro_batcher_refuses_at_once_what_it_could_not_score_in_time() -
     finally:
         release.set()
         batcher.close()
+
+
+async def test_micro_batcher_warms_up_and_times_a_pass_before_the_first_request() -> None:
+    seen: list[int] = []
+
+    def features(conversations: Sequence[object]) -> np.ndarray:
+        seen.append(len(conversations))
+        return np.zeros((len(conversations), 2), dtype=np.float32)
+
+    batcher = MicroBatcher(features, max_batch_size=4, max_wait_s=0.0, max_queue=8, warmup=conv("warm"))
+    try:
+        await batcher.score(conv("first"))
+        assert seen[:2] == [1, 1]  # the two warm-up passes ran before the request's own
+        assert batcher.expected_wait_s() > 0  # ... and seeded the estimate
+    finally:
+        batcher.close()
