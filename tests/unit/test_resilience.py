@@ -124,4 +124,6 @@ def test_the_scorer_failing_degrades_to_the_fallback(
     with running_gateway(settings) as url:
         raw = client(url).chat.completions.with_raw_response.create(model="router", messages=MESSAGES)
         assert (raw.headers["x-router-backend"], raw.headers["x-router-reason"]) == ("small", "unscored")
-        assert metric(url, 'router_scorer_errors_total{kind="timeout"}') == 1
+        # refused at once once the warm-up pass has been timed (overloaded), else waited out (timeout)
+        assert metric(url, 'router_scorer_errors_total{kind="overloaded"}') + metric(
+            url, 'router_scorer_errors_total{kind="timeout"}') == 1
