@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from loadtest.report import END, START, write_markdown
-from loadtest.run import derive
+from loadtest.run import derive, median_forward
 
 
 def _cell(rps: float, p50: float, mean: float | None = None, cpu: float = 0.3) -> dict[str, Any]:
@@ -55,3 +55,13 @@ def test_the_table_replaces_only_the_text_between_the_markers(tmp_path: Path) ->
     assert "| explicit path throughput / bare pass-through (c=64) | 0.95 | ≥ 0.90 | yes |" in text
     assert "| explicit path throughput / LiteLLM (c=64) | 38 | ≥ 25× | yes |" in text
     assert "424,450 tracked objects; a full collection takes 190.3 ms, 2.1 µs after `gc.freeze()`" in text
+
+
+def test_the_forward_pass_is_the_median_of_its_rounds() -> None:
+    runs = [{**FORWARD, "batches": [{"batch": 1, "ms_per_batch": ms, "ms_per_prompt": ms},
+                                    {"batch": 8, "ms_per_batch": 8 * ms, "ms_per_prompt": ms}]} for ms in (90, 120, 95)]
+    forward = median_forward(runs)
+    assert forward["rounds"] == 3
+    assert forward["batches"][0] == {"batch": 1, "ms_per_batch": 95, "ms_per_prompt": 95,
+                                     "ms_per_prompt_rounds": [90, 120, 95]}
+    assert forward["batches"][1]["ms_per_batch"] == 760
