@@ -55,10 +55,10 @@ def table(results: dict[str, Any]) -> str:
     f = results["forward_pass"]
     fwd = ", ".join(f"batch {b['batch']}: {b['ms_per_batch']:.1f} ms per pass, {b['ms_per_prompt']:.1f} ms per "
                     f"prompt" for b in f["batches"])
-    per_round = f" (median of {f['rounds']} rounds, each measured next to that round's routed scenarios)" \
+    per_round = f"; median of {f['rounds']} rounds, each measured next to that round's routed scenarios" \
         if f.get("rounds", 1) > 1 else ""
     lines += ["", f"Scorer forward pass alone ({f['dtype']}, {f['threads']} threads, layers {f['layers']}, "
-              f"{f['prompts']} GSM8K prompts){per_round}: {fwd}.", ""]
+              f"{f['prompts']} GSM8K prompts{per_round}): {fwd}.", ""]
     if "gc" in results:
         g = results["gc"]
         lines += [f"Garbage collector, in a process loaded as the gateway is: {g['tracked_objects']:,} tracked "
