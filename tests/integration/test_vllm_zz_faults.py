@@ -27,7 +27,12 @@ async def _load(url: str, on_answer) -> list[httpx.Response]:  # type: ignore[no
     """REQUESTS routed chat requests, CONCURRENCY at a time; every one is awaited to its end."""
     body = {"model": "router", "max_tokens": 4, "messages": [{"role": "user", "content": "What is 6 * 7?"}]}
     slots = asyncio.Semaphore(CONCURRENCY)
-    async with httpx.AsyncClient(timeout=120) as client:
+    # The kill below blocks this loop for up to 10 s. httpx's pool, given its default 5 s keep-alive expiry, may
+    # then close an idle connection it has just handed to a request that has not run yet (ClosedResourceError
+    # on the client: a client-side race, nothing reached the gateway). No expiry here; the gateway keeps
+    # connections for 75 s (server.keep_alive_s), longer than this test.
+    limits = httpx.Limits(keepalive_expiry=None)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         async def one(i: int) -> httpx.Response:
             async with slots:
                 stream = i % 2 == 1
