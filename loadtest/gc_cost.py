@@ -16,7 +16,7 @@ from pathlib import Path
 
 from router.app import create_app
 from router.config import load_settings
-from router.routing import load_engine
+from router.routing import load_probe_groups
 
 
 def full_collection_s(repeats: int) -> float:
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     settings = load_settings(args.config)
-    create_app(settings, load_engine(settings))
+    create_app(settings, load_probe_groups(settings))
     gc.collect()
     tracked = len(gc.get_objects())
     before = full_collection_s(args.repeats)

@@ -12,7 +12,8 @@ LABELS = {"direct": "direct to backend", "floor": "bare FastAPI + aiohttp pass-t
           "floor-httpx-aiohttp": "bare FastAPI + httpx on aiohttp (httpx-aiohttp) pass-through",
           "gateway": "probe-router, explicit backend",
           "untuned": "probe-router, explicit backend, Python's default GC", "litellm": "LiteLLM proxy",
-          "routed": "probe-router, routed (scorer)"}
+          "routed": "probe-router, routed (scorer)",
+          "routed-vllm": "probe-router, routed (scorer on a vLLM CPU pooling server)"}
 
 # (key, what, target, met(value))
 TARGETS = (
@@ -24,6 +25,10 @@ TARGETS = (
      lambda v: v <= 1.1),
     ("scorer_vs_forward_b8", "routed scorer cost per request / raw forward, batch 8 (c=16)", "≤ 1.10",
      lambda v: v <= 1.1),
+    ("routed_vllm_vs_explicit_gateway_cpu", "gateway CPU per routed request, vLLM scorer / explicit path", "≤ 2.0",
+     lambda v: v <= 2.0),
+    ("vllm_scorer_vs_local_forward_b8", "vLLM scorer prompts/s (best concurrency) / local forward, batch 8",
+     "≥ 1.0", lambda v: v >= 1.0),
 )
 
 
@@ -45,7 +50,7 @@ def table(results: dict[str, Any]) -> str:
         for target, r in targets.items():
             lat, ttfb = r["latency_ms"] or {}, r["ttfb_ms"] or {}
             cpu = _fmt(r["cpu_ms_per_request"], 3)
-            if target in ("gateway", "untuned", "routed") and r.get("loop_cpu_ms_per_request") is not None:
+            if target.startswith(("gateway", "untuned", "routed")) and r.get("loop_cpu_ms_per_request") is not None:
                 cpu += f" (loop {_fmt(r['loop_cpu_ms_per_request'], 3)})"
             errors = f" ({r['errors']} errors)" if r["errors"] else ""
             lines.append(
@@ -59,6 +64,11 @@ def table(results: dict[str, Any]) -> str:
         if f.get("rounds", 1) > 1 else ""
     lines += ["", f"Scorer forward pass alone ({f['dtype']}, {f['threads']} threads, layers {f['layers']}, "
               f"{f['prompts']} GSM8K prompts{per_round}): {fwd}.", ""]
+    if results.get("scorer_server"):
+        cells = "; ".join(f"c={c}: {r['rps']:,.1f} prompts/s, p50 {_fmt((r['latency_ms'] or {}).get('p50'), 1)} ms, "
+                          f"{_fmt(r['cpu_ms_per_request'], 1)} ms of its CPU a prompt"
+                          for c, r in results["scorer_server"].items())
+        lines += [f"The vLLM CPU pooling scorer loaded directly (token ids as the gateway sends them): {cells}.", ""]
     if "gc" in results:
         g = results["gc"]
         lines += [f"Garbage collector, in a process loaded as the gateway is: {g['tracked_objects']:,} tracked "
@@ -76,12 +86,16 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, results: dict[str, Any]) -> None:
-    """Replace the text between the markers in ``path`` (create the file with them if it is missing)."""
-    block = f"{START}\n{table(results)}\n{END}"
-    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
-    if START not in text or END not in text:
-        text = text.rstrip() + f"\n\n{START}\n{END}\n"
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
+def replace_section(path: Path, start: str, end: str, body: str) -> None:
+    """Replace the text between the markers ``start`` and ``end`` in ``path`` (added at its end if missing)."""
+    block = f"{start}\n{body}\n{end}"
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    if start not in text or end not in text:
+        text = text.rstrip() + f"\n\n{start}\n{end}\n"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
     path.write_text(head + block + tail)
+
+
+def write_markdown(path: Path, results: dict[str, Any]) -> None:
+    replace_section(path, START, END, table(results))

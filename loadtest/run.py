@@ -31,6 +31,7 @@ from loadtest.prompts import chat_body, median_question, questions
 from loadtest.proxy import CLIENTS
 
 ROOT = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 SMALL_NAME, SMALL_MODEL = "qwen2.5-math-1.5b", "Qwen/Qwen2.5-Math-1.5B-Instruct"
 
 
@@ -49,9 +50,10 @@ SCENARIOS = (
              64),
     Scenario("chat c=1", ("direct", "floor", "floor-httpx", "floor-httpx-aiohttp", "gateway", "litellm"), 1),
     Scenario("stream c=16", ("direct", "floor", "gateway", "litellm"), 16, stream=True, tool="async"),
-    Scenario("routed c=1", ("gateway", "routed"), 1, tool="async", varied_prompts=True),
-    Scenario("routed c=16", ("routed",), 16, tool="async", varied_prompts=True),
+    Scenario("routed c=1", ("gateway", "routed", "routed-vllm"), 1, tool="async", varied_prompts=True),
+    Scenario("routed c=16", ("routed", "routed-vllm"), 16, tool="async", varied_prompts=True),
 )
+SCORER_CONCURRENCY = (1, 4, 16)  # the vLLM pooling server loaded directly, at each of these
 
 
 @dataclass
@@ -88,18 +90,42 @@ class Cell:
         return out
 
 
-def _gateway_config(folder: Path, backend_url: str, port: int) -> Path:
+# torch's default (one thread per core) leaves the event loop no core of its own, and on a busy machine its
+# threads wait on each other at every op: nproc - 1 threads measured best here (see docs/benchmarks.md). The vLLM
+# scorer gets as many OpenMP threads, on the last cores, so both scorers compute on the same cores.
+SCORER_THREADS = max(1, (os.cpu_count() or 2) - 1)
+
+
+def _gateway_config(folder: Path, backend_url: str, port: int, scorer_url: str | None = None) -> Path:
     base = yaml.safe_load((ROOT / "config.yaml").read_text())
-    # torch's default (one thread per core) leaves the event loop no core of its own, and on a busy machine its
-    # threads wait on each other at every op: nproc - 1 threads measured best here (see docs/benchmarks.md).
-    threads = max(1, (os.cpu_count() or 2) - 1)
-    scorer = {**base["scorer"], "cache_dir": str(ROOT / ".cache"), "threads": threads}
+    scorer = {**base["scorer"], "cache_dir": str(ROOT / ".cache"), "threads": SCORER_THREADS}
+    if scorer_url is not None:
+        scorer |= {"kind": "vllm", "url": scorer_url}
     backends = [{**b, "base_url": f"{backend_url}/v1", "probe": str(ROOT / b["probe"])} for b in base["backends"]]
     config = {"scorer": scorer, "backends": backends, "policy": base["policy"],
               "server": {"host": "127.0.0.1", "port": port}}
-    path = folder / "gateway.yaml"
+    path = folder / ("gateway-vllm.yaml" if scorer_url else "gateway.yaml")
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def _scorer_server(port: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a vLLM CPU pooling server for the shipped scorer recipe."""
+    from router.config import load_settings
+    from router.scorer.source import resolve_model, truncate_model
+    from router.scorer.vllm import vllm_pooling_args
+
+    cfg = load_settings(ROOT / "config.yaml").scorer
+    served = truncate_model(resolve_model(cfg.model, cfg.cache_dir), max(cfg.layers), cfg.cache_dir)
+    cores = os.cpu_count() or 1
+    bind = ",".join(str(c) for c in range(cores - SCORER_THREADS, cores))
+    argv = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(served),
+            "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--max-model-len", "2048",
+            "--kv-cache-memory-bytes", str(256 * 1024 * 1024), "--max-num-seqs", "64", "--disable-log-stats",
+            *vllm_pooling_args(cfg)]
+    env = {"VLLM_CPU_OMP_THREADS_BIND": bind, "OMP_NUM_THREADS": str(SCORER_THREADS), "OMP_WAIT_POLICY": "PASSIVE",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return argv, env
 
 
 def _litellm_config(folder: Path, backend_url: str) -> Path:
@@ -129,13 +155,13 @@ class Bench:
         self.urls: dict[str, str] = {}
         self.models = {"direct": SMALL_MODEL, "floor": SMALL_MODEL, "floor-httpx": SMALL_MODEL,
                        "floor-httpx-aiohttp": SMALL_MODEL, "gateway": SMALL_NAME, "untuned": SMALL_NAME,
-                       "litellm": SMALL_NAME, "routed": "router"}
+                       "litellm": SMALL_NAME, "routed": "router", "routed-vllm": "router"}
         self.litellm_bin = litellm_bin
         self.gateway_config: Path | None = None
 
     def start(self) -> None:
         py = sys.executable
-        ports = {n: free_port() for n in ("backend", "gateway", "untuned", "litellm")}
+        ports = {n: free_port() for n in ("backend", "gateway", "untuned", "litellm", "scorer", "gateway-vllm")}
         backend = f"http://127.0.0.1:{ports['backend']}"
         self._add("direct", [py, "-m", "loadtest.backend", "--port", str(ports["backend"])], backend, "/health")
         for client in CLIENTS:  # the floor (aiohttp) and the same proxy on the other clients the issue names
@@ -152,6 +178,14 @@ class Bench:
                               str(self.gateway_config), "--port", str(ports["untuned"])],
                   f"http://127.0.0.1:{ports['untuned']}", "/health",
                   env={"ROUTER_SERVER__GC_FREEZE": "false", "ROUTER_SERVER__GC_YOUNG_THRESHOLD": "700"})
+        if VLLM_PYTHON.exists():  # the same routing with the scorer on a vLLM CPU pooling server
+            argv, env = _scorer_server(ports["scorer"])
+            self._add("scorer", argv, f"http://127.0.0.1:{ports['scorer']}", "/health", env=env)
+            self.services["scorer"].wait_ready(600)  # before its gateway, whose first requests need it
+            config = _gateway_config(self.folder, backend, ports["gateway-vllm"], f"{self.urls['scorer']}/v1")
+            self._add("gateway-vllm", [py, "-m", "router", "--log-level", "warning", "serve", "--config",
+                                       str(config)], f"http://127.0.0.1:{ports['gateway-vllm']}", "/health")
+            self.urls["routed-vllm"] = self.urls["gateway-vllm"]
         if self.litellm_bin is not None:
             self._add("litellm", [str(self.litellm_bin), "--config", str(_litellm_config(self.folder, backend)),
                                   "--host", "127.0.0.1", "--port", str(ports["litellm"]), "--num_workers", "1"],
@@ -170,7 +204,21 @@ class Bench:
             service.stop()
 
     def service_of(self, target: str) -> Service:
-        return self.services["gateway" if target == "routed" else target]
+        return self.services[{"routed": "gateway", "routed-vllm": "gateway-vllm"}.get(target, target)]
+
+    def scorer_load(self, concurrency: int, requests: int) -> tuple[Load, Watch]:
+        """The pooling server alone: token ids of the routed scenarios' prompts, as the gateway sends them."""
+        from router.config import load_settings
+        from router.scorer.prompt import PromptEncoder
+        from router.scorer.source import resolve_model
+
+        cfg = load_settings(ROOT / "config.yaml").scorer
+        encoder = PromptEncoder(resolve_model(cfg.model, cfg.cache_dir).path, cfg.max_prompt_tokens)
+        bodies = [json.dumps({"model": cfg.served_model, "input": [encoder.encode([{"role": "user", "content": t}])],
+                              "encoding_format": "base64"}).encode() for t in questions(64)]
+        with Watch(self.services["scorer"]) as watch:
+            load = async_load(f"{self.urls['scorer']}/v1/embeddings", bodies, requests, concurrency, False)
+        return load, watch
 
     def load(self, scenario: Scenario, target: str, requests: int) -> tuple[Load, Watch]:
         url = f"{self.urls[target]}/v1/chat/completions"
@@ -186,7 +234,7 @@ class Bench:
 
     def size(self, scenario: Scenario, target: str) -> int:
         """Requests for one run of about ``run_s`` seconds, from a short warm-up run's rate."""
-        warm = 16 if target == "routed" or (target == "litellm" and scenario.concurrency == 1) else 128
+        warm = 16 if target.startswith("routed") or (target == "litellm" and scenario.concurrency == 1) else 128
         load, _ = self.load(scenario, target, max(warm, scenario.concurrency * 2))
         n = int(load.rps * self.run_s)
         return max(scenario.concurrency * 4, min(3000, n // scenario.concurrency * scenario.concurrency))
@@ -217,6 +265,7 @@ def run(rounds: int, run_s: float, litellm_bin: Path | None, log: Callable[[str]
         log("the garbage collector's full collection, with and without gc.freeze()")
         gc_cost = _measure("loadtest.gc_cost", bench.gateway_config)
         cells: dict[tuple[str, str], Cell] = {key: Cell() for key in sizes}
+        scorer_cells: dict[int, Cell] = {}
         forwards: list[dict[str, Any]] = []
         first_routed = next((s for s in scenarios if "routed" in s.targets), None)
         for r in range(rounds):
@@ -226,6 +275,16 @@ def run(rounds: int, run_s: float, litellm_bin: Path | None, log: Callable[[str]
                     forwards.append(_measure("loadtest.forward", bench.gateway_config))
                 targets = [t for t in s.targets if t in bench.urls]
                 targets = targets[r % len(targets):] + targets[:r % len(targets)]
+                if s.name == "routed c=16" and "scorer" in bench.urls:
+                    for c in SCORER_CONCURRENCY:
+                        load, watch = bench.scorer_load(c, 8 * c + 32)
+                        scorer_cells.setdefault(c, Cell())
+                        scorer_cells[c].rps.append(load.rps)
+                        scorer_cells[c].latencies_s += load.latencies_s
+                        scorer_cells[c].requests += load.requests
+                        scorer_cells[c].errors += load.errors
+                        scorer_cells[c].cpu_s += watch.usage.cpu_s
+                        log(f"round {r + 1}/{rounds} vLLM scorer alone c={c} {load.rps:8.1f} prompts/s")
                 for t in targets:
                     before = _scorer_counts(bench.urls["gateway"]) if t == "routed" else (0.0, 0.0)
                     load, watch = bench.load(s, t, sizes[s.name, t])
@@ -248,9 +307,11 @@ def run(rounds: int, run_s: float, litellm_bin: Path | None, log: Callable[[str]
     results: dict[str, Any] = {s.name: {t: cells[s.name, t].summary() for t in s.targets if (s.name, t) in cells}
                                for s in scenarios}
     forward = median_forward(forwards)
+    scorer_server = {str(c): cell.summary() for c, cell in scorer_cells.items()}
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "duration_s": round(time.time() - started, 1), "rounds": rounds, "machine": machine(),
-            "scenarios": results, "forward_pass": forward, "gc": gc_cost, "targets": derive(results, forward)}
+            "scenarios": results, "forward_pass": forward, "gc": gc_cost, "scorer_server": scorer_server,
+            "targets": derive(results, forward, scorer_server)}
 
 
 def median_forward(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -282,7 +343,8 @@ def _get(results: dict[str, Any], scenario: str, target: str, *keys: str) -> flo
     return value
 
 
-def derive(results: dict[str, Any], forward: dict[str, Any]) -> dict[str, Any]:
+def derive(results: dict[str, Any], forward: dict[str, Any],
+           scorer_server: dict[str, Any] | None = None) -> dict[str, Any]:
     """The issue's targets as ratios of figures from this one run."""
     out: dict[str, Any] = {}
     gw, floor, lite = (_get(results, "chat c=64", t, "rps") for t in ("gateway", "floor", "litellm"))
@@ -314,4 +376,16 @@ def derive(results: dict[str, Any], forward: dict[str, Any]) -> dict[str, Any]:
         if cpu is not None and loop is not None:
             out["routed_c16_gateway_loop_cpu_ms"] = loop
             out["routed_c16_scorer_cpu_ms"] = round(cpu - loop, 3)
+    remote = _get(results, "routed c=16", "routed-vllm", "cpu_ms_per_request")
+    explicit = _get(results, "chat c=64", "gateway", "cpu_ms_per_request")
+    if remote is not None and explicit:
+        out["routed_vllm_gateway_cpu_ms"] = remote
+        out["routed_vllm_vs_explicit_gateway_cpu"] = round(remote / explicit, 2)
+    remote_rps = _get(results, "routed c=16", "routed-vllm", "rps")
+    if remote_rps and rps16:
+        out["routed_vllm_vs_local_throughput_c16"] = round(remote_rps / rps16, 2)
+    if scorer_server:
+        best = max(cell["rps"] for cell in scorer_server.values())
+        out["vllm_scorer_best_prompts_per_s"] = best
+        out["vllm_scorer_vs_local_forward_b8"] = round(best / (1000 / fwd[8]), 2)
     return out

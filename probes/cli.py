@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from router.config import ConfigError, Settings, load_settings
+from router.scorer.cpu import configure_openmp
 
 DEFAULT_SWEEP_LAYERS = "3,6,9,12,15,18,21,24,27,30"
 
@@ -37,7 +38,9 @@ def _train_keys(items: list[str]) -> dict[str, list[str]]:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """The config, with the command's scorer overrides, and the scorer's CPU settings in place before torch loads."""
     settings = load_settings(args.config)
+    configure_openmp(settings.scorer)
     update = {}
     if getattr(args, "layers", None):
         update["layers"] = sorted({int(v) for v in args.layers.split(",")})
@@ -74,10 +77,9 @@ def _extract(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     dataset = load_dataset(args.data)
-    features, extractor = extract_features(settings.scorer, dataset, batch_size=args.batch_size,
-                                           progress=not args.no_progress)
-    path = cache_path(settings.scorer.cache_dir, extractor.info.fingerprint, dataset, settings.scorer.max_prompt_tokens)
-    print(f"{features.shape[0]} × {features.shape[1]} features ({extractor.info.recipe()}) in {path}")
+    features, scorer = extract_features(settings.scorer, dataset, progress=not args.no_progress)
+    path = cache_path(settings.scorer.cache_dir, scorer.info.fingerprint, dataset, settings.scorer.max_prompt_tokens)
+    print(f"{features.shape[0]} × {features.shape[1]} features ({scorer.info.recipe()}) in {path}")
     return 0
 
 
@@ -213,7 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "them under scorer.cache_dir/features/FINGERPRINT/.")
     _common(extract)
     _scorer_override(extract)
-    extract.add_argument("--batch-size", type=int, default=16)
     extract.set_defaults(run=_extract)
 
     train = sub.add_parser("train", help="fit one probe per backend (standardised L2 logistic regression, "

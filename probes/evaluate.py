@@ -120,8 +120,7 @@ def evaluate(
     """Write ``out_dir/report.json``, ``report.md`` and ``frontier.png``; return the report."""
     label_keys, train_keys = label_keys or {}, train_keys or {}
     features, extractor = extract_features(settings.scorer, dataset, progress=progress)
-    prompts = [extractor.render(c) for c in dataset.conversations()]
-    lengths = np.array([extractor.token_count(p) for p in prompts], dtype=np.float64)
+    lengths = np.array([len(extractor.encoder.encode(c)) for c in dataset.conversations()], dtype=np.float64)
     texts = np.array(dataset.questions, dtype=object)
     usable = labelled_backends(settings, dataset, label_keys)
     if not usable:
@@ -293,7 +292,7 @@ def cheap_frontier(
     """The routing frontier of the cheapest backend's nested out-of-fold estimates: (frontier, cheap, dear)."""
     label_keys, train_keys = label_keys or {}, train_keys or {}
     features, extractor = extract_features(settings.scorer, dataset, progress=progress)
-    lengths = np.array([extractor.token_count(extractor.render(c)) for c in dataset.conversations()], dtype=float)
+    lengths = np.array([len(extractor.encoder.encode(c)) for c in dataset.conversations()], dtype=float)
     usable = labelled_backends(settings, dataset, label_keys)
     if len(usable) < 2:
         raise ValueError("calibration needs labels for at least two backends of the config")

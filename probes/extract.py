@@ -1,11 +1,14 @@
-"""Scorer features for a dataset, computed with the gateway's own feature function and cached on disk.
+"""Scorer features for a dataset, computed through the gateway's own scorer interface and cached on disk.
 
-The cache key is the scorer's fingerprint (weights, layers, pooling, chat template, recipe version) and the
-dataset's questions, so a change to any of them computes afresh.
+The same ``Scorer`` the gateway routes with (``scorer.kind`` local or vllm) scores every question, so a probe is
+trained on exactly the features it will see. The cache key is the scorer's fingerprint (weights, recipe, chat
+template) and the dataset's questions, so a change to any of them computes afresh; the local and vLLM scorers
+of one recipe share a fingerprint, and so a cache.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from tqdm import tqdm
 
 from probes.data import Dataset
 from router.config import ScorerConfig
-from router.scorer.features import FeatureExtractor
+from router.scorer.interface import Scorer, open_scorer
 
 log = logging.getLogger(__name__)
 
@@ -23,27 +26,39 @@ def cache_path(cache_dir: Path, fingerprint: str, dataset: Dataset, max_prompt_t
     return Path(cache_dir) / "features" / fingerprint / f"{dataset.digest()}-t{max_prompt_tokens}.npy"
 
 
+async def _score_all(scorer: Scorer, conversations: list, concurrency: int, progress: bool) -> np.ndarray:
+    """Every conversation's features, ``concurrency`` at a time (the scorer batches what arrives together)."""
+    await scorer.start()
+    rows: list[np.ndarray | None] = [None] * len(conversations)
+    slots = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(conversations), desc="scorer features", unit="q", disable=not progress)
+
+    async def one(i: int) -> None:
+        async with slots:
+            rows[i] = (await scorer.score(conversations[i])).features
+        bar.update(1)
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(len(conversations))))
+    finally:
+        bar.close()
+        await scorer.aclose()
+    return np.stack(rows) if rows else np.zeros((0, scorer.info.feature_dim), dtype=np.float32)
+
+
 def extract_features(
-    cfg: ScorerConfig, dataset: Dataset, *, batch_size: int = 16, extractor: FeatureExtractor | None = None,
-    progress: bool = True,
-) -> tuple[np.ndarray, FeatureExtractor]:
-    """Features of every question of ``dataset`` (one row each) and the extractor that made them."""
-    extractor = extractor or FeatureExtractor(cfg)
-    path = cache_path(cfg.cache_dir, extractor.info.fingerprint, dataset, cfg.max_prompt_tokens)
+    cfg: ScorerConfig, dataset: Dataset, *, scorer: Scorer | None = None, progress: bool = True,
+) -> tuple[np.ndarray, Scorer]:
+    """Features of every question of ``dataset`` (one row each) and the scorer that made them."""
+    scorer = scorer or open_scorer(cfg)
+    path = cache_path(cfg.cache_dir, scorer.info.fingerprint, dataset, cfg.max_prompt_tokens)
     if path.is_file():
         log.info("features from cache %s", path)
-        return np.load(path), extractor
-    conversations = dataset.conversations()
-    rows = []
-    bar = tqdm(total=len(conversations), desc="scorer features", unit="q", disable=not progress)
-    for start in range(0, len(conversations), batch_size):
-        batch = conversations[start:start + batch_size]
-        rows.append(extractor.features(batch))
-        bar.update(len(batch))
-    bar.close()
-    features = np.concatenate(rows)
+        return np.load(path), scorer
+    concurrency = cfg.max_in_flight if cfg.kind == "vllm" else 2 * cfg.max_batch_size
+    features = asyncio.run(_score_all(scorer, dataset.conversations(), concurrency, progress))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, features)
     tmp.rename(path)
-    return features, extractor
+    return features, scorer

@@ -22,6 +22,7 @@ from probes.fit import DEFAULT_CS, fit_probe, inner_cv
 from probes.recipes import Recipe, columns
 from router.config import Settings
 from router.probe import save_probe, scorer_block
+from router.scorer.interface import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,16 @@ def train_probes(
 
     ``train_keys`` gives, per backend, the label keys whose rows are stacked to train its weights (default: its
     own); C, Platt and the reported metrics always use its own labels (``label_keys``, default its model)."""
-    features, extractor = extract_features(settings.scorer, dataset, progress=progress)
     labels = backend_labels(settings, dataset, label_keys or {}, train_keys or {})
+    extracted: dict[str, tuple[np.ndarray, Scorer]] = {}  # by scorer: a self-probe reads its backend's own
     written: dict[str, Path] = {}
     for backend in settings.backends:
         if backend.name not in labels:
             continue
+        cfg = settings.scorer_for(backend)
+        if (scorer_key := cfg.model_dump_json()) not in extracted:
+            extracted[scorer_key] = extract_features(cfg, dataset, progress=progress)
+        features, extractor = extracted[scorer_key]
         key, y, keys, ys = labels[backend.name]
         target = (out_dir / f"{backend.name}.json") if out_dir else backend.probe
         if target is None:

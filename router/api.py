@@ -14,8 +14,11 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from router.errors import APIError
-from router.gateway import THRESHOLD_HEADER, Forward, Gateway, parse_threshold
+from router.gateway import CompletionCall, Gateway
+from router.routing import RoutableRequest
 from router.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, parse_body
+
+THRESHOLD_HEADER = "x-router-threshold"
 
 routes = APIRouter()  # keys, when configured, are checked by auth.APIKeyMiddleware for all but /health
 
@@ -37,6 +40,21 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     schema = model.model_json_schema()
     schema = _inline(schema, schema.get("$defs", {}))
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _threshold(request: Request) -> float | None:
+    """The threshold for this request only, from its x-router-threshold header (None: the configured one)."""
+    value = request.headers.get(THRESHOLD_HEADER)
+    if value is None:
+        return None
+    try:
+        t = float(value)
+    except ValueError:
+        t = float("nan")
+    if not 0.0 <= t <= 1.0:
+        raise APIError(400, f"header {THRESHOLD_HEADER} must be a number between 0 and 1, got {value!r}",
+                       param=THRESHOLD_HEADER, code="invalid_header")
+    return t
 
 
 def _gateway(request: Request) -> Gateway:
@@ -88,25 +106,23 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> 
         watcher.cancel()
 
 
-async def _handle(request: Request, fwd: Forward, threshold: float | None) -> Response:
+async def _handle(request: Request, call: CompletionCall, threshold: float | None) -> Response:
     request_id = secrets.token_hex(16)  # as random as uuid4().hex, at a third of its cost
-    return await _unless_client_leaves(request, _gateway(request).handle(fwd, threshold, request_id))
+    return await _unless_client_leaves(request, _gateway(request).handle(call, threshold, request_id))
 
 
 @routes.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
-    threshold = parse_threshold(request.headers.get(THRESHOLD_HEADER))
+    threshold = _threshold(request)
     body, req = parse_body(await _read_body(request), ChatCompletionRequest)
-    fwd = Forward(
+    call = CompletionCall(
+        route=RoutableRequest(req.model, body["messages"], req.max_completion_tokens or req.max_tokens),
         path="chat/completions",
         body=body,
-        model=req.model,
-        messages=body["messages"],
         stream=req.stream,
         client_wants_usage=bool(req.stream_options and req.stream_options.include_usage),
-        output_tokens=req.max_completion_tokens or req.max_tokens,
     )
-    return await _handle(request, fwd, threshold)
+    return await _handle(request, call, threshold)
 
 
 def _prompt_text(prompt: str | list[Any]) -> str | None:
@@ -120,19 +136,18 @@ def _prompt_text(prompt: str | list[Any]) -> str | None:
 
 @routes.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
 async def completions(request: Request) -> Response:
-    threshold = parse_threshold(request.headers.get(THRESHOLD_HEADER))
+    threshold = _threshold(request)
     body, req = parse_body(await _read_body(request), CompletionRequest)
     text = _prompt_text(req.prompt)
-    fwd = Forward(
+    messages = [{"role": "user", "content": text}] if text is not None else []
+    call = CompletionCall(
+        route=RoutableRequest(req.model, messages, req.max_tokens),
         path="completions",
         body=body,
-        model=req.model,
-        messages=[{"role": "user", "content": text}] if text is not None else [],
         stream=req.stream,
         client_wants_usage=bool(req.stream_options and req.stream_options.include_usage),
-        output_tokens=req.max_tokens,
     )
-    return await _handle(request, fwd, threshold)
+    return await _handle(request, call, threshold)
 
 
 HOT_ROUTES = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
@@ -168,11 +183,12 @@ async def health() -> dict[str, str]:
 async def ready(request: Request) -> JSONResponse:
     """Ready when the scorer runs and a backend answers its health check now."""
     state = request.app.state
-    scorer_ok = state.batcher.alive
+    scorers = await asyncio.gather(*(g.scorer.check() for g in state.probe_groups))
+    scorer_ok = all(scorers)
     healthy = await state.pool.check_all()
     circuits = state.pool.states()
     ok = scorer_ok and any(healthy.values())
-    body = {"ready": ok, "scorer": "loaded" if scorer_ok else "down",
+    body = {"ready": ok, "scorer": "up" if scorer_ok else "down",
             "backends": {n: {"healthy": healthy[n], "circuit": str(circuits[n])} for n in healthy}}
     return JSONResponse(body, status_code=200 if ok else 503)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -19,39 +19,25 @@ from router.feedback import FeedbackStore
 from router.gateway import Gateway
 from router.hot_routes import HotRoutes
 from router.metrics import BackendStates, Metrics
-from router.routing import Engine, Router
-from router.scorer.batcher import MicroBatcher
+from router.routing import ProbeGroup, Router
 from router.upstream import Pool
 
-# A question of typical length (the median GSM8K test question has 55 words) for the scorer's warm-up pass,
-# which also seeds its estimate of the time per prompt (see scorer.batcher).
-WARMUP_QUESTION = ("A bakery sells 48 muffins in the morning and a third as many in the afternoon. Each muffin "
-                   "costs $2.50, and the bakery spends $30 a day on flour, sugar and butter. On Sundays it sells "
-                   "twice as many muffins as on other days. How much profit does the bakery make from its muffins "
-                   "on a Sunday?")
 
-
-def create_app(settings: Settings, engine: Engine) -> FastAPI:
-    """An app serving ``settings`` with an already loaded ``engine`` (see ``routing.load_engine``)."""
+def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAPI:
+    """An app serving ``settings`` with already opened scorers and their probes (``routing.load_probe_groups``)."""
     app_metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher = MicroBatcher(
-            engine.extractor.features,
-            max_batch_size=settings.scorer.max_batch_size,
-            max_wait_s=settings.scorer.max_wait_ms / 1000,
-            max_queue=settings.scorer.max_queue,
-            on_batch=lambda stats: app_metrics.scorer_batch_size.observe(stats.size),
-            warmup=[{"role": "user", "content": WARMUP_QUESTION}],
-        )
+        for group in probe_groups:
+            await group.scorer.start(on_batch=lambda stats: app_metrics.scorer_batch_size.observe(stats.size))
+        app_metrics.scorer_up.set_function(lambda: all(g.scorer.alive for g in probe_groups))
         pool = Pool(settings.backends, settings.resilience)
         states = BackendStates(pool.states)
         app_metrics.registry.register(states)
         obs = settings.observability
         decisions = DecisionLog(obs.decision_log) if obs.decision_log else None
-        router = Router(settings, engine.probes, batcher, app_metrics)
-        app.state.batcher = batcher
+        router = Router(settings, probe_groups, app_metrics)
         app.state.pool = pool
         app.state.gateway = Gateway(settings, router, pool, app_metrics,
                                     FeedbackStore(obs.feedback_max_entries, obs.feedback_ttl_s), decisions)
@@ -63,7 +49,8 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await health
             await pool.aclose()
-            batcher.close()
+            for group in probe_groups:
+                await group.scorer.aclose()
             if decisions is not None:
                 decisions.close()
             app_metrics.registry.unregister(states)
@@ -75,6 +62,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.probe_groups = tuple(probe_groups)
     app.state.metrics = app_metrics
     app.state.auth = Authenticator(settings.auth)
     app.state.started = int(time.time())

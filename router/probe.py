@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from router.scorer.features import ScorerInfo
+from router.scorer.recipe import ScorerInfo
 
 FORMAT = "probe-router/linear-probe"
 VERSION = 1
@@ -109,6 +109,7 @@ def scorer_block(info: ScorerInfo) -> dict[str, Any]:
         "model": info.model,
         "layers": list(info.layers),
         "pooling": info.pooling,
+        "final_norm": info.final_norm,
         "hidden_size": info.hidden_size,
         "feature_dim": info.feature_dim,
         "fingerprint": info.fingerprint,
@@ -122,7 +123,7 @@ def check_compatible(probe: Probe, info: ScorerInfo, where: str) -> None:
     have = probe.scorer
     problems = [
         f"{key} is {have.get(key)!r} in the probe but {want[key]!r} in the scorer"
-        for key in ("model", "layers", "pooling", "feature_dim", "fingerprint")
+        for key in ("model", "layers", "pooling", "final_norm", "feature_dim", "fingerprint")
         if have.get(key) != want[key]
     ]
     if probe.weight.shape[0] != info.feature_dim:

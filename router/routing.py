@@ -1,7 +1,13 @@
-"""Deciding where a request goes: scorer features → one probability per backend → the policy."""
+"""Deciding where a request goes: scorer features → one probability per backend → the policy.
+
+``Router.route`` is the one entry point: a request naming a backend goes there, a routed one is scored by every
+scorer its candidates' probes read (usually one shared scorer; a backend with a self-probe names its own) and
+the policy picks among the backends that are up.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,35 +16,46 @@ from router.config import Settings
 from router.errors import APIError
 from router.metrics import Metrics
 from router.policy import Decision, Option, Reason, choose_by_threshold, choose_by_utility, request_cost
-from router.probe import ProbeSet, check_compatible, load_probe
-from router.scorer.batcher import MicroBatcher, ScorerUnavailable
-from router.scorer.features import FeatureExtractor, Message
+from router.probe import Probe, ProbeSet, check_compatible, load_probe
+from router.scorer.interface import Scored, Scorer, ScorerUnavailable, open_scorer
+from router.scorer.recipe import Message
 
 log = logging.getLogger(__name__)
 
-CHARS_PER_TOKEN = 4  # for ranking backends by cost before the prompt is tokenised
-
-
 @dataclass(frozen=True)
-class Engine:
-    """The blocking, load-once parts: the scorer model and the probes checked against it."""
+class ProbeGroup:
+    """One scorer and the probes that read its features (checked against its recipe at load)."""
 
-    extractor: FeatureExtractor
+    scorer: Scorer
     probes: ProbeSet
 
 
-def load_engine(settings: Settings) -> Engine:
-    """Load the scorer and every backend's probe; raise ProbeError if a probe was made for another scorer."""
-    extractor = FeatureExtractor(settings.scorer)
-    names, probes = [], []
+def load_probe_groups(settings: Settings) -> tuple[ProbeGroup, ...]:
+    """Open each scorer the probed backends read (a local model loads now) and load their probes; raise
+    ProbeError if a probe was made for another scorer."""
+    by_scorer: dict[str, tuple[Scorer, list[str], list[Probe]]] = {}
     for b in settings.backends:
         if b.probe is None:
             continue
+        cfg = settings.scorer_for(b)
+        key = cfg.model_dump_json()
+        if key not in by_scorer:
+            by_scorer[key] = (open_scorer(cfg), [], [])
+        scorer, names, probes = by_scorer[key]
         probe = load_probe(b.probe)
-        check_compatible(probe, extractor.info, f"the probe of backend {b.name!r} ({b.probe})")
+        check_compatible(probe, scorer.info, f"the probe of backend {b.name!r} ({b.probe})")
         names.append(b.name)
         probes.append(probe)
-    return Engine(extractor, ProbeSet(names, probes))
+    return tuple(ProbeGroup(scorer, ProbeSet(names, probes)) for scorer, names, probes in by_scorer.values())
+
+
+@dataclass(frozen=True)
+class RoutableRequest:
+    """What routing reads of a parsed completion request."""
+
+    model: str
+    messages: Sequence[Message]  # what the scorer reads; empty when it cannot read the prompt
+    output_tokens: int | None  # max_tokens, if the request set it
 
 
 @dataclass(frozen=True)
@@ -49,16 +66,58 @@ class Routed:
 
 
 class Router:
-    def __init__(self, settings: Settings, probes: ProbeSet, batcher: MicroBatcher, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, groups: Sequence[ProbeGroup], metrics: Metrics) -> None:
         self.settings = settings
         self.policy = settings.policy
-        self.probes = probes
-        self.batcher = batcher
+        self.groups = tuple(groups)
         self.metrics = metrics
         self.backends = {b.name: b for b in settings.backends}
+        self.probed = [name for g in self.groups for name in g.probes.names]
         self._by_model = {b.model: b.name for b in settings.backends}
 
-    def explicit_backend(self, model: str) -> str | None:
+    async def route(self, request: RoutableRequest, *, available: set[str], threshold: float | None) -> Routed:
+        """Where ``request`` goes, given the backends whose circuit lets requests through now."""
+        explicit = self._explicit_backend(request.model)
+        if explicit is not None:
+            return Routed(Decision(explicit, Reason.EXPLICIT, (explicit,)))
+        if not request.messages:
+            return Routed(self._unscored(available))
+        try:
+            scores = await self._score(request.messages)
+        except ScorerUnavailable as e:
+            log.warning("routing without a score: %s", e)
+            self.metrics.scorer_errors.labels(e.kind).inc()
+            return Routed(self._unscored(available))
+        candidates = self._candidates(available)
+        probabilities = {}
+        for group, scored in zip(self.groups, scores, strict=True):
+            probabilities.update({n: p for n, p in group.probes.predict(scored.features).items() if n in candidates})
+        output_tokens = request.output_tokens or self.policy.expected_output_tokens
+        options = self._options(probabilities, scores[0].prompt_tokens, output_tokens)
+        if self.policy.mode == "utility":
+            decision = choose_by_utility(options, self.policy.cost_weight)
+        else:
+            limit = self.policy.threshold if threshold is None else threshold
+            decision = choose_by_threshold(options, limit, self.policy.fallback)
+        return Routed(decision, probabilities, max(s.total_s for s in scores) * 1000)
+
+    async def _score(self, messages: Sequence[Message]) -> list[Scored]:
+        timeout = self.settings.scorer.timeout_s
+        if len(self.groups) == 1:
+            scores = [await self.groups[0].scorer.score(messages, timeout)]
+        else:
+            results = await asyncio.gather(*(g.scorer.score(messages, timeout) for g in self.groups),
+                                           return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            scores = list(results)  # type: ignore[arg-type]
+        for scored in scores:
+            self.metrics.scorer_seconds.observe(scored.total_s)
+            self.metrics.scorer_queue_seconds.observe(scored.queue_s)
+        return scores
+
+    def _explicit_backend(self, model: str) -> str | None:
         """The backend a request's ``model`` names (by backend name or served model), None for the alias."""
         if model == self.policy.alias:
             return None
@@ -79,36 +138,11 @@ class Router:
 
     def _candidates(self, available: set[str]) -> list[str]:
         """Probed backends that are up; all probed backends if none is (better to try than to refuse)."""
-        return [n for n in self.probes.names if n in available] or list(self.probes.names)
+        return [n for n in self.probed if n in available] or list(self.probed)
 
-    def unscored(self, available: set[str]) -> Decision:
+    def _unscored(self, available: set[str]) -> Decision:
         """Without a score: the configured fallback, else the dearest backend (the safest bet on accuracy)."""
         names = self._candidates(available)
-        dearest = max(names, key=lambda n: (self.backends[n].output_cost_per_mtok,
-                                             self.backends[n].input_cost_per_mtok))
+        dearest = max(names, key=lambda n: self.backends[n].price_rank())
         first = self.policy.fallback if self.policy.fallback in available else dearest
         return Decision(first, Reason.UNSCORED, (first, *[n for n in names if n != first]))
-
-    async def decide(
-        self, messages: Sequence[Message], *, available: set[str], threshold: float | None,
-        output_tokens: int | None, prompt_chars: int,
-    ) -> Routed:
-        try:
-            scored = await self.batcher.score(messages, timeout_s=self.settings.scorer.timeout_s)
-        except ScorerUnavailable as e:
-            log.warning("routing without a score: %s", e)
-            self.metrics.scorer_errors.labels(e.kind).inc()
-            return Routed(self.unscored(available))
-        self.metrics.scorer_seconds.observe(scored.total_s)
-        self.metrics.scorer_queue_seconds.observe(scored.queue_s)
-        candidates = self._candidates(available)
-        probabilities = {n: p for n, p in self.probes.predict(scored.features).items() if n in candidates}
-        options = self._options(
-            probabilities, prompt_chars // CHARS_PER_TOKEN, output_tokens or self.policy.expected_output_tokens
-        )
-        if self.policy.mode == "utility":
-            decision = choose_by_utility(options, self.policy.cost_weight)
-        else:
-            limit = self.policy.threshold if threshold is None else threshold
-            decision = choose_by_threshold(options, limit, self.policy.fallback)
-        return Routed(decision, probabilities, scored.total_s * 1000)

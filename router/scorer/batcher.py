@@ -1,8 +1,8 @@
-"""Micro-batching: one worker thread runs the scorer for requests that arrive close together.
+"""Micro-batching: one worker thread runs the local scorer's forward pass for requests that arrive close together.
 
-Async callers ``await batcher.score(messages)``; the worker takes the first waiting request, gathers more
+Async callers ``await batcher.run(token_ids)``; the worker takes the first waiting request, gathers more
 until the batch is full or ``max_wait`` has passed, runs one forward pass and hands each caller its row.
-The event loop only enqueues and awaits; rendering, tokenising and the forward pass happen in the thread.
+The event loop only enqueues and awaits; the forward pass happens in the thread.
 
 When the queue ahead of a request would take longer to score than the request may wait, the request is refused
 at once (``overloaded``) instead of queueing only to time out: the caller routes it unscored straight away.
@@ -22,53 +22,39 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from router.scorer.features import Message
+from router.scorer.interface import BatchStats, ScorerUnavailable
 
 log = logging.getLogger(__name__)
 
-
-class ScorerUnavailable(Exception):
-    """The scorer cannot answer this request; ``kind`` is one of overloaded, queue_full, stopped, failed,
-    timeout."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    size: int
-    forward_s: float
+TokenIds = Sequence[int]
 
 
 @dataclass
 class _Job:
-    messages: Sequence[Message]
+    ids: TokenIds
     future: Future[np.ndarray]
     enqueued: float = field(default_factory=time.perf_counter)
     started: float | None = None
 
 
 @dataclass(frozen=True)
-class Scored:
-    features: np.ndarray
+class BatchResult:
+    row: np.ndarray  # this request's features
     queue_s: float  # waiting for a batch slot
-    total_s: float  # from the call to the result
 
 
 class MicroBatcher:
-    """Runs ``features(list_of_conversations)`` in one daemon thread, batching concurrent calls."""
+    """Runs ``features(list_of_token_id_lists)`` in one daemon thread, batching concurrent calls."""
 
     def __init__(
         self,
-        features: Callable[[Sequence[Sequence[Message]]], np.ndarray],
+        features: Callable[[Sequence[TokenIds]], np.ndarray],
         *,
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
         on_batch: Callable[[BatchStats], None] | None = None,
-        warmup: Sequence[Message] | None = None,
+        warmup: TokenIds | None = None,
     ) -> None:
         self._features = features
         self._max_batch = max_batch_size
@@ -81,14 +67,13 @@ class MicroBatcher:
         self._warmup = warmup
         self._thread.start()
 
-    async def score(self, messages: Sequence[Message], timeout_s: float | None = None) -> Scored:
-        start = time.perf_counter()
+    async def run(self, ids: TokenIds, timeout_s: float | None = None) -> BatchResult:
         if self._stopped:
             raise ScorerUnavailable("stopped", "scorer is stopped")
         if timeout_s is not None and (expected := self.expected_wait_s()) > timeout_s:
             raise ScorerUnavailable("overloaded", f"the scorer's queue would take about {expected:.1f}s, "
                                     f"more than the {timeout_s:g}s a request may wait")
-        job = _Job(messages, Future())
+        job = _Job(ids, Future())
         try:
             self._queue.put_nowait(job)
         except queue.Full as e:
@@ -98,9 +83,8 @@ class MicroBatcher:
         except TimeoutError as e:
             job.future.cancel()
             raise ScorerUnavailable("timeout", f"scorer took longer than {timeout_s:.1f}s") from e
-        done = time.perf_counter()
-        started = job.started if job.started is not None else done
-        return Scored(features, queue_s=started - job.enqueued, total_s=done - start)
+        started = job.started if job.started is not None else time.perf_counter()
+        return BatchResult(features, queue_s=started - job.enqueued)
 
     def expected_wait_s(self) -> float:
         """About how long a request queued now would wait for its score (0 until a pass has been timed)."""
@@ -132,13 +116,13 @@ class MicroBatcher:
             batch.append(job)
         return batch, False
 
-    def _warm_up(self, messages: Sequence[Message]) -> None:
+    def _warm_up(self, ids: TokenIds) -> None:
         """Two passes before the first request: the first pays torch's lazy set-up, the second is timed and
         seeds ``expected_wait_s`` (requests queue behind it meanwhile)."""
         try:
-            self._features([messages])
+            self._features([ids])
             started = time.perf_counter()
-            self._features([messages])
+            self._features([ids])
             self._prompt_s = time.perf_counter() - started
         except Exception:
             log.exception("scorer warm-up failed")
@@ -159,7 +143,7 @@ class MicroBatcher:
             for job in batch:
                 job.started = started
             try:
-                rows = self._features([job.messages for job in batch])
+                rows = self._features([job.ids for job in batch])
             except Exception as e:  # one bad batch must not kill the worker
                 log.exception("scorer forward pass failed")
                 for job in batch:

@@ -1,77 +1,32 @@
-"""The one feature function: chat messages → the scorer's pooled hidden state(s).
+"""The in-process feature function: conversations → the scorer model's pooled hidden state(s), with torch.
 
-The gateway calls it for every routed request and ``probes/`` calls it to build training data, so a probe is
-always trained on exactly what it will see. Everything here is blocking; the gateway runs it in a worker
-thread (see ``batcher``).
+The local scorer (``router.scorer.local``) runs it for every routed request in a worker thread, and
+``probes/`` extracts training features through the same scorer interface, so a probe is always trained on
+exactly what it will see. Rendering and tokenising are ``router.scorer.prompt``'s, shared with the vLLM scorer;
+the recipe (layers, pooling, final norm) is ``router.scorer.recipe``'s. Everything here is blocking.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from router.config import ScorerConfig
+from router.scorer.prompt import PromptEncoder
+from router.scorer.recipe import Message, ScorerInfo, describe
 from router.scorer.source import resolve_model
 
 log = logging.getLogger(__name__)
 
-FEATURE_VERSION = 1  # bump when the recipe below changes meaning
-
-Message = Mapping[str, Any]
-
-
-def message_text(content: Any) -> str:
-    """OpenAI message content (a string, a list of parts, or None) as plain text."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-        return "\n".join(parts)
-    return str(content)
-
-
-def normalise_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
-    out = []
-    for m in messages:
-        role = str(m.get("role", "user"))
-        out.append({"role": "system" if role == "developer" else role, "content": message_text(m.get("content"))})
-    return out
-
-
-@dataclass(frozen=True)
-class ScorerInfo:
-    """What a probe must agree with to be used on this scorer's features."""
-
-    model: str
-    layers: tuple[int, ...]
-    pooling: str
-    hidden_size: int
-    feature_dim: int
-    fingerprint: str
-
-    def recipe(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "pooling": self.pooling, "version": FEATURE_VERSION}
-
 
 class FeatureExtractor:
-    """A causal LM cut after its last needed layer, reading the residual stream at the prompt's end."""
+    """A causal LM cut after its deepest probed block, reading the residual stream of the prompt."""
 
     def __init__(self, cfg: ScorerConfig) -> None:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel
         from transformers.utils import logging as hf_logging
 
         self.cfg = cfg
@@ -92,67 +47,44 @@ class FeatureExtractor:
             model = AutoModel.from_pretrained(folder.path, config=model_cfg, dtype=getattr(torch, cfg.dtype))
         finally:
             hf_logging.set_verbosity(verbosity)
-        model.norm = torch.nn.Identity()  # read the raw residual stream, as the final block leaves it
+        # hidden_states[layer] must be the raw residual stream after that block; the final norm, when the recipe
+        # asks for it, is applied below to each probed layer alike (as vLLM applies it after its last block).
+        self.final_norm = model.norm.to(cfg.device).eval() if cfg.final_norm else None
+        model.norm = torch.nn.Identity()
         self.model = model.to(cfg.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(folder.path)
-        self.tokenizer.padding_side = "right"
-        self.tokenizer.truncation_side = "left"  # keep the end of a long prompt: the question and the turn
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        hidden = int(text_cfg.hidden_size)
-        per_layer = 2 if cfg.pooling == "last+mean" else 1
-        recipe = {
-            "weights": folder.weights_sha256,
-            "layers": list(cfg.layers),
-            "pooling": cfg.pooling,
-            "template": self.tokenizer.chat_template,
-            "version": FEATURE_VERSION,
-        }
-        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-        self.info = ScorerInfo(
-            model=folder.name,
-            layers=tuple(cfg.layers),
-            pooling=cfg.pooling,
-            hidden_size=hidden,
-            feature_dim=hidden * len(cfg.layers) * per_layer,
-            fingerprint=digest,
-        )
-
-    def render(self, messages: Sequence[Message]) -> str:
-        """The prompt exactly as the scorer reads it: the chat template with the generation prompt."""
-        return self.tokenizer.apply_chat_template(
-            normalise_messages(messages), tokenize=False, add_generation_prompt=True
-        )
-
-    def token_count(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        self.encoder = PromptEncoder(folder.path, cfg.max_prompt_tokens)
+        self.info: ScorerInfo = describe(
+            model=folder.name, weights_sha256=folder.weights_sha256, template=self.encoder.template,
+            layers=cfg.layers, pooling=cfg.pooling, final_norm=cfg.final_norm, hidden_size=int(text_cfg.hidden_size))
 
     @torch.inference_mode()
-    def features_from_prompts(self, prompts: Sequence[str]) -> np.ndarray:
-        """Rendered prompts → features, shape (len(prompts), feature_dim), float32."""
-        if not prompts:
+    def features_from_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """Token ids (one list per prompt) → features, shape (len(batch), feature_dim), float32."""
+        if not batch:
             return np.zeros((0, self.info.feature_dim), dtype=np.float32)
-        enc = self.tokenizer(
-            list(prompts),
-            add_special_tokens=False,
-            padding=True,
-            truncation=True,
-            max_length=self.cfg.max_prompt_tokens,
-            return_tensors="pt",
-        ).to(self.cfg.device)
-        out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
-        mask = enc["attention_mask"].unsqueeze(-1).to(torch.float32)
-        last = enc["attention_mask"].sum(dim=1) - 1  # right padding: the last real token of each row
-        rows = torch.arange(len(prompts), device=last.device)
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), self.encoder.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):  # right padding: each prompt's tokens first
+            input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, :len(ids)] = 1
+        input_ids, mask = input_ids.to(self.cfg.device), mask.to(self.cfg.device)
+        out = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+        weights = mask.unsqueeze(-1).to(torch.float32)
+        last = mask.sum(dim=1) - 1
+        rows = torch.arange(len(batch), device=last.device)
         pooled = []
         for layer in self.cfg.layers:
-            h = out.hidden_states[layer].to(torch.float32)  # hidden_states[0] is the embeddings
+            h = out.hidden_states[layer]  # hidden_states[0] is the embeddings
+            if self.final_norm is not None:
+                h = self.final_norm(h)
+            h = h.to(torch.float32)
             if self.cfg.pooling in ("last", "last+mean"):
                 pooled.append(h[rows, last])
             if self.cfg.pooling in ("mean", "last+mean"):
-                pooled.append((h * mask).sum(dim=1) / mask.sum(dim=1))
+                pooled.append((h * weights).sum(dim=1) / weights.sum(dim=1))
         return torch.cat(pooled, dim=-1).cpu().numpy()
 
     def features(self, conversations: Sequence[Sequence[Message]]) -> np.ndarray:
         """The feature function: conversations (OpenAI messages) → features."""
-        return self.features_from_prompts([self.render(c) for c in conversations])
+        return self.features_from_ids([self.encoder.encode(c) for c in conversations])

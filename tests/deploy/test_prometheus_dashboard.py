@@ -35,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from router.app import create_app, create_metrics_app
 from router.config import ScorerConfig, Settings
-from router.routing import load_engine
+from router.routing import load_probe_groups
 from router.scorer.features import FeatureExtractor
 from tests.deploy.test_grafana import dashboard_exprs
 from tests.deploy.tools import DASHBOARD, PROMETHEUS_CONFIG, run, tool
@@ -260,7 +260,7 @@ def traffic(main: str, faulty: str, sent: Sent) -> None:
 @contextmanager
 def gateway(settings: Settings) -> Iterator[tuple[str, str]]:
     """The gateway as `python -m router serve` runs it with server.metrics_port: (API URL, metrics host:port)."""
-    app = create_app(settings, load_engine(settings))
+    app = create_app(settings, load_probe_groups(settings))
     assert settings.server.metrics_port is not None
     with serve(app) as url, serve(create_metrics_app(app), port=settings.server.metrics_port) as metrics_url:
         assert httpx.get(f"{url}/metrics").status_code == 404  # not on the public port

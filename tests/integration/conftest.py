@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from router.app import create_app
-from router.config import Settings, load_settings
-from router.routing import load_engine
-from router.scorer.source import resolve_model
+from router.config import ScorerConfig, Settings, load_settings
+from router.routing import load_probe_groups
+from router.scorer.source import resolve_model, truncate_model
+from router.scorer.vllm import vllm_pooling_args
 from scripts.vllm_cpu import VllmServer, start_vllm, wait_ready
 from tests.conftest import ROOT
 from tests.support.servers import free_port, serve
@@ -60,6 +61,44 @@ def vllm_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 
 @pytest.fixture(scope="session")
 def gateway_url(vllm_pool: Pool) -> Iterator[str]:
-    with serve(create_app(vllm_pool.settings, load_engine(vllm_pool.settings)),
+    with serve(create_app(vllm_pool.settings, load_probe_groups(vllm_pool.settings)),
                keep_alive_s=vllm_pool.settings.server.keep_alive_s) as url:
         yield url
+
+
+@dataclass
+class ScorerServer:
+    """A vLLM CPU pooling server running the scorer model cut after ``cfg``'s layer, and that scorer config."""
+
+    server: VllmServer
+    cfg: ScorerConfig
+    served: Path
+
+    def restart(self) -> None:
+        self.server.stop()
+        self.server = start_scorer(self.served, self.cfg, self.server.port, self.server.log_path.parent, "restarted")
+        wait_ready([self.server], timeout_s=600)
+
+
+def start_scorer(served: Path, cfg: ScorerConfig, port: int, logs: Path, tag: str = "") -> VllmServer:
+    return start_vllm(served, port, [], core=1, log_path=logs / f"scorer-l{cfg.layers[0]}{tag}.log",
+                      extra_args=vllm_pooling_args(cfg))
+
+
+def scorer_server(cfg: ScorerConfig, logs: Path) -> ScorerServer:
+    """Start (not wait for) a pooling server for ``cfg`` (kind vllm) on a free port."""
+    served = truncate_model(resolve_model(cfg.model, cfg.cache_dir), cfg.layers[0], cfg.cache_dir)
+    port = free_port()
+    cfg = ScorerConfig.model_validate(cfg.model_dump() | {"kind": "vllm", "url": f"http://127.0.0.1:{port}/v1"})
+    return ScorerServer(start_scorer(served, cfg, port, logs), cfg, served)
+
+
+@pytest.fixture(scope="session")
+def vllm_scorer(vllm_pool: Pool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScorerServer]:
+    """The default scorer (the shipped probes' recipe) on a vLLM CPU pooling server."""
+    scorer = scorer_server(vllm_pool.settings.scorer, tmp_path_factory.mktemp("scorer-logs"))
+    try:
+        wait_ready([scorer.server], timeout_s=600)
+        yield scorer
+    finally:
+        scorer.server.stop()

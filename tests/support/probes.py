@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from router.probe import Probe, save_probe, scorer_block
-from router.scorer.features import ScorerInfo
+from router.scorer.recipe import ScorerInfo
 
 
 def constant_probe(info: ScorerInfo, p: float) -> Probe:

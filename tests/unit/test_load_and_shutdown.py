@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 
 from router.config import ScorerConfig
-from router.scorer.features import FeatureExtractor, ScorerInfo
+from router.scorer.features import FeatureExtractor
+from router.scorer.recipe import ScorerInfo
 from tests.support.probes import write_constant_probes
 from tests.support.process import gateway_process
 from tests.support.servers import FakeBackend, serve

@@ -15,7 +15,7 @@ from router.app import create_app, create_metrics_app
 from router.auth import TokenBucket
 from router.config import ScorerConfig
 from router.feedback import FeedbackStore
-from router.routing import load_engine
+from router.routing import load_probe_groups
 from router.scorer.features import FeatureExtractor
 from tests.support.servers import FakeBackend, serve
 from tests.support.stack import make_settings, metric, running_gateway
@@ -138,7 +138,7 @@ def test_metrics_can_move_to_an_internal_port(
         urls, tmp_path: Path, tiny_scorer_cfg: ScorerConfig, tiny_extractor: FeatureExtractor) -> None:
     settings = make_settings(tmp_path, tiny_scorer_cfg, tiny_extractor.info, *urls,
                              server={"metrics_port": 9999}, auth={"api_keys": ["sk-one"]})
-    app = create_app(settings, load_engine(settings))
+    app = create_app(settings, load_probe_groups(settings))
     with serve(app) as url, serve(create_metrics_app(app)) as metrics_url:
         headers = {"authorization": "Bearer sk-one"}
         assert httpx.get(f"{url}/metrics", headers=headers).status_code == 404

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from router.probe import Probe, ProbeError, ProbeSet, check_compatible, load_probe, save_probe, scorer_block
-from router.scorer.features import ScorerInfo
+from router.scorer.recipe import ScorerInfo
 
-INFO = ScorerInfo(model="m", layers=(2,), pooling="last", hidden_size=2, feature_dim=2, fingerprint="abc")
+INFO = ScorerInfo(model="m", layers=(2,), pooling="last", final_norm=True, hidden_size=2, feature_dim=2,
+                  fingerprint="abc")
 
 
 def hand_probe() -> Probe:
@@ -48,7 +49,8 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
 
 def test_a_probe_for_another_scorer_is_refused_with_the_reason(tmp_path: Path) -> None:
     path = save_probe(hand_probe(), tmp_path / "p.json")
-    other = ScorerInfo(model="m", layers=(3,), pooling="last", hidden_size=2, feature_dim=2, fingerprint="def")
+    other = ScorerInfo(model="m", layers=(3,), pooling="last", final_norm=False, hidden_size=2, feature_dim=2,
+                       fingerprint="def")
     with pytest.raises(ProbeError, match=r"layers is \[2\] in the probe but \[3\] in the scorer.*fingerprint"):
         check_compatible(load_probe(path), other, "backend x")
 

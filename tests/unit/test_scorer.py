@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from router.config import ScorerConfig
-from router.scorer.batcher import BatchStats, MicroBatcher, ScorerUnavailable
-from router.scorer.features import FeatureExtractor, normalise_messages
+from router.scorer.batcher import MicroBatcher
+from router.scorer.features import FeatureExtractor
+from router.scorer.interface import BatchStats, ScorerUnavailable
+from router.scorer.local import LocalScorer
+from router.scorer.recipe import normalise_messages
 
 QUESTIONS = [
     "What is 2 + 2?",
@@ -26,8 +29,20 @@ def conv(q: str) -> list[dict[str, str]]:
 
 
 def test_render_applies_the_chat_template_with_the_generation_prompt(tiny_extractor: FeatureExtractor) -> None:
-    text = tiny_extractor.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    text = tiny_extractor.encoder.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_prompt_encoder_renders_and_tokenises_as_transformers_does(tiny_extractor: FeatureExtractor,
+                                                                   tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for q in QUESTIONS:
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]
+        ids = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        assert tiny_extractor.encoder.encode(messages) == list(ids)[-tiny_extractor.cfg.max_prompt_tokens:]
 
 
 def test_content_parts_and_developer_role_are_normalised() -> None:
@@ -44,27 +59,28 @@ def test_batched_and_one_at_a_time_features_agree(tiny_extractor: FeatureExtract
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
-def test_features_are_the_residual_stream_of_the_full_model(tiny_extractor: FeatureExtractor,
-                                                            tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("final_norm", [True, False])
+def test_features_are_the_full_models_states_after_the_layer(tiny_scorer_cfg: ScorerConfig, tiny_model_dir: Path,
+                                                             final_norm: bool) -> None:
     from transformers import AutoModelForCausalLM
 
+    extractor = FeatureExtractor(tiny_scorer_cfg.model_copy(update={"final_norm": final_norm}))
     full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    prompt = tiny_extractor.render(conv(QUESTIONS[2]))
-    ids = tiny_extractor.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-    assert ids["input_ids"].shape[1] < tiny_extractor.cfg.max_prompt_tokens  # no truncation in play
+    ids = extractor.encoder.encode(conv(QUESTIONS[2]))
+    assert len(ids) < extractor.cfg.max_prompt_tokens  # no truncation in play
     with torch.inference_mode():
-        hidden = full(**ids, output_hidden_states=True).hidden_states
-    assert len(tiny_extractor.model.layers) == 2  # blocks after the probed layer are not loaded
-    np.testing.assert_allclose(tiny_extractor.features([conv(QUESTIONS[2])])[0], hidden[2][0, -1].numpy(),
-                               atol=1e-5)
+        hidden = full(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        # hidden_states[2] of the 4-block model is block 2's raw output; final_norm applies the model's own norm
+        expected = (full.model.norm(hidden[2]) if final_norm else hidden[2])[0, -1].numpy()
+    assert len(extractor.model.layers) == 2  # blocks after the probed layer are not loaded
+    np.testing.assert_allclose(extractor.features([conv(QUESTIONS[2])])[0], expected, atol=1e-5)
 
 
 def test_long_prompts_keep_their_end(tiny_extractor: FeatureExtractor) -> None:
     limit = tiny_extractor.cfg.max_prompt_tokens
-    long_prompt = tiny_extractor.render(conv("eggs " * 500 + QUESTIONS[0]))
-    enc = tiny_extractor.tokenizer([long_prompt], add_special_tokens=False, truncation=True, max_length=limit)
-    kept = tiny_extractor.tokenizer.decode(enc["input_ids"][0])
-    assert len(enc["input_ids"][0]) == limit
+    ids = tiny_extractor.encoder.encode(conv("eggs " * 500 + QUESTIONS[0]))
+    kept = tiny_extractor.encoder.tokenizer.decode(ids, skip_special_tokens=False)
+    assert len(ids) == limit
     assert kept.endswith(QUESTIONS[0] + "<|im_end|>\n<|im_start|>assistant\n")
     assert np.isfinite(tiny_extractor.features([conv("eggs " * 500 + QUESTIONS[0])])).all()
 
@@ -92,14 +108,15 @@ async def test_micro_batcher_batches_concurrent_requests_and_matches_direct_feat
     tiny_extractor: FeatureExtractor,
 ) -> None:
     stats: list[BatchStats] = []
-    batcher = MicroBatcher(tiny_extractor.features, max_batch_size=4, max_wait_s=0.05, max_queue=64,
-                           on_batch=stats.append)
+    scorer = LocalScorer(tiny_extractor, tiny_extractor.cfg.model_copy(update={"max_wait_ms": 50}))
+    await scorer.start(on_batch=stats.append)
     try:
-        results = await asyncio.gather(*(batcher.score(conv(q)) for q in QUESTIONS * 2))
+        results = await asyncio.gather(*(scorer.score(conv(q)) for q in QUESTIONS * 2))
     finally:
-        batcher.close()
+        await scorer.aclose()
     direct = tiny_extractor.features([conv(q) for q in QUESTIONS * 2])
     np.testing.assert_allclose(np.stack([r.features for r in results]), direct, atol=1e-5)
+    assert [r.prompt_tokens for r in results] == [len(tiny_extractor.encoder.encode(conv(q))) for q in QUESTIONS * 2]
     assert sum(s.size for s in stats) == 8 and max(s.size for s in stats) > 1
     assert all(s.size <= 4 for s in stats)
 
@@ -111,12 +128,12 @@ async def test_micro_batcher_reports_failures_and_a_full_queue() -> None:
     batcher = MicroBatcher(broken, max_batch_size=2, max_wait_s=0.0, max_queue=1)
     try:
         with pytest.raises(ScorerUnavailable, match="scorer failed: no model"):
-            await batcher.score(conv("x"))
+            await batcher.run([1])
         assert batcher.alive  # one bad batch does not kill the worker
     finally:
         batcher.close()
     with pytest.raises(ScorerUnavailable, match="stopped"):
-        await batcher.score(conv("x"))
+        await batcher.run([1])
 
 
 async def test_micro_batcher_refuses_at_once_what_it_could_not_score_in_time() -> None:
@@ -130,15 +147,15 @@ async def test_micro_batcher_refuses_at_once_what_it_could_not_score_in_time() -
     try:
         assert batcher.expected_wait_s() == 0.0  # nothing timed yet: nothing refused
         release.set()
-        await batcher.score(conv("first"), timeout_s=5.0)  # times one pass
+        await batcher.run([1], timeout_s=5.0)  # times one pass
         release.clear()
         per_prompt = batcher.expected_wait_s()
         assert per_prompt > 0
-        blocked = [asyncio.create_task(batcher.score(conv(str(i)), timeout_s=5.0)) for i in range(3)]
+        blocked = [asyncio.create_task(batcher.run([i], timeout_s=5.0)) for i in range(3)]
         await asyncio.sleep(0)  # all three are queued (one of them in the worker, held by `release`)
         budget = per_prompt * 2.5  # less than the four passes ahead of the next request
         with pytest.raises(ScorerUnavailable, match="queue would take about") as refused:
-            await batcher.score(conv("late"), timeout_s=budget)
+            await batcher.run([9], timeout_s=budget)
         assert refused.value.kind == "overloaded"
         assert not any(t.done() for t in blocked)  # refused while the others still wait: it did not queue
         release.set()
@@ -155,9 +172,9 @@ async def test_micro_batcher_warms_up_and_times_a_pass_before_the_first_request(
         seen.append(len(conversations))
         return np.zeros((len(conversations), 2), dtype=np.float32)
 
-    batcher = MicroBatcher(features, max_batch_size=4, max_wait_s=0.0, max_queue=8, warmup=conv("warm"))
+    batcher = MicroBatcher(features, max_batch_size=4, max_wait_s=0.0, max_queue=8, warmup=[7])
     try:
-        await batcher.score(conv("first"))
+        await batcher.run([1])
         assert seen[:2] == [1, 1]  # the two warm-up passes ran before the request's own
         assert batcher.expected_wait_s() > 0  # ... and seeded the estimate
     finally:

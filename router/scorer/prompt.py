@@ -1,0 +1,66 @@
+"""Messages → the token ids the scorer reads: the model's chat template with the generation prompt, tokenised,
+the start cut off if longer than ``max_prompt_tokens`` (the end holds the question and the turn).
+
+Torch-free (jinja2 through transformers' template renderer, and the ``tokenizers`` library), so a gateway whose
+scorer is a remote server renders and tokenises exactly as the in-process one does, and sends token ids.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from router.scorer.recipe import Message, normalise_messages
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+class PromptEncoder:
+    """A model folder's chat template and tokenizer."""
+
+    def __init__(self, folder: Path, max_prompt_tokens: int) -> None:
+        folder = Path(folder)
+        config: dict[str, Any] = {}
+        if (folder / "tokenizer_config.json").is_file():
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+        template = config.get("chat_template")
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        if not isinstance(template, str):
+            raise ValueError(f"{folder} has no chat template (chat_template.jinja or tokenizer_config.json)")
+        self.template: str = template
+        self.special_tokens = {k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k))) is not None}
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.max_prompt_tokens = max_prompt_tokens
+        eos = self.special_tokens.get("eos_token")
+        self.pad_id = (self.tokenizer.token_to_id(self.special_tokens.get("pad_token") or eos or "") or 0)
+
+    def render(self, messages: Sequence[Message]) -> str:
+        """The prompt exactly as the scorer reads it: the chat template with the generation prompt."""
+        rendered, _ = render_jinja_template(
+            conversations=[normalise_messages(messages)], chat_template=self.template, add_generation_prompt=True,
+            **self.special_tokens)
+        return rendered[0]
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Rendered prompts → token ids, each cut to its last ``max_prompt_tokens``."""
+        encoded = self.tokenizer.encode_batch(list(prompts), add_special_tokens=False)
+        return [e.ids[-self.max_prompt_tokens:] for e in encoded]
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        return self.encode_prompts([self.render(messages)])[0]
