@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Message as ASGIMessage
+from starlette.types import Receive, Scope, Send
 
+from router.auth import Grant
 from router.config import Settings
 from router.decision_log import DecisionLog
 from router.errors import APIError
@@ -49,10 +53,36 @@ class Exchange:
     routed: Routed
     threshold: float | None
     started: float  # time.monotonic()
+    grant: Grant
 
     @property
     def decision(self) -> Decision:
         return self.routed.decision
+
+
+class RelayResponse(StreamingResponse):
+    """A relayed stream bounded on the client's side: a client that takes none of it for ``send_timeout_s``, or
+    whose answer is still going at ``deadline`` (monotonic), is cut off, and the upstream request is closed. That
+    is the client's doing or the request's limit, so the backend's breaker never hears of it."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, deadline: float, send_timeout_s: float,
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.deadline = deadline
+        self.send_timeout_s = send_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def bounded_send(message: ASGIMessage) -> None:
+            async with asyncio.timeout(self.send_timeout_s):
+                await send(message)
+
+        try:
+            async with asyncio.timeout(max(self.deadline - time.monotonic(), 0.0)):
+                await super().__call__(scope, receive, bounded_send)
+        except* TimeoutError:
+            log.info("stream cut off: its client read too slowly or it ran past its deadline")
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 def parse_threshold(value: str | None) -> float | None:
@@ -79,9 +109,9 @@ class Gateway:
         self.decisions = decisions
         self.reference = settings.reference_backend()
 
-    async def handle(self, fwd: Forward, threshold: float | None, request_id: str) -> Response:
-        routed = await self._route(fwd, threshold)
-        exchange = Exchange(request_id, fwd, routed, threshold, time.monotonic())
+    async def handle(self, fwd: Forward, threshold: float | None, request_id: str, grant: Grant) -> Response:
+        routed = await self._route(fwd, threshold, grant)
+        exchange = Exchange(request_id, fwd, routed, threshold, time.monotonic(), grant)
         self.metrics.in_flight.inc()
         streaming = False
         try:
@@ -92,19 +122,28 @@ class Gateway:
             if not streaming:
                 self.metrics.in_flight.dec()
 
-    async def _route(self, fwd: Forward, threshold: float | None) -> Routed:
+    async def _route(self, fwd: Forward, threshold: float | None, grant: Grant) -> Routed:
         explicit = self.router.explicit_backend(fwd.model)
         if explicit is not None:
+            if grant.backends is not None and explicit not in grant.backends:
+                raise APIError(403, f"key {grant.client!r} may not use backend {explicit!r}", param="model",
+                               code="model_not_allowed")
             return Routed(Decision(explicit, Reason.EXPLICIT, (explicit,)))
+        available = self.pool.available()
+        if grant.backends is not None:
+            available &= grant.backends
         if not fwd.messages:
-            return Routed(self.router.unscored(self.pool.available()))
+            return Routed(self.router.unscored(available))
         prompt_chars = sum(len(str(m.get("content") or "")) for m in fwd.messages)
-        return await self.router.decide(fwd.messages, available=self.pool.available(), threshold=threshold,
+        return await self.router.decide(fwd.messages, available=available, threshold=threshold,
                                         output_tokens=fwd.output_tokens, prompt_chars=prompt_chars)
 
-    def _candidates(self, decision: Decision) -> list[str]:
-        """The decision's order with backends whose circuit is open moved to the end (tried only if all fail)."""
+    def _candidates(self, decision: Decision, grant: Grant) -> list[str]:
+        """The decision's order, less backends the key may not use, with those whose circuit is open moved to the
+        end (tried only if all fail)."""
         order = list(decision.order)
+        if grant.backends is not None:
+            order = [n for n in order if n in grant.backends]
         if len(order) == 1:  # a named backend: nothing to reorder
             return order
         available = self.pool.available()
@@ -114,7 +153,7 @@ class Gateway:
         resilience = self.settings.resilience
         deadline = ex.started + resilience.deadline_s
         failures: list[str] = []
-        for attempt, name in enumerate(self._candidates(ex.decision)[:resilience.max_attempts]):
+        for attempt, name in enumerate(self._candidates(ex.decision, ex.grant)[:resilience.max_attempts]):
             remaining = deadline - time.monotonic()
             if attempt > 0 and remaining <= 0:
                 failures.append(f"deadline of {resilience.deadline_s:g}s passed")
@@ -130,6 +169,12 @@ class Gateway:
             except UpstreamUnreachable as e:
                 self.metrics.upstream_errors.labels(name, e.kind).inc()
                 failures.append(str(e))
+                continue
+            if 300 <= response.status_code < 400:  # redirects are not followed: the backend is misconfigured
+                await response.aclose()
+                backend.breaker.failure()
+                self.metrics.upstream_errors.labels(name, "redirect").inc()
+                failures.append(f"backend {name}: answered with a redirect (HTTP {response.status_code})")
                 continue
             if response.status_code >= 500:
                 self.metrics.upstream_errors.labels(name, "status_5xx").inc()
@@ -153,7 +198,7 @@ class Gateway:
                 self._finish(ex, name, response.status_code, reason, outcome)
                 media = response.headers.get("content-type", "application/json")
                 return Response(content, status_code=response.status_code, media_type=media, headers=headers)
-            return StreamingResponse(
+            return RelayResponse(
                 relay_stream(
                     response, backend,
                     drop_usage_event=not ex.fwd.client_wants_usage,
@@ -162,6 +207,8 @@ class Gateway:
                         time.monotonic() - s),
                     on_done=lambda outcome, n=name, s=sent, r=reason: self._stream_done(ex, n, s, r, outcome),
                 ),
+                deadline=ex.started + backend.cfg.total_timeout_s,
+                send_timeout_s=self.settings.server.send_timeout_s,
                 status_code=200,
                 media_type=response.headers.get("content-type", "text/event-stream"),
                 headers=headers,
@@ -202,8 +249,9 @@ class Gateway:
             m.child(m.cost, backend).inc(cost)
             m.child(m.reference_cost, backend).inc(request_cost(ref.input_cost_per_mtok, ref.output_cost_per_mtok,
                                                              usage.prompt_tokens, usage.completion_tokens))
+        ex.grant.settle(usage.prompt_tokens + usage.completion_tokens if usage is not None else None)
         if status == 200:
-            self.feedback.remember(ex.id, backend, p, outcome.completion_id)
+            self.feedback.remember(ex.id, backend, p, outcome.completion_id, ex.grant.client)
         if self.decisions is not None:
             self.decisions.write({
                 "id": ex.id,
@@ -224,8 +272,9 @@ class Gateway:
                 "prompt": ex.fwd.messages,
             })
 
-    def rate(self, answer_id: str, score: float) -> Answered:
-        answered = self.feedback.take(answer_id)
+    def rate(self, answer_id: str, score: float, client: str) -> Answered:
+        """Record ``client``'s rating of an answer it received (another key's answers are not found)."""
+        answered = self.feedback.take(answer_id, client)
         if answered is None:
             raise APIError(404, f"no answer {answer_id!r} to rate: unknown, expired, or already rated",
                            param="id", code="answer_not_found")

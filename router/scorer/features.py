@@ -99,6 +99,8 @@ class FeatureExtractor:
         self.tokenizer.truncation_side = "left"  # keep the end of a long prompt: the question and the turn
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # the most characters one token can stand for (byte-level vocabularies spell a byte as one character)
+        self._max_token_chars = max(len(t) for t in self.tokenizer.get_vocab())
         hidden = int(text_cfg.hidden_size)
         per_layer = 2 if cfg.pooling == "last+mean" else 1
         recipe = {
@@ -121,8 +123,26 @@ class FeatureExtractor:
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt exactly as the scorer reads it: the chat template with the generation prompt."""
         return self.tokenizer.apply_chat_template(
-            normalise_messages(messages), tokenize=False, add_generation_prompt=True
+            self._bounded(normalise_messages(messages)), tokenize=False, add_generation_prompt=True
         )
+
+    def _bounded(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The messages cut, keeping their end, to what can still reach the last ``max_prompt_tokens`` tokens, so
+        that a huge prompt is never rendered or tokenised whole. Each message renders to at least one token and
+        each token covers at most ``_max_token_chars`` characters, so a prompt within the limit is never cut
+        (its features stay exactly what they were), and a longer one keeps more than the tokens it is scored on."""
+        limit = self.cfg.max_prompt_tokens
+        if len(messages) > limit:
+            messages = messages[-limit:]
+        budget = limit * self._max_token_chars
+        if sum(len(m["content"]) for m in messages) <= budget:
+            return messages
+        kept = []
+        for m in reversed(messages):
+            text = m["content"][len(m["content"]) - budget:] if budget > 0 else ""
+            budget -= len(text)
+            kept.append({"role": m["role"], "content": text})
+        return kept[::-1]
 
     def token_count(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])

@@ -11,6 +11,7 @@ import pytest
 
 from router.app import create_app
 from router.config import Settings, load_settings
+from router.edge import server_options
 from router.routing import load_engine
 from router.scorer.source import resolve_model
 from scripts.vllm_cpu import VllmServer, start_vllm, wait_ready
@@ -61,5 +62,5 @@ def vllm_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 @pytest.fixture(scope="session")
 def gateway_url(vllm_pool: Pool) -> Iterator[str]:
     with serve(create_app(vllm_pool.settings, load_engine(vllm_pool.settings)),
-               keep_alive_s=vllm_pool.settings.server.keep_alive_s) as url:
+               **server_options(vllm_pool.settings.server)) as url:
         yield url

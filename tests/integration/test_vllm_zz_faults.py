@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from router.app import create_app
+from router.edge import server_options
 from router.routing import load_engine
 from tests.integration.conftest import Pool
 from tests.support.servers import serve
@@ -54,7 +55,7 @@ def test_killing_a_backend_under_load_loses_no_request_and_it_rejoins(vllm_pool:
         if len(answered) == KILL_AFTER:
             vllm_pool.servers[cheap].stop(timeout_s=5)  # SIGTERM to its process group, mid-load
 
-    with serve(create_app(settings, load_engine(settings)), keep_alive_s=settings.server.keep_alive_s) as url:
+    with serve(create_app(settings, load_engine(settings)), **server_options(settings.server)) as url:
         responses = asyncio.run(_load(url, on_answer))
         assert [r.status_code for r in responses] == [200] * REQUESTS
         interrupted = 0
