@@ -311,7 +311,8 @@ class Settings(BaseSettings):
             unknown = sorted(set(p.backends or []) - set(names))
             if unknown:
                 raise ValueError(f"{where}.backends: {', '.join(unknown)} names no backend")
-            if self.auth.enabled and p.max_concurrent_requests >= pool:
+            keyed = p is not self.auth.default_policy or self.auth.api_keys  # the limit is per key
+            if keyed and p.max_concurrent_requests >= pool:
                 raise ValueError(f"{where}.max_concurrent_requests ({p.max_concurrent_requests}) must be below the "
                                  f"backends' max_connections ({pool}), or one key could hold every connection")
         return self

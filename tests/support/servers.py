@@ -114,15 +114,19 @@ class FakeBackend:
         return True
 
     async def _stream(self, body: dict[str, Any], kind: str, created: int):  # type: ignore[no-untyped-def]
+        try:
+            async for chunk in self._chunks(body, kind, created):
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):  # the gateway went away mid-stream
+            self.cancelled += 1
+            raise
+
+    async def _chunks(self, body: dict[str, Any], kind: str, created: int):  # type: ignore[no-untyped-def]
         for n, word in enumerate(self.text.split(" ")):
             if self.break_stream_after is not None and n == self.break_stream_after:
                 raise RuntimeError("backend crashed mid-stream")  # uvicorn drops the connection
             if self.chunk_delay_s:
-                try:
-                    await asyncio.sleep(self.chunk_delay_s)
-                except asyncio.CancelledError:
-                    self.cancelled += 1
-                    raise
+                await asyncio.sleep(self.chunk_delay_s)
             if kind == "chat":
                 choice = {"index": 0, "delta": {"content": word + " "}, "finish_reason": None}
             else:
