@@ -99,6 +99,7 @@ async def test_one_key_cannot_hold_every_connection_and_health_checks_keep_their
             assert r.status_code == 200
             ready = await client.get("/ready", headers=other)
             assert ready.status_code == 200 and ready.json()["backends"]["small"]["healthy"] is True
-        assert wait_for(lambda: metric(url, "router_requests_in_flight", headers=other) == 0, timeout_s=10)
-        assert httpx.post(f"{url}/v1/chat/completions", json={**STREAM, "stream": False}, headers=greedy,
-                          timeout=30).status_code == 200  # its share is free again
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            assert wait_for(lambda: metric(url, "router_requests_in_flight", headers=other) == 0, timeout_s=10)
+            free = await client.post("/v1/chat/completions", json={**STREAM, "stream": False}, headers=greedy)
+            assert free.status_code == 200  # its share is free again
