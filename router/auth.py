@@ -90,6 +90,7 @@ class Client:
         self.tokens = (TokenBucket(policy.tokens_per_minute / 60, policy.tokens_per_minute, clock)
                        if policy.tokens_per_minute else None)
         self.in_flight = 0
+        self._grant = Grant(name, self.backends, policy.may_name_backend)  # the same for every request without a budget
 
     def admit(self, body: Mapping[str, Any], *, model: str, alias: str, threshold_sent: bool, scorable: bool,
               messages: Sequence[Mapping[str, Any]], prompt_tokens: int, output_tokens: int) -> Grant:
@@ -116,12 +117,15 @@ class Client:
                 if isinstance(value, int) and value > p.max_output_tokens:
                     raise APIError(400, f"{name} may be at most {p.max_output_tokens} for key {self.name!r}",
                                    param=name, code="invalid_value")
+        if self.tokens is None:
+            return self._grant
         charged = self._charge(prompt_tokens + output_tokens)
-        settle: Callable[[int | None], None] = lambda _used: None  # noqa: E731
-        if charged:
-            def settle(used: int | None) -> None:
-                if used is not None and self.tokens is not None:
-                    self.tokens.adjust(charged - used)
+        tokens = self.tokens
+
+        def settle(used: int | None) -> None:
+            if used is not None:
+                tokens.adjust(charged - used)
+
         return Grant(self.name, self.backends, p.may_name_backend, settle)
 
     def _check_extras(self, body: Mapping[str, Any], messages: Sequence[Mapping[str, Any]]) -> None:
@@ -139,8 +143,7 @@ class Client:
                                    code="extra_not_allowed")
 
     def _charge(self, estimate: int) -> int:
-        if self.tokens is None:
-            return 0
+        assert self.tokens is not None
         if estimate > self.tokens.burst:
             raise APIError(429, f"this request needs about {estimate} tokens, more than key {self.name!r} may use "
                            f"in a minute ({int(self.tokens.burst)})", code="token_budget_exceeded")

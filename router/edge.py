@@ -23,6 +23,7 @@ import asyncio
 import functools
 import logging
 import resource
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -64,6 +65,8 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_raw = 0  # chunks that arrived while a head was incomplete
         self._header_count = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        self._on_deadline: Callable[[], None] = self._head_timed_out
 
     # connection life
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -76,6 +79,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
         if self.transport is not None:  # None: refused in connection_made, never counted
             super().connection_lost(exc)
 
@@ -126,7 +131,10 @@ class EdgeProtocol(HttpToolsProtocol):
         if self._head_bytes > self.limits.max_header_bytes:
             raise _Refuse(431, b"Request Header Fields Too Large",
                           f"request headers are larger than {self.limits.max_header_bytes} bytes")
-        super().on_header(name, value)
+        name = name.lower()  # the rest is uvicorn's on_header, inlined: this runs for every header
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -137,28 +145,36 @@ class EdgeProtocol(HttpToolsProtocol):
         self._disarm()
         super().on_message_complete()
 
-    # limits
-    def _arm(self, seconds: float, handler: Any) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(seconds, handler)
+    # limits: one deadline per connection (the head's or the body's), checked by a timer that is re-armed only
+    # when it fires early, so a request costs no timer of its own
+    def _arm(self, seconds: float, handler: Callable[[], None]) -> None:
+        self._deadline = self.loop.time() + seconds
+        self._on_deadline = handler
+        if self._timer is None or self._timer.when() > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(self._deadline, self._check_deadline)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self._deadline is None or self.transport.is_closing():
+            return
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._check_deadline)
+            return
+        self._deadline = None
+        self._on_deadline()
 
     def _head_timed_out(self) -> None:
-        self._timer = None
-        if self.transport.is_closing():
-            return
         if self.cycle is not None and not self.cycle.response_complete:
             return  # a request is still being answered (its next request's head has not started)
         self._close_with(_plain_response(408, b"Request Timeout", "request head not received in time"))
 
     def _body_timed_out(self) -> None:
-        self._timer = None
-        if self.transport.is_closing() or self.cycle is None:
+        if self.cycle is None:
             return
         if self.cycle.response_started:  # the app answered without reading the whole body: it is done with it
             return
