@@ -72,16 +72,43 @@ class RelayResponse(StreamingResponse):
         self.send_timeout_s = send_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def bounded_send(message: ASGIMessage) -> None:
-            async with asyncio.timeout(self.send_timeout_s):
-                await send(message)
+        # One watchdog timer per stream, not one per chunk: it looks at the send in progress every
+        # send_timeout_s (or at the deadline) and cancels this task if the client has stalled it.
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = loop.time() + max(self.deadline - time.monotonic(), 0.0)
+        sending_since: float | None = None
+        cut = False
 
+        async def watched_send(message: ASGIMessage) -> None:
+            nonlocal sending_since
+            sending_since = loop.time()
+            try:
+                await send(message)
+            finally:
+                sending_since = None
+
+        def watch() -> None:
+            nonlocal timer, cut
+            now = loop.time()
+            if now >= deadline or (sending_since is not None and now - sending_since >= self.send_timeout_s):
+                cut = True
+                task.cancel()
+                return
+            due = now + self.send_timeout_s if sending_since is None else sending_since + self.send_timeout_s
+            timer = loop.call_at(min(due, deadline), watch)
+
+        timer = loop.call_at(min(loop.time() + self.send_timeout_s, deadline), watch)
         try:
-            async with asyncio.timeout(max(self.deadline - time.monotonic(), 0.0)):
-                await super().__call__(scope, receive, bounded_send)
-        except* TimeoutError:
+            await super().__call__(scope, receive, watched_send)
+        except asyncio.CancelledError:
+            if not cut:
+                raise
+            task.uncancel()
             log.info("stream cut off: its client read too slowly or it ran past its deadline")
         finally:
+            timer.cancel()
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
