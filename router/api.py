@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
+from router.auth import CHARS_PER_TOKEN, CLIENT_SCOPE_KEY, Client
 from router.errors import APIError
 from router.gateway import CompletionCall, Gateway
 from router.routing import RoutableRequest
@@ -106,9 +107,25 @@ async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> 
         watcher.cancel()
 
 
-async def _handle(request: Request, call: CompletionCall, threshold: float | None) -> Response:
+def _client(request: Request) -> Client:
+    """The key that sent the request (see auth.APIKeyMiddleware); without keys, everyone is one client."""
+    return request.scope.get(CLIENT_SCOPE_KEY) or request.app.state.auth.anonymous
+
+
+async def _handle(request: Request, call: CompletionCall, threshold: float | None, prompt_tokens: int) -> Response:
+    settings = request.app.state.settings
+    route = call.route
+    grant = _client(request).admit(
+        call.body, model=route.model, alias=settings.policy.alias, threshold_sent=threshold is not None,
+        scorable=bool(route.messages), messages=route.messages, prompt_tokens=prompt_tokens,
+        output_tokens=route.output_tokens or settings.policy.expected_output_tokens,
+    )
     request_id = secrets.token_hex(16)  # as random as uuid4().hex, at a third of its cost
-    return await _unless_client_leaves(request, _gateway(request).handle(call, threshold, request_id))
+    return await _unless_client_leaves(request, _gateway(request).handle(call, threshold, request_id, grant))
+
+
+def _chat_prompt_tokens(messages: list[Any]) -> int:
+    return sum(len(str(m.get("content") or "")) for m in messages) // CHARS_PER_TOKEN
 
 
 @routes.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
@@ -122,7 +139,7 @@ async def chat_completions(request: Request) -> Response:
         stream=req.stream,
         client_wants_usage=bool(req.stream_options and req.stream_options.include_usage),
     )
-    return await _handle(request, call, threshold)
+    return await _handle(request, call, threshold, _chat_prompt_tokens(body["messages"]))
 
 
 def _prompt_text(prompt: str | list[Any]) -> str | None:
@@ -132,6 +149,11 @@ def _prompt_text(prompt: str | list[Any]) -> str | None:
     if prompt and all(isinstance(p, str) for p in prompt):
         return "\n".join(prompt)
     return None
+
+
+def _token_count(prompt: list[Any]) -> int:
+    """Tokens of a token-id prompt (one list, or a batch of lists)."""
+    return sum(len(p) if isinstance(p, list) else 1 for p in prompt)
 
 
 @routes.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
@@ -147,7 +169,8 @@ async def completions(request: Request) -> Response:
         stream=req.stream,
         client_wants_usage=bool(req.stream_options and req.stream_options.include_usage),
     )
-    return await _handle(request, call, threshold)
+    tokens = len(text) // CHARS_PER_TOKEN if text is not None else _token_count(req.prompt)
+    return await _handle(request, call, threshold, tokens)
 
 
 HOT_ROUTES = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
@@ -158,7 +181,7 @@ HOT_ROUTES = {"/v1/chat/completions": chat_completions, "/v1/completions": compl
 async def feedback(request: Request) -> JSONResponse:
     """Rate an answer by its id (the x-router-request-id header or the completion's id)."""
     _, req = parse_body(await _read_body(request), FeedbackRequest)
-    answered = _gateway(request).rate(req.id, req.value())
+    answered = _gateway(request).rate(req.id, req.value(), _client(request).name)
     return JSONResponse({"id": req.id, "backend": answered.backend, "score": req.value(),
                          "p_success": answered.p_success})
 

@@ -1,23 +1,37 @@
-"""Client API keys (constant-time comparison) and an optional per-key request rate limit (token bucket)."""
+"""Client keys: who is asking (constant-time comparison), and what each key may do and spend.
+
+A key is identified by ``APIKeyMiddleware`` before anything else runs; wrong keys are throttled per client
+address. An identified key (a ``Client``) carries its policy (``config.AccessPolicy``), its request and token
+buckets and its count of requests in flight; ``Client.admit`` checks one parsed request against them and
+returns the ``Grant`` the gateway routes within.
+"""
 
 from __future__ import annotations
 
 import hmac
 import math
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from router.config import AuthConfig
-from router.errors import APIError, error_response
+from router.config import DANGEROUS_EXTRAS, AccessPolicy, AuthConfig
+from router.errors import APIError
+
+CLIENT_SCOPE_KEY = "router.client"  # where the middleware leaves the identified Client in the ASGI scope
+CHARS_PER_TOKEN = 4  # a prompt's tokens, estimated before any tokeniser has seen it
+MEDIA_PARTS = ("image_url", "audio_url", "video_url")
+FAILED_AUTH_BURST = 10
+MAX_TRACKED_ADDRESSES = 10_000
 
 
 @dataclass
 class TokenBucket:
     rate_per_s: float
-    burst: int
+    burst: float
     clock: Callable[[], float] = time.monotonic
     tokens: float = field(init=False)
     updated: float = field(init=False)
@@ -26,51 +40,182 @@ class TokenBucket:
         self.tokens = float(self.burst)
         self.updated = self.clock()
 
-    def take(self) -> float:
-        """0 if a request may go now (and count it), else the seconds until one may."""
+    def _refill(self) -> None:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_s)
         self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate_per_s
+
+    def wait(self, amount: float = 1) -> float:
+        """0 if ``amount`` is available now, else the seconds until it is (nothing is taken)."""
+        self._refill()
+        return 0.0 if self.tokens >= amount else (amount - self.tokens) / self.rate_per_s
+
+    def take(self, amount: float = 1) -> float:
+        """0 if ``amount`` may go now (and take it), else the seconds until it may."""
+        wait = self.wait(amount)
+        if wait == 0:
+            self.tokens -= amount
+        return wait
+
+    def adjust(self, amount: float) -> None:
+        """Give back (positive) or charge more (negative, down below zero if need be)."""
+        self._refill()
+        self.tokens = min(self.burst, self.tokens + amount)
+
+
+def _too_many(message: str, wait: float, code: str = "rate_limit_exceeded") -> APIError:
+    return APIError(429, message, code=code, headers={"retry-after": str(max(1, math.ceil(wait)))})
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one admitted request may do: where it may go, and how to settle its token charge."""
+
+    client: str
+    backends: frozenset[str] | None  # None: any
+    may_name_backend: bool
+    settle: Callable[[int | None], None] = lambda _used: None  # the backend's usage (prompt + completion)
+
+
+class Client:
+    """One key (or, without keys, everyone) at run time: its policy, its buckets, its requests in flight."""
+
+    def __init__(self, name: str, policy: AccessPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.policy = policy
+        self.backends = frozenset(policy.backends) if policy.backends is not None else None
+        self.guarded = DANGEROUS_EXTRAS - set(policy.allowed_extras)
+        self.requests = (TokenBucket(policy.requests_per_minute / 60, policy.burst, clock)
+                         if policy.requests_per_minute else None)
+        self.tokens = (TokenBucket(policy.tokens_per_minute / 60, policy.tokens_per_minute, clock)
+                       if policy.tokens_per_minute else None)
+        self.in_flight = 0
+        self._grant = Grant(name, self.backends, policy.may_name_backend)  # the same for every request without a budget
+
+    def admit(self, body: Mapping[str, Any], *, model: str, alias: str, threshold_sent: bool, scorable: bool,
+              messages: Sequence[Mapping[str, Any]], prompt_tokens: int, output_tokens: int) -> Grant:
+        """Check a parsed request against this key's policy; charge its estimated tokens. APIError if refused."""
+        p = self.policy
+        if threshold_sent and not p.may_override_threshold:
+            raise APIError(403, f"key {self.name!r} may not override the threshold (x-router-threshold)",
+                           param="x-router-threshold", code="permission_denied")
+        if model != alias and not p.may_name_backend:
+            raise APIError(403, f"key {self.name!r} may only use the model {alias!r}", param="model",
+                           code="model_not_allowed")
+        if model == alias and not scorable and not p.may_name_backend:
+            raise APIError(403, f"key {self.name!r} may not send token-id prompts: they cannot be scored, and "
+                           "unscored requests go to the fallback backend", param="prompt", code="permission_denied")
+        self._check_extras(body, messages)
+        for name in ("n", "best_of"):
+            value = body.get(name)
+            if isinstance(value, int) and value > p.max_n:
+                raise APIError(400, f"{name} may be at most {p.max_n} for key {self.name!r}", param=name,
+                               code="invalid_value")
+        if p.max_output_tokens is not None:
+            for name in ("max_tokens", "max_completion_tokens"):
+                value = body.get(name)
+                if isinstance(value, int) and value > p.max_output_tokens:
+                    raise APIError(400, f"{name} may be at most {p.max_output_tokens} for key {self.name!r}",
+                                   param=name, code="invalid_value")
+        if self.tokens is None:
+            return self._grant
+        charged = self._charge(prompt_tokens + output_tokens)
+        tokens = self.tokens
+
+        def settle(used: int | None) -> None:
+            if used is not None:
+                tokens.adjust(charged - used)
+
+        return Grant(self.name, self.backends, p.may_name_backend, settle)
+
+    def _check_extras(self, body: Mapping[str, Any], messages: Sequence[Mapping[str, Any]]) -> None:
+        denied = self.guarded.intersection(body)
+        if denied:
+            name = sorted(denied)[0]
+            raise APIError(403, f"key {self.name!r} may not send {name!r} (allow it in its allowed_extras)",
+                           param=name, code="extra_not_allowed")
+        if "remote_media" in self.guarded:
+            for m in messages:
+                content = m.get("content")
+                if isinstance(content, list) and any(_remote_media(part) for part in content):
+                    raise APIError(403, f"key {self.name!r} may not send media by URL (allowed_extras: "
+                                   "remote_media); send it inline as a data: URL", param="messages",
+                                   code="extra_not_allowed")
+
+    def _charge(self, estimate: int) -> int:
+        assert self.tokens is not None
+        if estimate > self.tokens.burst:
+            raise APIError(429, f"this request needs about {estimate} tokens, more than key {self.name!r} may use "
+                           f"in a minute ({int(self.tokens.burst)})", code="token_budget_exceeded")
+        wait = self.tokens.take(estimate)
+        if wait > 0:
+            raise _too_many(f"token budget of key {self.name!r} spent; retry in {wait:.1f}s", wait,
+                            "token_budget_exceeded")
+        return estimate
+
+
+def _remote_media(part: Any) -> bool:
+    if not isinstance(part, Mapping):
+        return False
+    for kind in MEDIA_PARTS:
+        ref = part.get(kind)
+        url = ref.get("url") if isinstance(ref, Mapping) else ref
+        if isinstance(url, str) and not url.startswith("data:"):
+            return True
+    return False
 
 
 class Authenticator:
-    def __init__(self, cfg: AuthConfig) -> None:
-        self._keys = [k.get_secret_value().encode() for k in cfg.api_keys]
-        per_s = cfg.rate_limit_per_minute / 60 if cfg.rate_limit_per_minute else None
-        # One bucket per configured key: memory is bounded by the config, not by what clients send.
-        self._buckets = {i: TokenBucket(per_s, cfg.rate_limit_burst) for i in range(len(self._keys))} if per_s else {}
+    def __init__(self, cfg: AuthConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        legacy = cfg.legacy_policy()
+        entries = [(k.get_secret_value(), Client(f"key-{i + 1}", legacy, clock)) for i, k in enumerate(cfg.api_keys)]
+        entries += [(k.secret(), Client(k.name, k, clock)) for k in cfg.keys]
+        # One client per configured key: memory is bounded by the config, not by what clients send.
+        self._keys = [(secret.encode(), client) for secret, client in entries]
+        self.anonymous = Client("anonymous", cfg.default_policy, clock)
+        self._failed_rate = cfg.failed_auth_per_minute / 60
+        self._failures: OrderedDict[str, TokenBucket] = OrderedDict()  # per client address, most recent last
+        self._clock = clock
 
     @property
     def enabled(self) -> bool:
         return bool(self._keys)
 
-    def _match(self, presented: bytes) -> int | None:
+    def _match(self, presented: bytes) -> Client | None:
         found = None
-        for i, key in enumerate(self._keys):  # no early exit: the time taken does not say which key matched
+        for key, client in self._keys:  # no early exit: the time taken does not say which key matched
             if hmac.compare_digest(presented, key):
-                found = i
+                found = client
         return found
 
-    def check(self, authorization: str | None) -> None:
-        if not self._keys:
-            return
+    def identify(self, authorization: str | None, address: str) -> Client:
+        """The key's Client; APIError 401 for a wrong key, 429 past the key's rate or the address's failures."""
+        failures = self._failures.get(address)
+        if failures is not None and (wait := failures.wait()) > 0:
+            raise _too_many(f"too many requests with a wrong key from this address; retry in {wait:.1f}s", wait)
         scheme, _, token = (authorization or "").partition(" ")
-        index = self._match(token.strip().encode()) if scheme.lower() == "bearer" else None
-        if index is None:
+        client = self._match(token.strip().encode()) if scheme.lower() == "bearer" else None
+        if client is None:
+            self._failed(address)
             raise APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"www-authenticate": "Bearer"})
-        bucket = self._buckets.get(index)
-        if bucket is not None and (wait := bucket.take()) > 0:
-            raise APIError(429, f"rate limit reached for this key; retry in {wait:.1f}s", code="rate_limit_exceeded",
-                           headers={"retry-after": str(math.ceil(wait))})
+        if client.requests is not None and (wait := client.requests.take()) > 0:
+            raise _too_many(f"rate limit reached for this key; retry in {wait:.1f}s", wait)
+        return client
+
+    def _failed(self, address: str) -> None:
+        bucket = self._failures.pop(address, None)
+        if bucket is None:
+            bucket = TokenBucket(self._failed_rate, FAILED_AUTH_BURST, self._clock)
+            while len(self._failures) >= MAX_TRACKED_ADDRESSES:
+                self._failures.popitem(last=False)
+        self._failures[address] = bucket  # most recent last
+        bucket.take()
 
 
 class APIKeyMiddleware:
-    """Pure ASGI: every request but ``open_paths`` needs a valid key (added only when keys are configured)."""
+    """Pure ASGI: every request but ``open_paths`` needs a valid key (added only when keys are configured); a key
+    may have at most its ``max_concurrent_requests`` in flight, streams included."""
 
     def __init__(self, app: ASGIApp, auth: Authenticator, open_paths: frozenset[str] = frozenset({"/health"})) -> None:
         self.app = app
@@ -78,11 +223,22 @@ class APIKeyMiddleware:
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.open_paths:
-            authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
-            try:
-                self.auth.check(authorization)
-            except APIError as e:
-                await error_response(e.status, e.message, e.param, e.code, e.headers)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        address = scope["client"][0] if scope.get("client") else ""
+        try:
+            client = self.auth.identify(authorization, address)
+            if client.in_flight >= client.policy.max_concurrent_requests:
+                raise _too_many(f"key {client.name!r} has {client.in_flight} requests in flight, its limit", 1,
+                                "concurrency_limit_exceeded")
+        except APIError as e:
+            await e.response()(scope, receive, send)
+            return
+        scope[CLIENT_SCOPE_KEY] = client
+        client.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            client.in_flight -= 1

@@ -89,12 +89,15 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port or settings.server.port
     groups = _load(settings)
     from router.app import create_app, create_metrics_app
+    from router.edge import raise_open_file_limit, server_config
 
     app = create_app(settings, groups)
     _settle_gc(settings.server.gc_freeze, settings.server.gc_young_threshold)
-    main = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=args.log_level,
-                                         timeout_graceful_shutdown=settings.server.shutdown_timeout_s,
-                                         timeout_keep_alive=settings.server.keep_alive_s))
+    open_files = raise_open_file_limit()
+    if settings.server.max_connections + 256 > open_files:
+        log.warning("server.max_connections (%d) leaves little of the open-file limit (%d) for backend connections",
+                    settings.server.max_connections, open_files)
+    main = uvicorn.Server(server_config(app, settings.server, host, port, args.log_level))
     metrics = None
     if settings.server.metrics_port is not None:
         metrics = _side_server(create_metrics_app(app), host, settings.server.metrics_port, args.log_level)

@@ -72,6 +72,11 @@ class ScorerConfig(_Strict):
     max_batch_size: int = Field(8, ge=1, le=256)
     max_wait_ms: float = Field(2.0, ge=0, le=1000)
     max_queue: int = Field(256, ge=1)
+    max_in_flight_per_key: int = Field(
+        8, ge=1, description="requests of one API key (all anonymous requests count as one key) in the scorer at "
+        "once; a key's further requests wait for its own turn, within timeout_s, so a key that floods the scorer "
+        "with prompts delays itself, not other keys",
+    )
     timeout_s: float = Field(
         10.0, gt=0, description="longest a request waits for its score; one that would wait longer (the queue "
         "ahead of it times the recent pass time per prompt) is routed unscored at once instead of queueing",
@@ -118,6 +123,18 @@ class BackendConfig(_Strict):
         None, description="the scorer this backend's probe reads (e.g. the backend's own model on a vLLM pooling "
         "server: a self-probe); default: the top-level scorer",
     )
+    max_connections: int = Field(
+        512, ge=1, description="connections the gateway opens to this backend at most (requests beyond wait for one "
+        "up to connect_timeout_s); keep every key's max_concurrent_requests well below it",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, v: HttpUrl) -> HttpUrl:
+        if v.username or v.password:
+            raise ValueError("credentials in the URL are not accepted (they would be logged and sent everywhere); "
+                             "put the backend's key in the variable named by api_key_env")
+        return v
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
@@ -163,10 +180,91 @@ class ObservabilityConfig(_Strict):
     decision_log: DecisionLogConfig | None = None
 
 
+DANGEROUS_EXTRAS = frozenset({
+    "chat_template", "chat_template_kwargs", "logits_processors", "kv_transfer_params", "vllm_xargs",
+    "mm_processor_kwargs", "media_io_kwargs", "prompt_embeds", "remote_media",
+})
+"""Request fields (vLLM extras) refused unless a key's ``allowed_extras`` names them: a template or processor the
+backend would run as code, parameters that make it talk to other hosts, raw tensors. ``remote_media`` stands for
+image/audio/video parts given by an http(s) or file URL, which the backend would fetch."""
+
+
+class AccessPolicy(_Strict):
+    """What one client key may do. The defaults here are those of the keys in ``auth.api_keys`` and of the gateway
+    without keys (backward compatible: name a backend, override the threshold); ``auth.keys[]`` entries are stricter
+    by default."""
+
+    backends: list[str] | None = Field(None, description="the backends its requests may reach; None: all")
+    may_name_backend: bool = Field(True, description="may send a backend's name as model (else only the alias)")
+    may_override_threshold: bool = Field(True, description="may send the x-router-threshold header")
+    allowed_extras: list[str] = Field(
+        default_factory=list, description="of the dangerous vLLM extras (chat_template, logits_processors, …), "
+        "those it may send; every other field passes through",
+    )
+    max_output_tokens: int | None = Field(None, ge=1, description="cap on max_tokens / max_completion_tokens")
+    max_n: int = Field(8, ge=1, description="cap on n and best_of")
+    requests_per_minute: float | None = Field(None, gt=0)
+    burst: int = Field(10, ge=1, description="requests it may send at once above its per-minute rate")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="prompt (≈ characters/4) plus requested output tokens, charged when a request is "
+        "admitted and corrected by the backend's usage report",
+    )
+    max_concurrent_requests: int = Field(64, ge=1, description="requests (streams included) in flight at once")
+
+    @field_validator("allowed_extras")
+    @classmethod
+    def _known_extras(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - DANGEROUS_EXTRAS)
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a guarded extra (those are: "
+                             f"{', '.join(sorted(DANGEROUS_EXTRAS))}); other fields pass through anyway")
+        return v
+
+
+class KeyConfig(AccessPolicy):
+    """One client key (LiteLLM's virtual keys are the model): a name for logs and metrics, the secret, a policy."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:@-]+$")
+    key: SecretStr | None = Field(None, description="the key itself (or write key_env)")
+    key_env: str | None = Field(None, description="environment variable holding the key")
+    may_name_backend: bool = False
+    may_override_threshold: bool = False
+
+    @model_validator(mode="after")
+    def _one_key(self) -> KeyConfig:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError(f"key {self.name!r}: give exactly one of key and key_env")
+        if self.key_env is not None and not os.environ.get(self.key_env):
+            raise ValueError(f"key {self.name!r}: environment variable {self.key_env} is not set or empty")
+        return self
+
+    def secret(self) -> str:
+        return self.key.get_secret_value() if self.key is not None else os.environ[self.key_env or ""]
+
+
 class AuthConfig(_Strict):
-    api_keys: list[SecretStr] = Field(default_factory=list, description="empty: no key needed")
-    rate_limit_per_minute: float | None = Field(None, gt=0, description="requests per key and minute")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="keys with the default policy")
+    rate_limit_per_minute: float | None = Field(None, gt=0, description="requests per key and minute (api_keys)")
     rate_limit_burst: int = Field(10, ge=1)
+    keys: list[KeyConfig] = Field(default_factory=list, description="named keys, each with its own policy")
+    default_policy: AccessPolicy = Field(
+        default_factory=AccessPolicy, description="the policy of api_keys and of requests when no key is configured",
+    )
+    failed_auth_per_minute: float = Field(
+        30, gt=0, description="wrong or missing keys one client address may send per minute (burst: 10) before "
+        "every request from it gets 429 until the rate allows again",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys or self.keys)
+
+    def legacy_policy(self) -> AccessPolicy:
+        """The default policy with the legacy request rate of ``api_keys``."""
+        if self.rate_limit_per_minute is None:
+            return self.default_policy
+        return self.default_policy.model_copy(update={"requests_per_minute": self.rate_limit_per_minute,
+                                                      "burst": self.rate_limit_burst})
 
 
 class ServerConfig(_Strict):
@@ -176,6 +274,24 @@ class ServerConfig(_Strict):
         None, ge=1, le=65535, description="serve /metrics on this port only (an internal listener, no key needed)"
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="request line and headers together; more gets 431 before any key check",
+    )
+    max_headers: int = Field(100, ge=8, description="header fields per request; more gets 431")
+    max_request_line_bytes: int = Field(8 * 1024, ge=256, description="a longer request line gets 414")
+    header_timeout_s: float = Field(
+        15.0, gt=0, description="a connection's first request, and every request, must have sent its whole head "
+        "within this (also: a new connection that sends nothing is closed after it)",
+    )
+    body_timeout_s: float = Field(60.0, gt=0, description="the whole body must have arrived this long after the head")
+    send_timeout_s: float = Field(
+        60.0, gt=0, description="a client that takes no bytes of its answer for this long is cut off (its stream "
+        "ends; the backend is not blamed)",
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="open client connections at most; more are closed at once (keep it below the "
+        "process's open-file limit, which serve raises to its hard limit)",
+    )
     shutdown_timeout_s: float = Field(30.0, ge=0, description="how long requests in flight may finish on stop")
     keep_alive_s: float = Field(
         75.0, gt=0, description="idle keep-alive connections are closed after this; keep it above the clients' pool "
@@ -229,6 +345,19 @@ class Settings(BaseSettings):
             raise ValueError(f"observability.reference_backend {reference!r} names no backend")
         if not any(b.probe for b in self.backends):
             raise ValueError("at least one backend needs a probe, or there is nothing to route between")
+        key_names = [k.name for k in self.auth.keys]
+        if len(set(key_names)) < len(key_names):
+            raise ValueError("auth.keys: names must be unique")
+        pool = min(b.max_connections for b in self.backends)
+        for where, p in [("auth.default_policy", self.auth.default_policy),
+                         *((f"auth.keys[{k.name}]", k) for k in self.auth.keys)]:
+            unknown = sorted(set(p.backends or []) - set(names))
+            if unknown:
+                raise ValueError(f"{where}.backends: {', '.join(unknown)} names no backend")
+            keyed = p is not self.auth.default_policy or self.auth.api_keys  # the limit is per key
+            if keyed and p.max_concurrent_requests >= pool:
+                raise ValueError(f"{where}.max_concurrent_requests ({p.max_concurrent_requests}) must be below the "
+                                 f"backends' max_connections ({pool}), or one key could hold every connection")
         return self
 
     def backend(self, name: str) -> BackendConfig:

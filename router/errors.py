@@ -17,11 +17,13 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
+    408: "timeout_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     422: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     502: "upstream_error",
     503: "service_unavailable",
@@ -40,6 +42,11 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+
+    def response(self) -> Response:
+        """The one place an APIError becomes an HTTP answer (the app's handlers, the hot routes and the edge
+        middlewares all answer through it)."""
+        return error_response(self.status, self.message, self.param, self.code, self.headers)
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -62,7 +69,7 @@ def error_response(
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return exc.response()
 
     async def on_http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

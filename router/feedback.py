@@ -13,6 +13,7 @@ class Answered(NamedTuple):
     p_success: float | None
     at: float
     alias: str | None  # the backend's completion id, usable in place of the gateway's request id
+    owner: str  # the client key that received it: the only one that may rate it
 
 
 class FeedbackStore:
@@ -24,33 +25,36 @@ class FeedbackStore:
         self.clock = clock
         # Plain tuples of str/float/None, not Answered: the collector stops tracking such tuples (exact tuples
         # only), so even a full store of 100,000 answers costs its collections nothing.
-        self._entries: OrderedDict[str, tuple[str, float | None, float, str | None]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[str, float | None, float, str | None, str]] = OrderedDict()
         self._aliases: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def remember(self, request_id: str, backend: str, p_success: float | None, completion_id: str | None) -> None:
-        self._entries[request_id] = (backend, p_success, self.clock(), completion_id)
+    def remember(self, request_id: str, backend: str, p_success: float | None, completion_id: str | None,
+                 owner: str) -> None:
+        self._entries[request_id] = (backend, p_success, self.clock(), completion_id, owner)
         if completion_id:
             self._aliases[completion_id] = request_id
         while len(self._entries) > self.max_entries:
             self._drop_oldest()
 
-    def take(self, answer_id: str) -> Answered | None:
-        """The answer's record, once: a second rating of the same answer finds nothing."""
+    def take(self, answer_id: str, owner: str) -> Answered | None:
+        """The answer's record, once, for the key that received it: a second rating of the same answer, or one
+        by another key, finds nothing (as for an unknown id, so ids of other keys' answers cannot be probed)."""
         self._expire()
         request_id = self._aliases.get(answer_id, answer_id)
-        entry = self._entries.pop(request_id, None)
-        if entry is None:
+        entry = self._entries.get(request_id)
+        if entry is None or entry[4] != owner:
             return None
+        del self._entries[request_id]
         answered = Answered(*entry)
         if answered.alias:
             self._aliases.pop(answered.alias, None)
         return answered
 
     def _drop_oldest(self) -> None:
-        _, (_, _, _, alias) = self._entries.popitem(last=False)
+        _, (_, _, _, alias, _) = self._entries.popitem(last=False)
         if alias:
             self._aliases.pop(alias, None)
 

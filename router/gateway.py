@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Message as ASGIMessage
+from starlette.types import Receive, Scope, Send
 
+from router.auth import Grant
 from router.config import Settings
 from router.decision_log import DecisionLog
 from router.errors import APIError
@@ -42,10 +47,63 @@ class InFlight:
     routed: Routed
     threshold: float | None
     started: float  # time.monotonic()
+    grant: Grant
 
     @property
     def decision(self) -> Decision:
         return self.routed.decision
+
+
+class RelayResponse(StreamingResponse):
+    """A relayed stream bounded on the client's side: a client that takes none of it for ``send_timeout_s``, or
+    whose answer is still going at ``deadline`` (monotonic), is cut off, and the upstream request is closed. That
+    is the client's doing or the request's limit, so the backend's breaker never hears of it."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, deadline: float, send_timeout_s: float,
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.deadline = deadline
+        self.send_timeout_s = send_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # One watchdog timer per stream, not one per chunk: it looks at the send in progress every
+        # send_timeout_s (or at the deadline) and cancels this task if the client has stalled it.
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = loop.time() + max(self.deadline - time.monotonic(), 0.0)
+        sending_since: float | None = None
+        cut = False
+
+        async def watched_send(message: ASGIMessage) -> None:
+            nonlocal sending_since
+            sending_since = loop.time()
+            try:
+                await send(message)
+            finally:
+                sending_since = None
+
+        def watch() -> None:
+            nonlocal timer, cut
+            now = loop.time()
+            if now >= deadline or (sending_since is not None and now - sending_since >= self.send_timeout_s):
+                cut = True
+                task.cancel()
+                return
+            due = now + self.send_timeout_s if sending_since is None else sending_since + self.send_timeout_s
+            timer = loop.call_at(min(due, deadline), watch)
+
+        timer = loop.call_at(min(loop.time() + self.send_timeout_s, deadline), watch)
+        try:
+            await super().__call__(scope, receive, watched_send)
+        except asyncio.CancelledError:
+            if not cut:
+                raise
+            task.uncancel()
+            log.info("stream cut off: its client read too slowly or it ran past its deadline")
+        finally:
+            timer.cancel()
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 class Gateway:
@@ -59,14 +117,20 @@ class Gateway:
         self.decisions = decisions
         self.reference = settings.reference_backend()
 
-    async def handle(self, call: CompletionCall, threshold: float | None, request_id: str) -> Response:
+    async def handle(self, call: CompletionCall, threshold: float | None, request_id: str, grant: Grant) -> Response:
         available = self.pool.available()
-        routed = await self.router.route(call.route, available=available, threshold=threshold)
-        ex = InFlight(request_id, call, routed, threshold, time.monotonic())
+        if grant.backends is not None:
+            available &= grant.backends
+        routed = await self.router.route(call.route, available=available, threshold=threshold, client=grant.client)
+        if routed.decision.reason is Reason.EXPLICIT and grant.backends is not None \
+                and routed.decision.backend not in grant.backends:
+            raise APIError(403, f"key {grant.client!r} may not use backend {routed.decision.backend!r}",
+                           param="model", code="model_not_allowed")
+        ex = InFlight(request_id, call, routed, threshold, time.monotonic(), grant)
         self.metrics.in_flight.inc()
         streaming = False
         try:
-            response = await self._forward(ex, self._candidates(routed.decision, available))
+            response = await self._forward(ex, self._candidates(routed.decision, available, grant))
             streaming = isinstance(response, StreamingResponse)  # its relay lowers the gauge when it ends
             return response
         finally:
@@ -74,9 +138,12 @@ class Gateway:
                 self.metrics.in_flight.dec()
 
     @staticmethod
-    def _candidates(decision: Decision, available: set[str]) -> list[str]:
-        """The decision's order with backends whose circuit is open moved to the end (tried only if all fail)."""
+    def _candidates(decision: Decision, available: set[str], grant: Grant) -> list[str]:
+        """The decision's order, less backends the key may not use, with those whose circuit is open moved to the
+        end (tried only if all fail)."""
         order = list(decision.order)
+        if grant.backends is not None:
+            order = [n for n in order if n in grant.backends]
         if len(order) == 1:  # a named backend: nothing to reorder
             return order
         return [n for n in order if n in available] + [n for n in order if n not in available]
@@ -102,6 +169,12 @@ class Gateway:
                 self.metrics.upstream_errors.labels(name, e.kind).inc()
                 failures.append(str(e))
                 continue
+            if 300 <= response.status_code < 400:  # redirects are not followed: the backend is misconfigured
+                await response.aclose()
+                backend.breaker.failure()
+                self.metrics.upstream_errors.labels(name, "redirect").inc()
+                failures.append(f"backend {name}: answered with a redirect (HTTP {response.status_code})")
+                continue
             if response.status_code >= 500:
                 self.metrics.upstream_errors.labels(name, "status_5xx").inc()
                 if ex.decision.reason is not Reason.EXPLICIT:  # a named backend's own error goes to the client
@@ -124,7 +197,7 @@ class Gateway:
                 self._finish(ex, name, response.status_code, reason, outcome)
                 media = response.headers.get("content-type", "application/json")
                 return Response(content, status_code=response.status_code, media_type=media, headers=headers)
-            return StreamingResponse(
+            return RelayResponse(
                 relay_stream(
                     response, backend,
                     drop_usage_event=not ex.call.client_wants_usage,
@@ -133,6 +206,8 @@ class Gateway:
                         time.monotonic() - s),
                     on_done=lambda outcome, n=name, s=sent, r=reason: self._stream_done(ex, n, s, r, outcome),
                 ),
+                deadline=ex.started + backend.cfg.total_timeout_s,
+                send_timeout_s=self.settings.server.send_timeout_s,
                 status_code=200,
                 media_type=response.headers.get("content-type", "text/event-stream"),
                 headers=headers,
@@ -173,8 +248,9 @@ class Gateway:
             m.child(m.cost, backend).inc(cost)
             m.child(m.reference_cost, backend).inc(request_cost(ref.input_cost_per_mtok, ref.output_cost_per_mtok,
                                                              usage.prompt_tokens, usage.completion_tokens))
+        ex.grant.settle(usage.prompt_tokens + usage.completion_tokens if usage is not None else None)
         if status == 200:
-            self.feedback.remember(ex.id, backend, p, outcome.completion_id)
+            self.feedback.remember(ex.id, backend, p, outcome.completion_id, ex.grant.client)
         if self.decisions is not None:
             self.decisions.write({
                 "id": ex.id,
@@ -195,8 +271,9 @@ class Gateway:
                 "prompt": ex.call.route.messages,
             })
 
-    def rate(self, answer_id: str, score: float) -> Answered:
-        answered = self.feedback.take(answer_id)
+    def rate(self, answer_id: str, score: float, client: str) -> Answered:
+        """Record ``client``'s rating of an answer it received (another key's answers are not found)."""
+        answered = self.feedback.take(answer_id, client)
         if answered is None:
             raise APIError(404, f"no answer {answer_id!r} to rate: unknown, expired, or already rated",
                            param="id", code="answer_not_found")

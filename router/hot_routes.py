@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from router.errors import APIError, error_response
+from router.errors import APIError
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -36,7 +36,7 @@ class HotRoutes:
         try:
             response = await handler(Request(scope, receive, send))
         except APIError as e:
-            response = error_response(e.status, e.message, e.param, e.code, e.headers)
+            response = e.response()
         except ClientDisconnect:  # gone while sending its body: nobody to answer, nothing was forwarded
             return
         await response(scope, receive, send)

@@ -67,6 +67,10 @@ def parse_body(raw: bytes, schema: type[T]) -> tuple[dict[str, Any], T]:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from e
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    try:  # the body is re-encoded to be forwarded; orjson refuses nesting deeper than it reads (254 vs 1024)
+        orjson.dumps(body)
+    except orjson.JSONEncodeError as e:
+        raise APIError(400, f"request body cannot be forwarded: {e}", code="invalid_json") from e
     try:
         return body, schema.model_validate(body)
     except ValidationError as e:

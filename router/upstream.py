@@ -35,12 +35,18 @@ class Usage:
 
 
 class UpstreamUnreachable(Exception):
-    """No response at all: the connection was refused, failed, or timed out before any byte came back."""
+    """No response at all: the connection was refused, failed, or timed out before any byte came back.
+
+    Its message, which clients see in a 502, names the backend and what happened, never the backend's address:
+    the detail (aiohttp's error, with host and port) goes to the log only."""
+
+    MESSAGES = {"timeout": "no response in time", "connect": "could not connect"}  # noqa: RUF012
 
     def __init__(self, backend: str, kind: str, detail: str) -> None:
-        super().__init__(f"backend {backend}: {kind}: {detail}")
+        super().__init__(f"backend {backend}: {self.MESSAGES.get(kind, kind)}")
         self.backend = backend
         self.kind = kind
+        log.warning("backend %s: %s: %s", backend, kind, detail)
 
 
 class UpstreamBroken(Exception):
@@ -78,7 +84,7 @@ class UpstreamResponse:
 
 
 class Backend:
-    def __init__(self, cfg: BackendConfig, resilience: ResilienceConfig, max_connections: int = 512) -> None:
+    def __init__(self, cfg: BackendConfig, resilience: ResilienceConfig) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.breaker = Breaker(resilience.failure_threshold, resilience.cooldown_s)
@@ -94,24 +100,32 @@ class Backend:
         # because a non-streamed answer sends nothing until it is complete. ``connect`` covers waiting for a
         # pooled connection as well as opening one.
         self.timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s, sock_read=None)
-        self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._health_session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         """Made on first use, inside the running event loop (aiohttp binds a session to its loop)."""
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
+            connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=0)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=self.headers,
                                                   auto_decompress=False)
         return self._session
+
+    @property
+    def health_session(self) -> aiohttp.ClientSession:
+        """Health checks' own small pool: a full request pool (held streams, say) must not fail them."""
+        if self._health_session is None:
+            connector = aiohttp.TCPConnector(limit=2, limit_per_host=0)
+            self._health_session = aiohttp.ClientSession(connector=connector, headers=self.headers)
+        return self._health_session
 
     async def open(self, path: str, body: bytes, timeout_s: float) -> UpstreamResponse:
         """POST ``body`` to ``path``; return once the status and headers are in, with the body unread."""
         self.breaker.begin()
         try:
             async with asyncio.timeout(min(timeout_s, self.cfg.first_byte_timeout_s)):
-                response = await self.session.post(self.base_url + path, data=body)
+                response = await self.session.post(self.base_url + path, data=body, allow_redirects=False)
         except TimeoutError as e:  # aiohttp's own timeouts are TimeoutErrors too
             self.breaker.failure()
             raise UpstreamUnreachable(self.name, "timeout", repr(e) if str(e) else "no response in time") from e
@@ -127,7 +141,8 @@ class Backend:
     async def check_health(self, timeout_s: float) -> bool:
         """One active health check; its result feeds the breaker."""
         try:
-            async with self.session.get(self.health_url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+            async with self.health_session.get(self.health_url, timeout=aiohttp.ClientTimeout(total=timeout_s),
+                                               allow_redirects=False) as r:
                 ok = r.status == 200
         except (aiohttp.ClientError, TimeoutError):
             ok = False
@@ -138,8 +153,9 @@ class Backend:
         return ok
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._health_session):
+            if session is not None:
+                await session.close()
 
 
 class Pool:
@@ -234,16 +250,19 @@ async def relay_stream(
 
     ``drop_usage_event`` removes the usage-only event when the gateway asked for it and the client did not.
     A backend that breaks off, stalls longer than its ``read_timeout_s`` or passes ``deadline`` (monotonic)
-    ends the stream with an OpenAI-style error event. ``on_done`` runs exactly once, also when the client goes
-    away and the stream is cancelled (which closes the upstream request, so the backend stops generating).
+    ends the stream with an OpenAI-style error event; only the first two count against its breaker. ``on_done``
+    runs exactly once, also when the client goes away and the stream is cancelled (which closes the upstream
+    request, so the backend stops generating).
     """
     outcome = Outcome()
     pending = b""
     first = True
+    stall = backend.cfg.read_timeout_s
+    left = deadline - time.monotonic()
     try:
         while True:
-            limit = min(backend.cfg.read_timeout_s, deadline - time.monotonic())
-            async with asyncio.timeout(max(limit, 0.0)):
+            left = deadline - time.monotonic()
+            async with asyncio.timeout(max(min(stall, left), 0.0)):
                 chunk = await response.next_chunk()
             if not chunk:
                 break
@@ -265,14 +284,17 @@ async def relay_stream(
             yield pending
         outcome.ok = True
     except TimeoutError:
-        outcome.error = (f"backend {backend.name} sent nothing for {backend.cfg.read_timeout_s:g}s "
-                         "or ran past the request's deadline")
+        if left < stall:  # the request's own deadline (its client may have been reading slowly): not the backend's
+            outcome.error = f"the answer of backend {backend.name} ran past the request's deadline"
+        else:
+            outcome.error = f"backend {backend.name} sent nothing for {stall:g}s"
+            backend.breaker.failure()
     except UpstreamBroken as e:
         outcome.error = f"backend {backend.name}'s stream broke off: {e}"
+        backend.breaker.failure()
     finally:
         if outcome.error is not None:
             log.warning("%s", outcome.error)
-            backend.breaker.failure()
         await response.aclose()
         on_done(outcome)
     if outcome.error is not None:

@@ -26,7 +26,7 @@ from router.scorer.recipe import Message, ScorerInfo
 
 class ScorerUnavailable(Exception):
     """The scorer cannot score this request; ``kind`` says why: overloaded, queue_full, timeout, failed, down,
-    stopped, busy_key (the key's share of the scorer is in use)."""
+    stopped, key_share (the sending key's share of the scorer stayed in use for the whole timeout)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)

@@ -1,5 +1,6 @@
 """Messages → the token ids the scorer reads: the model's chat template with the generation prompt, tokenised,
-the start cut off if longer than ``max_prompt_tokens`` (the end holds the question and the turn).
+the start cut off if longer than ``max_prompt_tokens`` (the end holds the question and the turn). A huge prompt
+is cut before it is rendered, so its sender cannot make the gateway render and tokenise megabytes.
 
 Torch-free (jinja2 through transformers' template renderer, and the ``tokenizers`` library), so a gateway whose
 scorer is a remote server renders and tokenises exactly as the in-process one does, and sends token ids.
@@ -47,15 +48,35 @@ class PromptEncoder:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.max_prompt_tokens = max_prompt_tokens
+        # the most characters one token can stand for (byte-level vocabularies spell a byte as one character)
+        self.max_token_chars = max(len(t) for t in self.tokenizer.get_vocab())
         eos = self.special_tokens.get("eos_token")
         self.pad_id = (self.tokenizer.token_to_id(self.special_tokens.get("pad_token") or eos or "") or 0)
 
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt exactly as the scorer reads it: the chat template with the generation prompt."""
         rendered, _ = render_jinja_template(
-            conversations=[normalise_messages(messages)], chat_template=self.template, add_generation_prompt=True,
-            **self.special_tokens)
+            conversations=[self._bounded(normalise_messages(messages))], chat_template=self.template,
+            add_generation_prompt=True, **self.special_tokens)
         return rendered[0]
+
+    def _bounded(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The messages cut, keeping their end, to what can still reach the last ``max_prompt_tokens`` tokens. Each
+        message renders to at least one token and each token covers at most ``max_token_chars`` characters, so a
+        prompt within the limit is never cut (its features stay exactly what they were), and a longer one keeps
+        more than the tokens it is scored on."""
+        limit = self.max_prompt_tokens
+        if len(messages) > limit:
+            messages = messages[-limit:]
+        budget = limit * self.max_token_chars
+        if sum(len(m["content"]) for m in messages) <= budget:
+            return messages
+        kept = []
+        for m in reversed(messages):
+            text = m["content"][len(m["content"]) - budget:] if budget > 0 else ""
+            budget -= len(text)
+            kept.append({"role": m["role"], "content": text})
+        return kept[::-1]
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         """Rendered prompts → token ids, each cut to its last ``max_prompt_tokens``."""

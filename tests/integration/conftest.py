@@ -11,6 +11,7 @@ import pytest
 
 from router.app import create_app
 from router.config import ScorerConfig, Settings, load_settings
+from router.edge import server_options
 from router.routing import load_probe_groups
 from router.scorer.source import resolve_model, truncate_model
 from router.scorer.vllm import vllm_pooling_args
@@ -62,7 +63,7 @@ def vllm_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
 @pytest.fixture(scope="session")
 def gateway_url(vllm_pool: Pool) -> Iterator[str]:
     with serve(create_app(vllm_pool.settings, load_probe_groups(vllm_pool.settings)),
-               keep_alive_s=vllm_pool.settings.server.keep_alive_s) as url:
+               **server_options(vllm_pool.settings.server)) as url:
         yield url
 
 
@@ -95,8 +96,10 @@ def scorer_server(cfg: ScorerConfig, logs: Path) -> ScorerServer:
 
 @pytest.fixture(scope="session")
 def vllm_scorer(vllm_pool: Pool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScorerServer]:
-    """The default scorer (the shipped probes' recipe) on a vLLM CPU pooling server."""
-    scorer = scorer_server(vllm_pool.settings.scorer, tmp_path_factory.mktemp("scorer-logs"))
+    """The default scorer (the shipped probes' recipe) on a vLLM CPU pooling server, in float32 (see
+    test_vllm_scorer: compared with the local scorer, bf16's rounding would hide the comparison)."""
+    cfg = vllm_pool.settings.scorer.model_copy(update={"dtype": "float32"})
+    scorer = scorer_server(cfg, tmp_path_factory.mktemp("scorer-logs"))
     try:
         wait_ready([scorer.server], timeout_s=600)
         yield scorer

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from router.app import create_app
+from router.edge import server_options
 from router.routing import load_probe_groups
 from tests.integration.conftest import Pool, ScorerServer
 from tests.support.servers import serve
@@ -57,7 +58,7 @@ def test_killing_a_backend_under_load_loses_no_request_and_it_rejoins(vllm_pool:
         if len(answered) == KILL_AFTER:
             vllm_pool.servers[cheap].stop(timeout_s=5)  # SIGTERM to its process group, mid-load
 
-    with serve(create_app(settings, load_probe_groups(settings)), keep_alive_s=settings.server.keep_alive_s) as url:
+    with serve(create_app(settings, load_probe_groups(settings)), **server_options(settings.server)) as url:
         responses = asyncio.run(_load(url, on_answer))
         assert [r.status_code for r in responses] == [200] * REQUESTS
         interrupted = 0
@@ -105,7 +106,7 @@ def test_killing_the_vllm_scorer_under_load_routes_unscored_at_once_and_it_rejoi
             os.killpg(vllm_scorer.server.process.pid, signal.SIGKILL)  # the scorer and its engine, outright
             vllm_scorer.server.process.wait(10)
 
-    with serve(create_app(settings, load_probe_groups(settings)), keep_alive_s=settings.server.keep_alive_s) as url:
+    with serve(create_app(settings, load_probe_groups(settings)), **server_options(settings.server)) as url:
         responses = asyncio.run(_load(url, on_answer, threshold=None))
         assert [r.status_code for r in responses] == [200] * REQUESTS  # none lost
         reasons = [r.headers["x-router-reason"] for r in responses]

@@ -19,7 +19,7 @@ from tests.support.servers import free_port
 
 @contextmanager
 def gateway_process(
-    folder: Path, config: dict[str, Any], timeout_s: float = 60
+    folder: Path, config: dict[str, Any], timeout_s: float = 180
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     config = {**config, "server": {**config.get("server", {}), "port": port}}

@@ -24,13 +24,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(app: Any, port: int | None = None, timeout_s: float = 30.0, keep_alive_s: float = 5.0) -> Iterator[str]:
-    """Run ``app`` on 127.0.0.1 until the block ends; yield its base URL. For a gateway, pass its
-    ``server.keep_alive_s``: uvicorn's default (5 s) equals httpx's pool expiry, and a client that reuses a
-    connection just as the server closes it gets a ReadError (docs/reliability.md)."""
+def serve(app: Any, port: int | None = None, timeout_s: float = 30.0, **options: Any) -> Iterator[str]:
+    """Run ``app`` on 127.0.0.1 until the block ends; yield its base URL. ``options`` go to uvicorn.Config; for a
+    gateway, pass ``router.edge.server_options`` (its edge protocol and keep-alive: uvicorn's default keep-alive,
+    5 s, equals httpx's pool expiry, and a client that reuses a connection just as the server closes it gets a
+    ReadError, docs/reliability.md)."""
     port = port or free_port()
+    options = {"timeout_keep_alive": 5.0, **options}
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                                           timeout_keep_alive=keep_alive_s))
+                                           **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
@@ -112,15 +114,19 @@ class FakeBackend:
         return True
 
     async def _stream(self, body: dict[str, Any], kind: str, created: int):  # type: ignore[no-untyped-def]
+        try:
+            async for chunk in self._chunks(body, kind, created):
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):  # the gateway went away mid-stream
+            self.cancelled += 1
+            raise
+
+    async def _chunks(self, body: dict[str, Any], kind: str, created: int):  # type: ignore[no-untyped-def]
         for n, word in enumerate(self.text.split(" ")):
             if self.break_stream_after is not None and n == self.break_stream_after:
                 raise RuntimeError("backend crashed mid-stream")  # uvicorn drops the connection
             if self.chunk_delay_s:
-                try:
-                    await asyncio.sleep(self.chunk_delay_s)
-                except asyncio.CancelledError:
-                    self.cancelled += 1
-                    raise
+                await asyncio.sleep(self.chunk_delay_s)
             if kind == "chat":
                 choice = {"index": 0, "delta": {"content": word + " "}, "finish_reason": None}
             else:

@@ -11,6 +11,7 @@ import httpx
 
 from router.app import create_app
 from router.config import ScorerConfig, Settings
+from router.edge import server_options
 from router.routing import load_probe_groups
 from router.scorer.recipe import ScorerInfo
 from tests.support.probes import write_constant_probes
@@ -40,7 +41,7 @@ def make_settings(folder: Path, scorer: ScorerConfig, info: ScorerInfo, small_ur
 
 @contextmanager
 def running_gateway(settings: Settings) -> Iterator[str]:
-    with serve(create_app(settings, load_probe_groups(settings)), keep_alive_s=settings.server.keep_alive_s) as url:
+    with serve(create_app(settings, load_probe_groups(settings)), **server_options(settings.server)) as url:
         yield url
 
 

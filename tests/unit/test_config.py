@@ -96,3 +96,27 @@ def test_serve_with_an_invalid_file_exits_with_one_message(tmp_path: Path) -> No
 def test_shipped_config_is_valid() -> None:
     s = load_settings(ROOT / "config.yaml")
     assert len(s.backends) == 2 and all(b.probe and b.probe.is_file() for b in s.backends)
+
+
+@pytest.mark.parametrize(
+    ("auth", "message"),
+    [
+        ("keys: [{name: a}]", "give exactly one of key and key_env"),
+        ("keys: [{name: a, key_env: SURELY_UNSET_KEY_VAR}]", "SURELY_UNSET_KEY_VAR is not set"),
+        ("keys: [{name: a, key: k1}, {name: a, key: k2}]", "names must be unique"),
+        ("keys: [{name: a, key: k, backends: [medium]}]", "medium names no backend"),
+        ("keys: [{name: a, key: k, allowed_extras: [top_k]}]", "top_k: not a guarded extra"),
+        ("keys: [{name: a, key: k, max_concurrent_requests: 512}]", "must be below the backends' max_connections"),
+    ],
+)
+def test_key_policies_are_validated(tmp_path: Path, auth: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(write(tmp_path, VALID + f"auth:\n  {auth}\n"))
+
+
+def test_a_key_can_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEAM_KEY", "sk-team")
+    s = load_settings(write(tmp_path, VALID + "auth:\n  keys: [{name: team, key_env: TEAM_KEY, backends: [small]}]\n"))
+    key = s.auth.keys[0]
+    assert key.secret() == "sk-team" and key.backends == ["small"] and not key.may_name_backend
+    assert s.auth.enabled

@@ -107,7 +107,7 @@ def test_settling_the_collector_freezes_what_is_loaded_and_sets_the_young_thresh
 
 def test_remembered_answers_drop_out_of_the_collectors_sight() -> None:
     store = FeedbackStore(max_entries=10, ttl_s=60)
-    store.remember("req-1", "small", 0.5, "cmpl-1")
+    store.remember("req-1", "small", 0.5, "cmpl-1", "anonymous")
     gc.collect()
     assert not any(gc.is_tracked(entry) for entry in store._entries.values())
 

@@ -62,12 +62,12 @@ def test_malformed_feedback_is_a_400(urls, tmp_path: Path, tiny_scorer_cfg: Scor
 def test_feedback_store_is_bounded_and_expires() -> None:
     now = [0.0]
     store = FeedbackStore(max_entries=2, ttl_s=10, clock=lambda: now[0])
-    store.remember("a", "small", 0.5, "cmpl-a")
-    store.remember("b", "small", 0.5, None)
-    store.remember("c", "large", 0.9, "cmpl-c")
-    assert len(store) == 2 and store.take("a") is None and store.take("cmpl-a") is None  # evicted
+    store.remember("a", "small", 0.5, "cmpl-a", "k")
+    store.remember("b", "small", 0.5, None, "k")
+    store.remember("c", "large", 0.9, "cmpl-c", "k")
+    assert len(store) == 2 and store.take("a", "k") is None and store.take("cmpl-a", "k") is None  # evicted
     now[0] = 11
-    assert store.take("cmpl-c") is None and len(store) == 0  # expired
+    assert store.take("cmpl-c", "k") is None and len(store) == 0  # expired
 
 
 def test_reference_cost_prices_the_same_tokens_at_the_dearest_backend(

@@ -29,7 +29,8 @@ def conv(q: str) -> list[dict[str, str]]:
 
 
 def test_render_applies_the_chat_template_with_the_generation_prompt(tiny_extractor: FeatureExtractor) -> None:
-    text = tiny_extractor.encoder.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = tiny_extractor.encoder.render(messages)
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -179,3 +180,50 @@ async def test_micro_batcher_warms_up_and_times_a_pass_before_the_first_request(
         assert batcher.expected_wait_s() > 0  # ... and seeded the estimate
     finally:
         batcher.close()
+
+
+def _full_render(fx: FeatureExtractor, messages: list[dict[str, str]]) -> str:
+    """The prompt as it was rendered before inputs were bounded: every message whole."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(conversations=[normalise_messages(messages)], chat_template=fx.encoder.template,
+                                        add_generation_prompt=True, **fx.encoder.special_tokens)
+    return rendered[0]
+
+
+def _ids(fx: FeatureExtractor, prompt: str) -> list[int]:
+    return fx.encoder.encode_prompts([prompt])[0]
+
+
+def test_prompts_within_the_limit_are_rendered_and_scored_exactly_as_before(tiny_extractor: FeatureExtractor) -> None:
+    limit = tiny_extractor.cfg.max_prompt_tokens
+    conversations = [conv(q) for q in QUESTIONS] + [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "eggs " * (limit - 20)}],
+        [{"role": "user", "content": "x"}] * (limit // 8),
+    ]
+    for c in conversations:
+        assert tiny_extractor.encoder.render(c) == _full_render(tiny_extractor, c)
+    before = tiny_extractor.features_from_ids([_ids(tiny_extractor, _full_render(tiny_extractor, c))
+                                               for c in conversations])
+    np.testing.assert_array_equal(tiny_extractor.features(conversations), before)
+
+
+def test_a_huge_prompt_is_cut_before_rendering_and_scores_as_its_end(tiny_extractor: FeatureExtractor) -> None:
+    """A 4 MB prompt was rendered and tokenised whole before being cut to max_prompt_tokens. Now the text is cut
+    first, keeping its end: the rendered prompt is bounded, still holds more than max_prompt_tokens tokens, and
+    the features are those of the whole prompt."""
+    encoder = tiny_extractor.encoder
+    limit = tiny_extractor.cfg.max_prompt_tokens
+    huge = [{"role": "system", "content": "s " * 100_000},
+            {"role": "user", "content": "eggs " * 800_000 + QUESTIONS[1]}]  # 4 MB
+    rendered = encoder.render(huge)
+    assert len(rendered) <= limit * encoder.max_token_chars + 200
+    assert rendered.endswith(QUESTIONS[1] + "<|im_end|>\n<|im_start|>assistant\n")
+    assert len(encoder.tokenizer.encode(rendered, add_special_tokens=False).ids) > limit
+    moderate = [{"role": "system", "content": "s " * 1000}, {"role": "user", "content": "eggs " * 8000 + QUESTIONS[1]}]
+    np.testing.assert_array_equal(
+        tiny_extractor.features([huge]),
+        tiny_extractor.features_from_ids([_ids(tiny_extractor, _full_render(tiny_extractor, moderate))]),
+    )
+    many = [{"role": "user", "content": "x"}] * 100_000  # many small messages are bounded too
+    assert len(encoder.render(many)) < len(_full_render(tiny_extractor, many[:limit])) + 1
