@@ -140,22 +140,26 @@ class Backend:
 
     async def check_health(self, timeout_s: float) -> bool:
         """One active health check; its result feeds the breaker."""
-        try:
-            async with self.health_session.get(self.health_url, timeout=aiohttp.ClientTimeout(total=timeout_s),
-                                               allow_redirects=False) as r:
-                ok = r.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            ok = False
-        if ok:
-            self.breaker.healthy()
-        else:
-            self.breaker.failure()
-        return ok
+        return await check_health(self.health_session, self.health_url, self.breaker, timeout_s)
 
     async def aclose(self) -> None:
         for session in (self._session, self._health_session):
             if session is not None:
                 await session.close()
+
+
+async def check_health(session: aiohttp.ClientSession, url: str, breaker: Breaker, timeout_s: float) -> bool:
+    """GET ``url``: 200 in time passes (an open circuit may try one request now), anything else is a failure."""
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False) as r:
+            ok = r.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        ok = False
+    if ok:
+        breaker.healthy()
+    else:
+        breaker.failure()
+    return ok
 
 
 class Pool:

@@ -30,6 +30,7 @@ from router.scorer.interface import BatchStats, Scored, ScorerUnavailable
 from router.scorer.prompt import PromptEncoder
 from router.scorer.recipe import Message, ScorerInfo, describe
 from router.scorer.source import resolve_model
+from router.upstream import check_health
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +122,7 @@ class VllmScorer:
         """GET the server's /health; a pass lets an open circuit try again at once, a failure counts."""
         if self._session is None:
             return False
-        try:
-            async with self._session.get(self.health_url, timeout=aiohttp.ClientTimeout(total=2)) as r:
-                ok = r.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            ok = False
-        if ok:
-            self.breaker.healthy()
-        else:
-            self.breaker.failure()
+        ok = await check_health(self._session, self.health_url, self.breaker, self.cfg.connect_timeout_s)
         return ok and self.breaker.available()
 
     async def aclose(self) -> None:
