@@ -1,4 +1,4 @@
-"""The gateway's Dockerfile: hadolint-clean, and (read, since no Docker engine runs here) built as documented."""
+"""The gateway's Dockerfile: hadolint-clean, and written as documented (tests/image builds and runs it)."""
 
 from __future__ import annotations
 
