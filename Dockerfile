@@ -10,9 +10,9 @@
 # time into /opt/probe-router/cache, so the container needs no network at run time.
 #
 # torch is the CPU build, even for GPU hosts: the GPUs stay with vLLM, and the CUDA build's nvidia-* wheels
-# would make the image several times larger (docs/deploy.md, The gateway image, has the sizes). It comes from TORCH_INDEX_URL (PyTorch's CPU
-# wheel index) or, where that index cannot be reached, from a wheel put in wheels/ (scripts/build_image.sh does
-# that), with TORCH_INDEX_URL=https://pypi.org/simple for its dependencies.
+# would make the image several times larger (docs/deploy.md, The gateway image, has the sizes). It comes from
+# TORCH_INDEX_URL (PyTorch's CPU wheel index) or, where that index cannot be reached, from a wheel put in
+# wheels/ (scripts/build_image.sh does that), with TORCH_INDEX_URL=https://pypi.org/simple for its dependencies.
 # To score on a GPU instead: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128, set
 # ROUTER_SCORER__DEVICE=cuda and give the gateway service a GPU reservation.
 #
@@ -83,13 +83,17 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     HF_HOME=/tmp/huggingface \
-    XDG_CACHE_HOME=/tmp/.cache
+    XDG_CACHE_HOME=/tmp/.cache \
+    ROUTER_SERVER__HOST=0.0.0.0 \
+    ROUTER_SERVER__PORT=8000
 
 USER 10001:10001
 EXPOSE 8000
 
+# The address comes from ROUTER_SERVER__HOST/PORT (not from serve's flags), so that the health check finds the
+# port the gateway listens on wherever it runs, on the host's network too (docker-compose.cpu.yml).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('ROUTER_SERVER__PORT', '8000'), timeout=4)"]
 
 ENTRYPOINT ["python", "-m", "router"]
-CMD ["serve", "--config", "/app/config.yaml", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["serve", "--config", "/app/config.yaml"]
