@@ -46,6 +46,7 @@ class Stack:
     gateway_url: str
     prometheus: Prometheus
     containers: dict[str, str]  # compose service -> container name
+    started: float  # time.monotonic() before `up`
 
 
 def cpu_prometheus_config(metrics_port: int, prometheus_port: int, vllm_ports: dict[str, int]) -> dict[str, Any]:
@@ -87,10 +88,11 @@ def stack(image: str, backend_urls: dict[str, str], vllm_pool: Pool,
         return result
 
     try:
+        started = time.monotonic()
         run("up", "--detach")
         containers = {service: run("ps", "--quiet", service).stdout.strip() for service in ("gateway", "prometheus")}
         yield Stack(f"http://127.0.0.1:{gateway_port}", Prometheus(f"http://127.0.0.1:{prometheus_port}"),
-                    containers)
+                    containers, started)
     finally:
         logs = subprocess.run([*compose, "logs", "--no-color", "--tail", "40"], capture_output=True, text=True,
                               timeout=60, cwd=ROOT, env={**os.environ, **env}, check=False)
@@ -106,9 +108,10 @@ def wait_healthy(container: str, timeout_s: float) -> None:
         time.sleep(1)
 
 
-def test_the_stack_comes_up_healthy(stack: Stack) -> None:
+def test_the_stack_comes_up_healthy(stack: Stack, figures: dict[str, Any]) -> None:
     for container in stack.containers.values():
         wait_healthy(container, timeout_s=300)
+    figures["compose_up_to_healthy_s"] = round(time.monotonic() - stack.started, 1)
     assert httpx.get(f"{stack.gateway_url}/ready", timeout=30).json()["ready"] is True
     gateway = inspect("container", stack.containers["gateway"])
     assert gateway["HostConfig"]["ReadonlyRootfs"] is True and gateway["Config"]["User"] == "10001:10001"

@@ -106,9 +106,11 @@ def test_metrics_on_the_internal_port_only(gateway: Gateway) -> None:
     assert httpx.get(f"{gateway.url}/metrics", timeout=10).status_code == 404  # not on the public port
 
 
-def test_sigterm_lets_requests_in_flight_finish(image: str, backend_urls: dict[str, str], cleanup: list[Any]) -> None:
+def test_sigterm_lets_requests_in_flight_finish(image: str, backend_urls: dict[str, str], cleanup: list[Any],
+                                                figures: dict[str, Any]) -> None:
     """`docker stop` sends SIGTERM to the gateway (PID 1, the ENTRYPOINT's exec form): requests in flight get
-    their whole answer, new connections are refused, and the process exits 0 before docker's 10 s grace."""
+    their whole answer, and the process exits 0 on its own, within the grace period given (the compose files give
+    the gateway 40 s: server.shutdown_timeout_s is 30 s, docker's default grace 10 s)."""
     gateway = run_gateway("stop", free_port(), free_port(), backend_urls)
     cleanup.append(gateway)
     gateway.wait_ready()
@@ -134,12 +136,12 @@ def test_sigterm_lets_requests_in_flight_finish(image: str, backend_urls: dict[s
             assert time.monotonic() < deadline, "the requests never reached the gateway"
             time.sleep(0.05)
         stopped = time.monotonic()
-        docker("kill", "--signal", "SIGTERM", gateway.name)
+        docker("stop", "--time", "40", gateway.name, timeout_s=90)  # returns once the container has exited
+        figures["sigterm_to_exit_with_2_answers_in_flight_s"] = round(time.monotonic() - stopped, 1)
         results = [answer.result(timeout=120) for answer in answers]
     assert results == [("length", tokens), ("length", tokens)]
-    exit_code = docker("wait", gateway.name, timeout_s=60).stdout.strip()
-    assert exit_code == "0", gateway.logs()
-    assert time.monotonic() - stopped < 10, "longer than `docker stop` waits before SIGKILL"
+    state = inspect("container", gateway.name)["State"]
+    assert state["ExitCode"] == 0 and not state["OOMKilled"], (state, gateway.logs())  # 137: killed at the end
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{gateway.url}/health", timeout=5)
 
