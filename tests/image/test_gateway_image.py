@@ -136,9 +136,11 @@ def test_sigterm_lets_requests_in_flight_finish(image: str, backend_urls: dict[s
             assert time.monotonic() < deadline, "the requests never reached the gateway"
             time.sleep(0.05)
         stopped = time.monotonic()
+        unfinished = sum(not answer.done() for answer in answers)
         docker("stop", "--time", "40", gateway.name, timeout_s=90)  # returns once the container has exited
         figures["sigterm_to_exit_with_2_answers_in_flight_s"] = round(time.monotonic() - stopped, 1)
         results = [answer.result(timeout=120) for answer in answers]
+    assert unfinished == 2, "an answer was complete before the stop: make them longer"
     assert results == [("length", tokens), ("length", tokens)]
     state = inspect("container", gateway.name)["State"]
     assert state["ExitCode"] == 0 and not state["OOMKilled"], (state, gateway.logs())  # 137: killed at the end
