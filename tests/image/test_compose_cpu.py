@@ -122,14 +122,13 @@ def test_prometheus_scrapes_the_gateway_container_and_the_dashboard_has_data(sta
     sdk = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)
     cheap, dear = (b.name for b in vllm_pool.settings.backends)
     sent = {cheap: 0, dear: 0}
-    # two rounds a scrape apart: increase() needs two samples of each counter
+    # two rounds, each followed by a scrape of every target: increase() needs two samples of each counter
     for _ in range(2):
-        moment = time.time()
         for threshold in ("0", "1"):  # one answer from each backend per round
             raw = sdk.chat.completions.with_raw_response.create(
                 model="router", messages=QUESTION, max_tokens=4, extra_headers={"x-router-threshold": threshold})
             sent[raw.headers["x-router-backend"]] += 1
-        stack.prometheus.wait_for_scrape_after(moment + 0.5, timeout_s=SCRAPE_WAIT_S)
+        stack.prometheus.wait_for_scrape_after(time.time() + 0.5, timeout_s=SCRAPE_WAIT_S)
     assert sent == {cheap: 2, dear: 2}
 
     up = stack.prometheus.values("up", by="job")
