@@ -19,6 +19,10 @@ IMAGE = os.environ.get("IMAGE", "probe-router:local")  # the tag `make image` bu
 NO_ENGINE = ("no Docker engine answers here: install one and start it "
              "(README, Deploy: apt-get install docker.io mmdebstrap; dockerd)")
 NAME_PREFIX = f"probe-router-test-{os.getpid()}"  # every container these tests start, removed by name
+# scorer.timeout_s for the gateways under test. On a busy shared test machine one forward pass can take longer
+# than the default 10 s, and the request is then routed unscored to the fallback: right, but not what these tests
+# look at (they check routes that depend on the scores).
+SCORER_TIMEOUT_S = 120
 
 
 def docker_cli() -> str | None:
@@ -109,5 +113,6 @@ def run_gateway(suffix: str, port: int, metrics_port: int, backend_urls: dict[st
     env = [f"--env={key}={value}" for key, value in backend_urls.items()]
     docker("run", "--detach", "--name", gateway.name, "--network", "host", "--read-only", "--tmpfs", "/tmp",
            *env, "--env=ROUTER_SERVER__HOST=127.0.0.1", f"--env=ROUTER_SERVER__PORT={port}",
+           f"--env=ROUTER_SCORER__TIMEOUT_S={SCORER_TIMEOUT_S}",
            f"--env=ROUTER_SERVER__METRICS_PORT={metrics_port}", IMAGE)
     return gateway

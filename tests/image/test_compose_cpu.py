@@ -2,7 +2,8 @@
 stand-ins on this host, the Prometheus container scrapes it (and them), and the dashboard's queries return data.
 
 Prometheus is prom/prometheus where it can be pulled, else the image scripts/build_image.sh builds from Debian's
-package. deploy/prometheus/prometheus.cpu.yml is used with its ports moved to the free ones this test takes."""
+package. deploy/prometheus/prometheus.cpu.yml is used with its ports moved to the free ones this test takes, and
+config.yaml with scorer.timeout_s raised as for the other image tests (tests/image/engine.py says why)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 from tests.deploy.test_prometheus_dashboard import Prometheus, to_promql
-from tests.image.engine import NAME_PREFIX, ROOT, build_script, docker, inspect
+from tests.image.engine import NAME_PREFIX, ROOT, SCORER_TIMEOUT_S, build_script, docker, inspect
 from tests.integration.conftest import Pool
 from tests.support.servers import free_port
 
@@ -72,11 +73,16 @@ def stack(image: str, backend_urls: dict[str, str], vllm_pool: Pool,
     config.write_text(yaml.safe_dump(cpu_prometheus_config(
         metrics_port, prometheus_port, {name: server.port for name, server in vllm_pool.servers.items()})))
     config.chmod(0o644)  # Prometheus runs as nobody
+    gateway_config = folder / "config.yaml"  # the shipped one, with the scorer's deadline of the other image tests
+    settings = yaml.safe_load((ROOT / "config.yaml").read_text())
+    settings["scorer"]["timeout_s"] = SCORER_TIMEOUT_S
+    gateway_config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    gateway_config.chmod(0o644)  # the gateway runs as uid 10001
     (folder / "empty.env").write_text("")  # a .env of the checkout must not change what is tested
     env = {"GATEWAY_IMAGE": image, "PROMETHEUS_IMAGE": prometheus_image, **backend_urls,
            "GATEWAY_BIND": "127.0.0.1", "GATEWAY_PORT": str(gateway_port), "METRICS_PORT": str(metrics_port),
            "MONITORING_BIND": "127.0.0.1", "PROMETHEUS_PORT": str(prometheus_port),
-           "PROMETHEUS_CONFIG": str(config)}
+           "PROMETHEUS_CONFIG": str(config), "ROUTER_CONFIG": str(gateway_config)}
     project = f"{NAME_PREFIX}-cpu"
     compose = [*compose_command(), "--project-name", project, "--file", str(COMPOSE_FILE),
                "--env-file", str(folder / "empty.env")]
