@@ -36,6 +36,16 @@ def _train_keys(items: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def _all_train_keys(args: argparse.Namespace, settings: Settings, dataset: object) -> dict[str, list[str]]:
+    """--train-labels, or with --share-labels every backend on all backends' labels (explicit ones win)."""
+    from probes.evaluate import shared_keys
+
+    explicit = _train_keys(args.train_labels)
+    if not getattr(args, "share_labels", False):
+        return explicit
+    return shared_keys(settings, dataset, _label_keys(args.label)) | explicit  # type: ignore[arg-type]
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
     update = {}
@@ -88,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     dataset = load_dataset(args.data)
-    labels, train_keys = _label_keys(args.label), _train_keys(args.train_labels)
+    labels, train_keys = _label_keys(args.label), _all_train_keys(args, settings, dataset)
     extra: dict[str, object] = {}
     if args.sweep:
         recipes = parse_recipes(args.sweep_layers.split(","), args.sweep_pooling.split(","))
@@ -107,8 +117,10 @@ def _train(args: argparse.Namespace) -> int:
               f"with the config's scorer; pass --out DIR, or set scorer.layers: {settings.scorer.layers} and "
               f"scorer.pooling: {settings.scorer.pooling} in {args.config}", file=sys.stderr)
         return 1
+    calibration = load_dataset(args.calibration) if args.calibration else None
     written = train_probes(settings, dataset, out_dir=args.out, folds=args.folds, seed=args.seed, label_keys=labels,
-                           train_keys=train_keys, extra_training=extra, progress=not args.no_progress)
+                           train_keys=train_keys, extra_training=extra, text=args.text_features,
+                           calibration=calibration, progress=not args.no_progress)
     if not written:
         print("error: no backend of the config has labels in the data", file=sys.stderr)
         return 1
@@ -123,9 +135,11 @@ def _eval(args: argparse.Namespace) -> int:
     from probes.evaluate import evaluate
 
     settings = _settings(args)
+    dataset = load_dataset(args.data)
     report = evaluate(
-        settings, load_dataset(args.data), args.out, folds=args.folds, seed=args.seed, rounds=args.bootstrap,
-        label_keys=_label_keys(args.label), train_keys=_train_keys(args.train_labels),
+        settings, dataset, args.out, test=load_dataset(args.test) if args.test else None, text=args.text_features,
+        folds=args.folds, seed=args.seed, rounds=args.bootstrap,
+        label_keys=_label_keys(args.label), train_keys=_all_train_keys(args, settings, dataset),
         command="python -m probes " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
         progress=not args.no_progress,
     )
@@ -136,6 +150,11 @@ def _eval(args: argparse.Namespace) -> int:
     if "routing" in report:
         routing = report["routing"]
         print(f"routing {routing['cheap']} → {routing['dear']}: APGR {routing['apgr']:.3f}")
+    for router, entry in report.get("pool", {}).get("policies", {}).items():
+        best = report["pool"]["always_best"]
+        print(f"pool, {router}: argmax-p accuracy {entry['argmax_p']['accuracy']:.3f} (best single "
+              f"{best['accuracy']:.3f}); threshold policy max accuracy {entry['threshold']['max_accuracy']:.3f}, "
+              f"utility {entry['utility']['max_accuracy']:.3f}")
     print(f"report: {args.out / 'report.md'}")
     return 0
 
@@ -183,6 +202,16 @@ def _labels_opts(p: argparse.ArgumentParser) -> None:
                    "metrics still use its own labels); e.g. a dear model's probe on the cheap model's labels")
 
 
+def _sources_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-features", choices=["none", "tfidf", "tfidf+length"], default="none",
+                   help="text features of the prompt beside the scorer's activations, in one linear model "
+                   "(TF-IDF of word 1-2-grams, log word count; computed by the gateway, saved in the probe file; "
+                   "default: %(default)s)")
+    p.add_argument("--share-labels", action="store_true",
+                   help="train every backend's weights on all labelled backends' labels stacked (a shared "
+                   "difficulty direction); C, Platt and the metrics stay per backend")
+
+
 def _cv_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds, outer and inner (default: 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -223,8 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train)
     _scorer_override(train)
     train.add_argument("--out", type=Path, help="write DIR/<backend>.json instead of each backend's probe path")
+    train.add_argument("--calibration", type=Path, help="labelled JSONL to re-fit Platt calibration on (the "
+                       "weights are learnt on --data): data that looks like what the gateway will serve")
     _cv_opts(train)
     _labels_opts(train)
+    _sources_opts(train)
     train.add_argument("--sweep", action="store_true", help="choose scorer layers × pooling by inner CV")
     train.add_argument("--sweep-layers", default=DEFAULT_SWEEP_LAYERS,
                        help="candidate layer groups, comma-separated; '+' joins layers into one recipe, e.g. "
@@ -232,15 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sweep-pooling", default="last,mean,last+mean", help="default: %(default)s")
     train.set_defaults(run=_train)
 
-    ev = sub.add_parser("eval", help="nested-CV AUROC/Brier/ECE with bootstrap CIs, baselines, routing frontier",
-                        description="Nested cross-validated quality of each backend's probe beside baselines and "
-                        "reference probabilities, and the routing frontier (APGR) between the cheapest and the "
-                        "dearest backend. Writes OUT/report.json, OUT/report.md and OUT/frontier.png.")
+    ev = sub.add_parser("eval", help="held-out AUROC/Brier/ECE with bootstrap CIs, baselines, routing frontiers",
+                        description="Held-out quality of each backend's probe (nested cross-validation on --data, "
+                        "or trained on --data and scored on --test) beside baselines and reference "
+                        "probabilities; the routing frontier (APGR) between the cheapest and the dearest backend; "
+                        "and the accuracy/cost frontier of the threshold and utility policies over all backends. "
+                        "Writes OUT/report.json, OUT/report.md, OUT/frontier.png and OUT/pool_frontier.png.")
     _common(ev)
     _scorer_override(ev)
     ev.add_argument("--out", type=Path, required=True, help="report folder")
+    ev.add_argument("--test", type=Path, help="labelled JSONL to report on, trained on --data (default: nested "
+                    "cross-validation on --data)")
     _cv_opts(ev)
     _labels_opts(ev)
+    _sources_opts(ev)
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default: 1000)")
     ev.set_defaults(run=_eval, argv=None)
 

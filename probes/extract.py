@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from probes.data import Dataset
+from probes.fit import Inputs
 from router.config import ScorerConfig
 from router.scorer.features import FeatureExtractor
+from router.text_features import prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -47,3 +50,15 @@ def extract_features(
     np.save(tmp, features)
     tmp.rename(path)
     return features, extractor
+
+
+def probe_inputs(
+    cfg: ScorerConfig, dataset: Dataset, text: str, *, extractor: FeatureExtractor | None = None,
+    progress: bool = True,
+) -> tuple[Any, FeatureExtractor]:
+    """What a probe reads for each question: the scorer's features, with the prompt texts beside them when the
+    probe also reads text features (``text`` ≠ "none")."""
+    features, extractor = extract_features(cfg, dataset, extractor=extractor, progress=progress)
+    if text == "none":
+        return features, extractor
+    return Inputs(features, tuple(prompt_text(c) for c in dataset.conversations())), extractor

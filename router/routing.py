@@ -102,7 +102,7 @@ class Router:
         self.metrics.scorer_seconds.observe(scored.total_s)
         self.metrics.scorer_queue_seconds.observe(scored.queue_s)
         candidates = self._candidates(available)
-        probabilities = {n: p for n, p in self.probes.predict(scored.features).items() if n in candidates}
+        probabilities = {n: p for n, p in self.probes.predict(scored.features, messages).items() if n in candidates}
         options = self._options(
             probabilities, prompt_chars // CHARS_PER_TOKEN, output_tokens or self.policy.expected_output_tokens
         )
