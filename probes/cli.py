@@ -9,6 +9,7 @@ import json
 import logging
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from router.config import ConfigError, Settings, load_settings
@@ -162,16 +163,25 @@ def _eval(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from probes.calibrate import choose_threshold, write_threshold
     from probes.data import load_dataset
-    from probes.evaluate import cheap_frontier
+    from probes.evaluate import pool_estimates
 
     settings = _settings(args)
-    frontier, cheap, dear = cheap_frontier(settings, load_dataset(args.data), folds=args.folds, seed=args.seed,
-                                           label_keys=_label_keys(args.label),
-                                           train_keys=_train_keys(args.train_labels),
-                                           progress=not args.no_progress)
-    choice = choose_threshold(frontier, min_accuracy=args.min_accuracy, max_cost=args.max_cost_per_request,
-                              max_dear_share=args.max_dear_share)
-    print(json.dumps({"cheap": cheap, "dear": dear, **choice.as_dict()}, indent=2))
+    dataset = load_dataset(args.data)
+    estimates = pool_estimates(settings, dataset, calibration=load_dataset(args.calibration) if args.calibration
+                               else None, text=args.text_features, folds=args.folds, seed=args.seed,
+                               label_keys=_label_keys(args.label), train_keys=_all_train_keys(args, settings, dataset),
+                               progress=not args.no_progress)
+    choice = choose_threshold(estimates.threshold_frontier(), min_accuracy=args.min_accuracy,
+                              max_cost=args.max_cost_per_request, max_dear_share=args.max_dear_share)
+    expected = estimates.at_threshold(choice.threshold)
+    print(json.dumps({"cheap": estimates.names[estimates.cheap], "dear": estimates.names[estimates.dear],
+                      **choice.as_dict(), "expected_share": expected["share"],
+                      "calibration_data": str(args.calibration or args.data),
+                      "base_rate": {n: round(v, 4) for n, v in estimates.base_rate.items()}}, indent=2))
+    for shift in estimates.base_rate_shifts():
+        print(f"warning: base rates differ ({shift}): estimates trained on the one are calibrated on the other; "
+              "the gateway's predicted-vs-realised accuracy panel shows whether live traffic drifts further",
+              file=sys.stderr)
     if not choice.met:
         print("warning: no threshold meets the target; chose the closest operating point", file=sys.stderr)
     if args.dry_run:
@@ -179,6 +189,46 @@ def _calibrate(args: argparse.Namespace) -> int:
     write_threshold(args.config, choice.threshold)
     print(f"wrote policy.threshold: {choice.threshold:.4f} to {args.config}")
     return 0 if choice.met else 1
+
+
+def _recalibrate(args: argparse.Namespace) -> int:
+    from probes.data import load_dataset
+    from probes.extract import probe_inputs
+    from probes.train import calibration_summary, probe_logits, recalibrated
+    from router.probe import load_probe, save_probe
+
+    settings = _settings(args)
+    sample = load_dataset(args.data)
+    label_keys = _label_keys(args.label)
+    inputs: dict[str, object] = {}
+    done = 0
+    for b in settings.backends:
+        if b.probe is None:
+            continue
+        key = label_keys.get(b.name, b.model)
+        try:
+            y = sample.labels(key)
+        except KeyError as e:
+            print(f"skipping {b.name}: {e}", file=sys.stderr)
+            continue
+        probe = load_probe(b.probe)
+        text = "none" if probe.text is None else "tfidf+length" if probe.text.length else "tfidf"
+        if text not in inputs:
+            inputs[text] = probe_inputs(settings.scorer, sample, text, progress=not args.no_progress)[0]
+        x = inputs[text]
+        before = calibration_summary(probe, x, y, sample, y)
+        probe = recalibrated(probe, probe_logits(probe, x), y)
+        after = calibration_summary(probe, x, y, sample, y)
+        probe = replace(probe, metrics=probe.metrics | {"recalibrated": after | {"brier_before": before["brier"]}})
+        target = (args.out / f"{b.name}.json") if args.out else b.probe
+        save_probe(probe, target)
+        done += 1
+        print(f"{b.name}: Platt re-fitted on {len(y)} labelled requests (base rate {after['base_rate']:.3f}); "
+              f"Brier {before['brier']:.4f} → {after['brier']:.4f}; weights unchanged → {target}")
+    if not done:
+        print("error: no probed backend has labels in the sample", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _common(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
@@ -282,12 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=_eval, argv=None)
 
     cal = sub.add_parser("calibrate", help="choose policy.threshold for a target and write it into the config",
-                         description="Choose the threshold on the cheap backend's nested out-of-fold estimates "
-                         "that meets one target, and write it to the config's policy.threshold (comments kept).")
+                         description="Choose the threshold that meets one target under the gateway's threshold "
+                         "policy over all backends, on held-out estimates (nested out-of-fold on --data, or "
+                         "probes trained on --data applied to --calibration), print the expected share of "
+                         "requests per backend and the accuracy, warn when the base rates of the training and "
+                         "calibration data differ, and write it to the config's policy.threshold (comments kept).")
     _common(cal)
     _scorer_override(cal)
+    cal.add_argument("--calibration", type=Path, help="labelled JSONL to choose the threshold on (probes trained "
+                     "on --data): data that looks like what the gateway will serve")
     _cv_opts(cal)
     _labels_opts(cal)
+    _sources_opts(cal)
     target = cal.add_mutually_exclusive_group(required=True)
     target.add_argument("--min-accuracy", type=float, help="cheapest threshold with at least this accuracy")
     target.add_argument("--max-cost-per-request", type=float,
@@ -296,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "of requests to the dearest backend")
     cal.add_argument("--dry-run", action="store_true", help="report the choice, leave the config alone")
     cal.set_defaults(run=_calibrate)
+
+    recal = sub.add_parser("recalibrate", help="re-fit only the probes' calibration on a labelled sample",
+                           description="Re-fit each probe's Platt calibration (not its weights) on a small "
+                           "labelled sample, e.g. of live traffic whose answers were graded, and write the probes "
+                           "back where the config points (or to --out).")
+    _common(recal)
+    recal.add_argument("--out", type=Path, help="write DIR/<backend>.json instead of over each backend's probe")
+    recal.add_argument("--label", action="append", default=[], metavar="BACKEND=KEY",
+                       help="read BACKEND's labels from correct[KEY] (default: its served model name)")
+    recal.set_defaults(run=_recalibrate)
     return parser
 
 

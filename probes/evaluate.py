@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from probes.data import Dataset
-from probes.extract import extract_features, probe_inputs
+from probes.extract import probe_inputs
 from probes.fit import DEFAULT_CS, TfidfLogistic, fit_calibrated, nested_oof, probe_model
 from probes.metrics import (
     Frontier,
@@ -35,7 +35,7 @@ from probes.metrics import (
     routing_frontier,
     share_to_recover,
 )
-from probes.pool import pool_report
+from probes.pool import pool_report, threshold_choices, threshold_frontier
 from router.config import BackendConfig, Settings
 
 log = logging.getLogger(__name__)
@@ -417,23 +417,90 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{v:.1%}"
 
 
-def cheap_frontier(
-    settings: Settings, dataset: Dataset, *, folds: int = 5, seed: int = 0, cs: Sequence[float] = DEFAULT_CS,
-    label_keys: dict[str, str] | None = None, train_keys: dict[str, list[str]] | None = None,
-    progress: bool = True,
-) -> tuple[Frontier, str, str]:
-    """The routing frontier of the cheapest backend's nested out-of-fold estimates: (frontier, cheap, dear)."""
+@dataclass(frozen=True)
+class PoolEstimates:
+    """Held-out success estimates of every labelled backend on the data a threshold is chosen on."""
+
+    names: list[str]
+    y: np.ndarray  # (n, k) 0/1
+    p: np.ndarray  # (n, k)
+    cost: np.ndarray  # (n, k) USD per request
+    fallback: int | None
+    training_base_rate: dict[str, float]
+    base_rate: dict[str, float]
+    n_training: int
+
+    @property
+    def cheap(self) -> int:
+        return int(np.argmin(self.cost.mean(axis=0)))
+
+    @property
+    def dear(self) -> int:
+        return int(np.argmax(self.cost.mean(axis=0)))
+
+    def threshold_frontier(self) -> Frontier:
+        """The gateway's threshold policy over all backends as a frontier (thresholds, dearest backend's share)."""
+        pts = threshold_frontier(self.p, self.y, self.cost, self.names, fallback=self.fallback, points=2000)
+        return Frontier(thresholds=pts.knob, dear_share=pts.shares[:, self.dear], accuracy=pts.accuracy,
+                        cost=pts.cost, cheap_accuracy=float(self.y[:, self.cheap].mean()),
+                        dear_accuracy=float(self.y[:, self.dear].mean()))
+
+    def at_threshold(self, threshold: float) -> dict[str, Any]:
+        """Expected share of requests per backend and accuracy at ``threshold``."""
+        choice = threshold_choices(self.p, self.cost, self.names, threshold, self.fallback)
+        rows = np.arange(len(choice))
+        return {"share": {n: round(float(np.mean(choice == i)), 4) for i, n in enumerate(self.names)},
+                "accuracy": round(float(self.y[rows, choice].mean()), 4),
+                "cost_per_request": float(self.cost[rows, choice].mean())}
+
+    def base_rate_shifts(self) -> list[str]:
+        """Backends whose success rate differs between training and calibration data by more than chance
+        (beyond 3 standard errors of the difference)."""
+        if not self.n_training:
+            return []
+        n1, n2 = self.n_training, len(self.y)
+        out = []
+        for name in self.names:
+            a, b = self.training_base_rate[name], self.base_rate[name]
+            pooled = (a * n1 + b * n2) / (n1 + n2)
+            se = np.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / n1 + 1 / n2))
+            if abs(a - b) > 3 * se:
+                out.append(f"{name}: {a:.3f} right in the training data, {b:.3f} in the calibration data")
+        return out
+
+
+def pool_estimates(
+    settings: Settings, dataset: Dataset, *, calibration: Dataset | None = None, text: str = "none",
+    folds: int = 5, seed: int = 0, label_keys: dict[str, str] | None = None,
+    train_keys: dict[str, list[str]] | None = None, progress: bool = True,
+) -> PoolEstimates:
+    """Every labelled backend's held-out estimates: nested out-of-fold on ``dataset``, or, with
+    ``calibration``, probes trained on ``dataset`` applied to ``calibration`` (whose labels then count)."""
     label_keys, train_keys = label_keys or {}, train_keys or {}
-    features, extractor = extract_features(settings.scorer, dataset, progress=progress)
-    lengths = np.array([extractor.token_count(extractor.render(c)) for c in dataset.conversations()], dtype=float)
+    model, grid = probe_model(text)
+    x, extractor = probe_inputs(settings.scorer, dataset, text, progress=progress)
+    scored = calibration or dataset
+    x_cal = None if calibration is None else probe_inputs(settings.scorer, calibration, text, extractor=extractor,
+                                                          progress=progress)[0]
+    lengths = np.array([extractor.token_count(extractor.render(c)) for c in scored.conversations()], dtype=float)
     usable = labelled_backends(settings, dataset, label_keys)
+    if calibration is not None:
+        in_cal = {b.name for b, _ in labelled_backends(settings, calibration, label_keys)}
+        usable = [(b, y) for b, y in usable if b.name in in_cal]
     if len(usable) < 2:
         raise ValueError("calibration needs labels for at least two backends of the config")
-    out_tokens = settings.policy.expected_output_tokens
-    costs = {b.name: estimate_costs(dataset, b, lengths, out_tokens)[0] for b, _ in usable}
-    cheap, y_cheap = min(usable, key=lambda t: costs[t[0].name].mean())
-    dear, y_dear = max(usable, key=lambda t: costs[t[0].name].mean())
-    key = label_keys.get(cheap.name, cheap.model)
-    ys = [dataset.labels(k) for k in train_keys.get(cheap.name, [key])]
-    p = nested_oof(features, ys, y_cheap, cs=cs, folds=folds, seed=seed).probability
-    return routing_frontier(p, y_cheap, y_dear, costs[cheap.name], costs[dear.name]), cheap.name, dear.name
+    names, ys, ps, costs = [], [], [], []
+    for b, y_train in usable:
+        key = label_keys.get(b.name, b.model)
+        train = [dataset.labels(k) for k in train_keys.get(b.name, [key])]
+        est = held_out(x, train, y_train, x_test=x_cal, cs=grid, folds=folds, seed=seed, model=model)
+        names.append(b.name)
+        ys.append(scored.labels(key))
+        ps.append(est.probability)
+        costs.append(estimate_costs(scored, b, lengths, settings.policy.expected_output_tokens)[0])
+    y = np.stack(ys, axis=1)
+    fallback = names.index(settings.policy.fallback) if settings.policy.fallback in names else None
+    train_rates = {b.name: float(y_train.mean()) for b, y_train in usable}
+    return PoolEstimates(names, y, np.stack(ps, axis=1), np.stack(costs, axis=1), fallback, train_rates,
+                         {n: float(y[:, i].mean()) for i, n in enumerate(names)},
+                         len(dataset.records) if calibration is not None else 0)

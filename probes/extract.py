@@ -37,14 +37,17 @@ def extract_features(
         log.info("features from cache %s", path)
         return np.load(path), extractor
     conversations = dataset.conversations()
-    rows = []
-    bar = tqdm(total=len(conversations), desc="scorer features", unit="q", disable=not progress)
-    for start in range(0, len(conversations), batch_size):
-        batch = conversations[start:start + batch_size]
-        rows.append(extractor.features(batch))
-        bar.update(len(batch))
+    # Batches of similar lengths: padding is computed and thrown away, and with prompts of very different
+    # lengths it would be most of the work. Right padding leaves every row's real tokens as they are alone.
+    prompts = [extractor.render(c) for c in conversations]
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    features = np.zeros((len(prompts), extractor.info.feature_dim), dtype=np.float32)
+    bar = tqdm(total=len(prompts), desc="scorer features", unit="q", disable=not progress)
+    for start in range(0, len(prompts), batch_size):
+        idx = order[start:start + batch_size]
+        features[idx] = extractor.features_from_prompts([prompts[i] for i in idx])
+        bar.update(len(idx))
     bar.close()
-    features = np.concatenate(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, features)
