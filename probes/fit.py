@@ -201,8 +201,9 @@ class _SparseScorer:
 class Stacked:
     """Activations and text features in one linear model, fitted by stacking: an activation probe (C by inner
     CV) and a TF-IDF probe (C by inner CV) give out-of-fold logits, a small logistic regression on [both logits,
-    standardised log length] weighs them (and calibrates), and the three fold into one weight vector over
-    [activations ‖ TF-IDF ‖ log length]. The TF-IDF vocabulary and idf come from the training texts alone."""
+    standardised log length] weighs them, the three fold into one weight vector over [activations ‖ TF-IDF ‖ log
+    length], and Platt on the combination's out-of-fold output calibrates it against the backend's own labels.
+    The TF-IDF vocabulary and idf come from the training texts alone (no labels)."""
 
     def __init__(self, *, length: bool = True, cs: Sequence[float] = DEFAULT_CS,
                  text_cs: Sequence[float] = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0), max_features: int | None = 20000) -> None:
@@ -226,8 +227,13 @@ class Stacked:
             l_mean, l_scale = float(length.mean()), float(length.std())
             l_scale = l_scale if l_scale > 1e-6 else 1.0  # all prompts of one length: a constant column
             columns.append((length - l_mean) / l_scale)
-        combiner = LogisticRegression(C=1e4, max_iter=1000).fit(np.column_stack(columns), target)
+        # The combination is part of the weights: learnt from the training label sets (stacked as weights);
+        # Platt on its out-of-fold output then calibrates against the backend's own labels.
+        z = np.column_stack(columns)
+        rows, y_all, w_all = _stack_as_weights(ys)
+        combiner = LogisticRegression(C=1e4, max_iter=1000).fit(z[rows], y_all, sample_weight=w_all)
         k = combiner.coef_[0]
+        a, b = fit_platt(z @ k + combiner.intercept_[0], target)
         act = StandardisedLogistic().fit_path(x.activations, ys, [inner_act.c])[0]
         txt = SparseLogistic().fit_path(t[:, :vocab], ys, [inner_txt.c])[0]
         assert isinstance(act, LinearScorer) and isinstance(txt, _SparseScorer)
@@ -237,7 +243,7 @@ class Stacked:
         bias = float(k[0] * act.bias + k[1] * txt.bias + combiner.intercept_[0])
         scorer = JointScorer(text, mean, scale, weight, bias)
         inner = InnerResult((inner_act.c, inner_txt.c), inner_act.oof_logits, {})
-        return Calibrated(scorer, 1.0, 0.0, (inner_act.c, inner_txt.c, *(round(float(v), 4) for v in k)), inner)
+        return Calibrated(scorer, a, b, (inner_act.c, inner_txt.c, *(round(float(v), 4) for v in k)), inner)
 
 
 def _take(x: Any, idx: np.ndarray) -> Any:

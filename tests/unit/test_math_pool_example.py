@@ -21,6 +21,8 @@ pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), rea
 
 def test_math_pool_routes_among_four_backends() -> None:
     settings = load_settings(CONFIG)
+    missing = [str(b.probe) for b in settings.backends if b.probe is None or not b.probe.is_file()]
+    assert not missing, f"train them: see examples/math-pool.yaml ({missing})"
     assert len(settings.backends) == 4
     engine = load_engine(settings)  # refuses probes made for another scorer or other text features
     assert engine.probes.names == [b.name for b in settings.backends]
