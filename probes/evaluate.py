@@ -414,7 +414,7 @@ def render_pool(pool: dict[str, Any]) -> list[str]:
 
 
 def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{v:.1%}"
+    return "–" if v is None else f"{v + 0.0:.1%}"  # + 0.0: no "-0.0%"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ def test_math_pool_routes_among_four_backends() -> None:
     fake = FakeBackend("standin")
     with serve(fake.app) as upstream:
         backends = [b.model_copy(update={"base_url": f"{upstream}/v1"}) for b in settings.backends]
-        settings = settings.model_copy(update={"backends": backends})
+        scorer = settings.scorer.model_copy(update={"timeout_s": 120.0})  # a loaded CI machine: score, never skip
+        settings = settings.model_copy(update={"backends": backends, "scorer": scorer})
         with serve(create_app(settings, engine)) as url:
             question = "Find the sum of all real $x$ with $x^2 - 5x + 6 = 0$. Let's think step by step and output " \
                        "the final answer within \\boxed{}."
