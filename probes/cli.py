@@ -9,6 +9,7 @@ import json
 import logging
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from router.config import ConfigError, Settings, load_settings
@@ -35,6 +36,16 @@ def _train_keys(items: list[str]) -> dict[str, list[str]]:
         name, keys = item.split("=", 1)
         out[name] = [k for k in keys.split("+") if k]
     return out
+
+
+def _all_train_keys(args: argparse.Namespace, settings: Settings, dataset: object) -> dict[str, list[str]]:
+    """--train-labels, or with --share-labels every backend on all backends' labels (explicit ones win)."""
+    from probes.evaluate import shared_keys
+
+    explicit = _train_keys(args.train_labels)
+    if not getattr(args, "share_labels", False):
+        return explicit
+    return shared_keys(settings, dataset, _label_keys(args.label)) | explicit  # type: ignore[arg-type]
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -90,7 +101,7 @@ def _train(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     dataset = load_dataset(args.data)
-    labels, train_keys = _label_keys(args.label), _train_keys(args.train_labels)
+    labels, train_keys = _label_keys(args.label), _all_train_keys(args, settings, dataset)
     extra: dict[str, object] = {}
     if args.sweep:
         recipes = parse_recipes(args.sweep_layers.split(","), args.sweep_pooling.split(","))
@@ -109,8 +120,10 @@ def _train(args: argparse.Namespace) -> int:
               f"with the config's scorer; pass --out DIR, or set scorer.layers: {settings.scorer.layers} and "
               f"scorer.pooling: {settings.scorer.pooling} in {args.config}", file=sys.stderr)
         return 1
+    calibration = load_dataset(args.calibration) if args.calibration else None
     written = train_probes(settings, dataset, out_dir=args.out, folds=args.folds, seed=args.seed, label_keys=labels,
-                           train_keys=train_keys, extra_training=extra, progress=not args.no_progress)
+                           train_keys=train_keys, extra_training=extra, text=args.text_features,
+                           calibration=calibration, progress=not args.no_progress)
     if not written:
         print("error: no backend of the config has labels in the data", file=sys.stderr)
         return 1
@@ -125,9 +138,11 @@ def _eval(args: argparse.Namespace) -> int:
     from probes.evaluate import evaluate
 
     settings = _settings(args)
+    dataset = load_dataset(args.data)
     report = evaluate(
-        settings, load_dataset(args.data), args.out, folds=args.folds, seed=args.seed, rounds=args.bootstrap,
-        label_keys=_label_keys(args.label), train_keys=_train_keys(args.train_labels),
+        settings, dataset, args.out, test=load_dataset(args.test) if args.test else None, text=args.text_features,
+        folds=args.folds, seed=args.seed, rounds=args.bootstrap,
+        label_keys=_label_keys(args.label), train_keys=_all_train_keys(args, settings, dataset),
         command="python -m probes " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
         progress=not args.no_progress,
     )
@@ -138,6 +153,11 @@ def _eval(args: argparse.Namespace) -> int:
     if "routing" in report:
         routing = report["routing"]
         print(f"routing {routing['cheap']} → {routing['dear']}: APGR {routing['apgr']:.3f}")
+    for router, entry in report.get("pool", {}).get("policies", {}).items():
+        best = report["pool"]["always_best"]
+        print(f"pool, {router}: argmax-p accuracy {entry['argmax_p']['accuracy']:.3f} (best single "
+              f"{best['accuracy']:.3f}); threshold policy max accuracy {entry['threshold']['max_accuracy']:.3f}, "
+              f"utility {entry['utility']['max_accuracy']:.3f}")
     print(f"report: {args.out / 'report.md'}")
     return 0
 
@@ -145,16 +165,25 @@ def _eval(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from probes.calibrate import choose_threshold, write_threshold
     from probes.data import load_dataset
-    from probes.evaluate import cheap_frontier
+    from probes.evaluate import pool_estimates
 
     settings = _settings(args)
-    frontier, cheap, dear = cheap_frontier(settings, load_dataset(args.data), folds=args.folds, seed=args.seed,
-                                           label_keys=_label_keys(args.label),
-                                           train_keys=_train_keys(args.train_labels),
-                                           progress=not args.no_progress)
-    choice = choose_threshold(frontier, min_accuracy=args.min_accuracy, max_cost=args.max_cost_per_request,
-                              max_dear_share=args.max_dear_share)
-    print(json.dumps({"cheap": cheap, "dear": dear, **choice.as_dict()}, indent=2))
+    dataset = load_dataset(args.data)
+    estimates = pool_estimates(settings, dataset, calibration=load_dataset(args.calibration) if args.calibration
+                               else None, text=args.text_features, folds=args.folds, seed=args.seed,
+                               label_keys=_label_keys(args.label), train_keys=_all_train_keys(args, settings, dataset),
+                               progress=not args.no_progress)
+    choice = choose_threshold(estimates.threshold_frontier(), min_accuracy=args.min_accuracy,
+                              max_cost=args.max_cost_per_request, max_dear_share=args.max_dear_share)
+    expected = estimates.at_threshold(choice.threshold)
+    print(json.dumps({"cheap": estimates.names[estimates.cheap], "dear": estimates.names[estimates.dear],
+                      **choice.as_dict(), "expected_share": expected["share"],
+                      "calibration_data": str(args.calibration or args.data),
+                      "base_rate": {n: round(v, 4) for n, v in estimates.base_rate.items()}}, indent=2))
+    for shift in estimates.base_rate_shifts():
+        print(f"warning: base rates differ ({shift}): estimates trained on the one are calibrated on the other; "
+              "the gateway's predicted-vs-realised accuracy panel shows whether live traffic drifts further",
+              file=sys.stderr)
     if not choice.met:
         print("warning: no threshold meets the target; chose the closest operating point", file=sys.stderr)
     if args.dry_run:
@@ -162,6 +191,48 @@ def _calibrate(args: argparse.Namespace) -> int:
     write_threshold(args.config, choice.threshold)
     print(f"wrote policy.threshold: {choice.threshold:.4f} to {args.config}")
     return 0 if choice.met else 1
+
+
+def _recalibrate(args: argparse.Namespace) -> int:
+    from probes.data import load_dataset
+    from probes.extract import probe_inputs
+    from probes.train import calibration_summary, probe_logits, recalibrated
+    from router.probe import load_probe, save_probe
+
+    settings = _settings(args)
+    sample = load_dataset(args.data)
+    label_keys = _label_keys(args.label)
+    inputs: dict[tuple[str, str], object] = {}
+    done = 0
+    for b in settings.backends:
+        if b.probe is None:
+            continue
+        key = label_keys.get(b.name, b.model)
+        try:
+            y = sample.labels(key)
+        except KeyError as e:
+            print(f"skipping {b.name}: {e}", file=sys.stderr)
+            continue
+        probe = load_probe(b.probe)
+        text = "none" if probe.text is None else "tfidf+length" if probe.text.length else "tfidf"
+        scorer = settings.scorer_for(b)
+        if (text, scorer.model_dump_json()) not in inputs:
+            inputs[text, scorer.model_dump_json()] = probe_inputs(scorer, sample, text,
+                                                                  progress=not args.no_progress)[0]
+        x = inputs[text, scorer.model_dump_json()]
+        before = calibration_summary(probe, x, y, sample, y)
+        probe = recalibrated(probe, probe_logits(probe, x), y)
+        after = calibration_summary(probe, x, y, sample, y)
+        probe = replace(probe, metrics=probe.metrics | {"recalibrated": after | {"brier_before": before["brier"]}})
+        target = (args.out / f"{b.name}.json") if args.out else b.probe
+        save_probe(probe, target)
+        done += 1
+        print(f"{b.name}: Platt re-fitted on {len(y)} labelled requests (base rate {after['base_rate']:.3f}); "
+              f"Brier {before['brier']:.4f} → {after['brier']:.4f}; weights unchanged → {target}")
+    if not done:
+        print("error: no probed backend has labels in the sample", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _common(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
@@ -183,6 +254,16 @@ def _labels_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-labels", action="append", default=[], metavar="BACKEND=KEY[+KEY...]",
                    help="train BACKEND's weights on these label sets, rows stacked once per set (C, Platt and "
                    "metrics still use its own labels); e.g. a dear model's probe on the cheap model's labels")
+
+
+def _sources_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-features", choices=["none", "tfidf", "tfidf+length"], default="none",
+                   help="text features of the prompt beside the scorer's activations, in one linear model "
+                   "(TF-IDF of word 1-2-grams, log word count; computed by the gateway, saved in the probe file; "
+                   "default: %(default)s)")
+    p.add_argument("--share-labels", action="store_true",
+                   help="train every backend's weights on all labelled backends' labels stacked (a shared "
+                   "difficulty direction); C, Platt and the metrics stay per backend")
 
 
 def _cv_opts(p: argparse.ArgumentParser) -> None:
@@ -224,8 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train)
     _scorer_override(train)
     train.add_argument("--out", type=Path, help="write DIR/<backend>.json instead of each backend's probe path")
+    train.add_argument("--calibration", type=Path, help="labelled JSONL to re-fit Platt calibration on (the "
+                       "weights are learnt on --data): data that looks like what the gateway will serve")
     _cv_opts(train)
     _labels_opts(train)
+    _sources_opts(train)
     train.add_argument("--sweep", action="store_true", help="choose scorer layers × pooling by inner CV")
     train.add_argument("--sweep-layers", default=DEFAULT_SWEEP_LAYERS,
                        help="candidate layer groups, comma-separated; '+' joins layers into one recipe, e.g. "
@@ -233,25 +317,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sweep-pooling", default="last,mean,last+mean", help="default: %(default)s")
     train.set_defaults(run=_train)
 
-    ev = sub.add_parser("eval", help="nested-CV AUROC/Brier/ECE with bootstrap CIs, baselines, routing frontier",
-                        description="Nested cross-validated quality of each backend's probe beside baselines and "
-                        "reference probabilities, and the routing frontier (APGR) between the cheapest and the "
-                        "dearest backend. Writes OUT/report.json, OUT/report.md and OUT/frontier.png.")
+    ev = sub.add_parser("eval", help="held-out AUROC/Brier/ECE with bootstrap CIs, baselines, routing frontiers",
+                        description="Held-out quality of each backend's probe (nested cross-validation on --data, "
+                        "or trained on --data and scored on --test) beside baselines and reference "
+                        "probabilities; the routing frontier (APGR) between the cheapest and the dearest backend; "
+                        "and the accuracy/cost frontier of the threshold and utility policies over all backends. "
+                        "Writes OUT/report.json, OUT/report.md, OUT/frontier.png and OUT/pool_frontier.png.")
     _common(ev)
     _scorer_override(ev)
     ev.add_argument("--out", type=Path, required=True, help="report folder")
+    ev.add_argument("--test", type=Path, help="labelled JSONL to report on, trained on --data (default: nested "
+                    "cross-validation on --data)")
     _cv_opts(ev)
     _labels_opts(ev)
+    _sources_opts(ev)
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default: 1000)")
     ev.set_defaults(run=_eval, argv=None)
 
     cal = sub.add_parser("calibrate", help="choose policy.threshold for a target and write it into the config",
-                         description="Choose the threshold on the cheap backend's nested out-of-fold estimates "
-                         "that meets one target, and write it to the config's policy.threshold (comments kept).")
+                         description="Choose the threshold that meets one target under the gateway's threshold "
+                         "policy over all backends, on held-out estimates (nested out-of-fold on --data, or "
+                         "probes trained on --data applied to --calibration), print the expected share of "
+                         "requests per backend and the accuracy, warn when the base rates of the training and "
+                         "calibration data differ, and write it to the config's policy.threshold (comments kept).")
     _common(cal)
     _scorer_override(cal)
+    cal.add_argument("--calibration", type=Path, help="labelled JSONL to choose the threshold on (probes trained "
+                     "on --data): data that looks like what the gateway will serve")
     _cv_opts(cal)
     _labels_opts(cal)
+    _sources_opts(cal)
     target = cal.add_mutually_exclusive_group(required=True)
     target.add_argument("--min-accuracy", type=float, help="cheapest threshold with at least this accuracy")
     target.add_argument("--max-cost-per-request", type=float,
@@ -260,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "of requests to the dearest backend")
     cal.add_argument("--dry-run", action="store_true", help="report the choice, leave the config alone")
     cal.set_defaults(run=_calibrate)
+
+    recal = sub.add_parser("recalibrate", help="re-fit only the probes' calibration on a labelled sample",
+                           description="Re-fit each probe's Platt calibration (not its weights) on a small "
+                           "labelled sample, e.g. of live traffic whose answers were graded, and write the probes "
+                           "back where the config points (or to --out).")
+    _common(recal)
+    recal.add_argument("--out", type=Path, help="write DIR/<backend>.json instead of over each backend's probe")
+    recal.add_argument("--label", action="append", default=[], metavar="BACKEND=KEY",
+                       help="read BACKEND's labels from correct[KEY] (default: its served model name)")
+    recal.set_defaults(run=_recalibrate)
     return parser
 
 

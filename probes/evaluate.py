@@ -22,8 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from probes.data import Dataset
-from probes.extract import extract_features
-from probes.fit import DEFAULT_CS, TfidfLogistic, nested_oof
+from probes.extract import probe_inputs
+from probes.fit import DEFAULT_CS, TfidfLogistic, fit_calibrated, nested_oof, probe_model
 from probes.metrics import (
     Frontier,
     apgr,
@@ -35,6 +35,7 @@ from probes.metrics import (
     routing_frontier,
     share_to_recover,
 )
+from probes.pool import pool_report, threshold_choices, threshold_frontier
 from router.config import BackendConfig, Settings
 
 log = logging.getLogger(__name__)
@@ -112,62 +113,135 @@ def labelled_backends(
     return usable
 
 
+def shared_keys(
+    settings: Settings, dataset: Dataset, label_keys: dict[str, str]
+) -> dict[str, list[str]]:
+    """Every labelled backend trained on all labelled backends' labels, stacked (a shared difficulty
+    direction; C, Platt and the metrics stay per backend)."""
+    keys = [label_keys.get(b.name, b.model) for b, _ in labelled_backends(settings, dataset, label_keys)]
+    return {b.name: keys for b in settings.backends}
+
+
+def held_out(
+    x: Any, ys: Sequence[np.ndarray], y: np.ndarray, *, x_test: Any = None, cs: Sequence[Any] = DEFAULT_CS,
+    folds: int = 5, seed: int = 0, model: Any = None,
+) -> Estimates:
+    """Success estimates no model saw the labels of: nested out-of-fold on (x, y), or, with ``x_test``, a
+    probe fitted on all of (x, y) (C and Platt by inner CV there) applied to ``x_test``."""
+    if x_test is None:
+        nested = nested_oof(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
+        return Estimates("", nested.probability, nested.chosen)
+    fitted = fit_calibrated(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
+    return Estimates("", fitted.probability(x_test), [fitted.c])
+
+
 def evaluate(
-    settings: Settings, dataset: Dataset, out_dir: Path, *, folds: int = 5, seed: int = 0, rounds: int = 1000,
-    cs: Sequence[float] = DEFAULT_CS, label_keys: dict[str, str] | None = None,
-    train_keys: dict[str, list[str]] | None = None, command: str = "", progress: bool = True,
+    settings: Settings, dataset: Dataset, out_dir: Path, *, test: Dataset | None = None, text: str = "none",
+    folds: int = 5, seed: int = 0, rounds: int = 1000, cs: Sequence[Any] | None = None,
+    label_keys: dict[str, str] | None = None, train_keys: dict[str, list[str]] | None = None, command: str = "",
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Write ``out_dir/report.json``, ``report.md`` and ``frontier.png``; return the report."""
+    """Write ``out_dir/report.json``, ``report.md`` and the plots; return the report.
+
+    Without ``test``: nested cross-validation on ``dataset``. With it: every estimator trained on ``dataset``
+    and scored on ``test``, whose labels, costs and reference probabilities the report uses."""
     label_keys, train_keys = label_keys or {}, train_keys or {}
-    features, extractor = extract_features(settings.scorer, dataset, progress=progress)
-    lengths = np.array([len(extractor.encoder.encode(c)) for c in dataset.conversations()], dtype=np.float64)
+    model, grid = probe_model(text, cs)
+    x, extractor = probe_inputs(settings.scorer, dataset, text, progress=progress)
+    x_test = None if test is None else probe_inputs(settings.scorer, test, text, scorer=extractor,
+                                                    progress=progress)[0]
+    scored = test or dataset
+
+    def lengths_of(d: Dataset) -> np.ndarray:
+        return np.array([len(extractor.encoder.encode(c)) for c in d.conversations()], dtype=np.float64)
+
+    lengths = lengths_of(dataset)
+    lengths_scored = lengths if test is None else lengths_of(test)
     texts = np.array(dataset.questions, dtype=object)
+    texts_test = None if test is None else np.array(test.questions, dtype=object)
     usable = labelled_backends(settings, dataset, label_keys)
+    if test is not None:
+        in_test = {b.name for b, _ in labelled_backends(settings, test, label_keys)}
+        usable = [(b, y) for b, y in usable if b.name in in_test]
     if not usable:
         raise ValueError("no backend of the config has labels in the data")
-    bar = tqdm(total=3 * len(usable), desc="nested CV", unit="model", disable=not progress)
+    bar = tqdm(total=3 * len(usable), desc="nested CV" if test is None else "train → test", unit="model",
+               disable=not progress)
     report: dict[str, Any] = {
         "command": command,
         "data": {"path": str(dataset.path), "sha256_16": dataset.digest(), "n": len(dataset.records)},
+        "protocol": "nested cross-validation" if test is None else "trained on data, scored on test",
         "scorer": extractor.info.recipe() | {"model": extractor.info.model, "fingerprint": extractor.info.fingerprint},
-        "folds": folds, "seed": seed, "bootstrap_rounds": rounds, "C_grid": list(cs),
+        "text_features": text,
+        "folds": folds, "seed": seed, "bootstrap_rounds": rounds, "C_grid": [list(c) if isinstance(c, tuple) else c
+                                                                             for c in grid],
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "backends": {},
     }
+    if test is not None:
+        report["test"] = {"path": str(test.path), "sha256_16": test.digest(), "n": len(test.records)}
     estimates: dict[str, dict[str, np.ndarray]] = {}
-    for b, y in usable:
+    scored_usable = []
+    for b, y_train in usable:
         key = label_keys.get(b.name, b.model)
+        y = scored.labels(key)
         ys = [dataset.labels(k) for k in train_keys.get(b.name, [key])]
-        probe = nested_oof(features, ys, y, cs=cs, folds=folds, seed=seed)
+        common = {"folds": folds, "seed": seed}
+        probe = held_out(x, ys, y_train, x_test=x_test, cs=grid, model=model, **common)
         bar.update()
-        length = nested_oof(-lengths.reshape(-1, 1), [y], y, cs=cs, folds=folds, seed=seed)
+        length = held_out(-lengths.reshape(-1, 1), [y_train], y_train,
+                          x_test=None if test is None else -lengths_scored.reshape(-1, 1), cs=DEFAULT_CS, **common)
         bar.update()
-        tfidf = nested_oof(texts, [y], y, cs=TFIDF_CS, folds=folds, seed=seed, model=TfidfLogistic())
+        tfidf = held_out(texts, [y_train], y_train, x_test=texts_test, cs=TFIDF_CS, model=TfidfLogistic(), **common)
         bar.update()
         entry: dict[str, Any] = {
             "label": key, "trained_on": train_keys.get(b.name, [key]), "n": len(y),
             "base_rate": round(float(y.mean()), 4),
             **_quality(y, probe.probability, rounds, seed),
-            "C_per_fold": probe.chosen,
+            "C_per_fold": [list(c) if isinstance(c, tuple) else c for c in probe.chosen or []],
             "baselines": {
                 "prompt_length": _quality(y, length.probability, rounds, seed),
                 "tfidf_logreg": _quality(y, tfidf.probability, rounds, seed) | {"C_per_fold": tfidf.chosen},
             },
         }
+        if test is not None:
+            entry["train_base_rate"] = round(float(y_train.mean()), 4)
         est = {"probe": probe.probability, "prompt_length": length.probability, "tfidf_logreg": tfidf.probability}
-        reference = dataset.reference(key)
+        reference = scored.reference(key)
         if reference is not None:
             entry["reference_paper_probe"] = _quality(y, reference, rounds, seed)
             est["paper_probe"] = reference
         report["backends"][b.name] = entry
         estimates[b.name] = est
+        scored_usable.append((b, y))
     bar.close()
-    if len(usable) >= 2:
-        report["routing"] = _routing(settings, dataset, usable, estimates, lengths, out_dir, rounds, seed)
+    if len(scored_usable) >= 2:
+        report["routing"] = _routing(settings, scored, scored_usable, estimates, lengths_scored, out_dir, rounds,
+                                     seed)
+        report["pool"] = _pool(settings, scored, scored_usable, estimates, lengths_scored, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(render_markdown(report))
     return report
+
+
+def _pool(
+    settings: Settings, dataset: Dataset, usable: list[tuple[BackendConfig, np.ndarray]],
+    estimates: dict[str, dict[str, np.ndarray]], lengths: np.ndarray, out_dir: Path,
+) -> dict[str, Any]:
+    names = [b.name for b, _ in usable]
+    y = np.stack([y for _, y in usable], axis=1).astype(np.float64)
+    cost = np.stack([estimate_costs(dataset, b, lengths, settings.policy.expected_output_tokens)[0]
+                     for b, _ in usable], axis=1)
+    routers = {r: np.stack([estimates[n][r] for n in names], axis=1)
+               for r in ("probe", "tfidf_logreg", "paper_probe") if all(r in estimates[n] for n in names)}
+    fallback = names.index(settings.policy.fallback) if settings.policy.fallback in names else None
+    out = pool_report(names, y, cost, routers, fallback=fallback, out_dir=out_dir)
+    out["threshold_policy"] = ("the cheapest backend whose estimate is at least the threshold; when none is, "
+                               + (f"the fallback {settings.policy.fallback}" if fallback is not None
+                                  else "the highest estimate"))
+    out["utility_policy"] = "argmax p − λ·cost/max cost, λ swept"
+    return out
 
 
 def _routing(
@@ -238,6 +312,13 @@ def _ci(entry: dict[str, Any], name: str) -> str:
     return f"{entry[name]:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _protocol(report: dict[str, Any]) -> str:
+    if "test" in report:
+        return (f"Trained on these, scored on `{report['test']['path']}` ({report['test']['n']} questions); C and "
+                f"Platt by {report['folds']}-fold CV on the training data, seed {report['seed']}.")
+    return f"{report['folds']}-fold nested cross-validation, seed {report['seed']}."
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Probe evaluation",
@@ -245,11 +326,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"`{report['command']}`" if report.get("command") else "",
         "",
         f"Data: `{report['data']['path']}` ({report['data']['n']} questions). Scorer: {report['scorer']['model']}, "
-        f"layers {report['scorer']['layers']}, pooling {report['scorer']['pooling']}. "
-        f"{report['folds']}-fold nested cross-validation, seed {report['seed']}; "
-        f"95% intervals from {report['bootstrap_rounds']} bootstrap resamples of the questions.",
+        f"layers {report['scorer']['layers']}, pooling {report['scorer']['pooling']}; text features beside the "
+        f"activations: {report.get('text_features', 'none')}. " + _protocol(report)
+        + f" 95% intervals from {report['bootstrap_rounds']} bootstrap resamples of the questions.",
         "",
-        "## Success estimates (out-of-fold)",
+        "## Success estimates (held out)",
         "",
         "| backend | estimator | AUROC [95% CI] | Brier [95% CI] | ECE [95% CI] |",
         "| --- | --- | --- | --- | --- |",
@@ -281,26 +362,145 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {est} | {apgr_text} | {e['dear_share_for_50pct_gap']:.3f} | "
                          f"{e['dear_share_for_80pct_gap']:.3f} | {saved:.1%} |")
         lines += ["", f"![frontier]({routing['plot']})", ""]
+    if report.get("pool"):
+        lines += render_pool(report["pool"])
     return "\n".join(lines) + "\n"
 
 
-def cheap_frontier(
-    settings: Settings, dataset: Dataset, *, folds: int = 5, seed: int = 0, cs: Sequence[float] = DEFAULT_CS,
-    label_keys: dict[str, str] | None = None, train_keys: dict[str, list[str]] | None = None,
-    progress: bool = True,
-) -> tuple[Frontier, str, str]:
-    """The routing frontier of the cheapest backend's nested out-of-fold estimates: (frontier, cheap, dear)."""
+def _usd(v: float | None) -> str:
+    return "–" if v is None or not np.isfinite(v) else f"{v * 1000:.4f}"
+
+
+def render_pool(pool: dict[str, Any]) -> list[str]:
+    best = pool["always_best"]
+    lines = [
+        "## Routing the whole pool",
+        "",
+        "Backends (accuracy, cost per 1,000 requests in USD): " + ", ".join(
+            f"{n} {b['accuracy']:.3f} / {_usd(b['cost_per_request'])}" for n, b in pool["backends"].items())
+        + f". Best single: {best['backend']}. Threshold policy: {pool['threshold_policy']}. "
+        f"Utility policy: {pool['utility_policy']}.",
+        "",
+        "| router | policy | highest accuracy | its cost /1k | cost /1k at 95% of best | saved | at 100% of best "
+        "| saved |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| always {best['backend']} | – | {best['accuracy']:.3f} | {_usd(best['cost_per_request'])} | – | – | "
+        f"{_usd(best['cost_per_request'])} | 0 |",
+        f"| random mixes of two | – | {best['accuracy']:.3f} | – | "
+        f"{_usd(pool['random_mix']['cost_at_95pct_of_best'])} | – | "
+        f"{_usd(pool['random_mix']['cost_at_100pct_of_best'])} | – |",
+    ]
+    for router, entry in pool["policies"].items():
+        for policy in ("threshold", "utility"):
+            e = entry[policy]
+            lines.append(
+                f"| {router} | {policy} | {e['max_accuracy']:.3f} | {_usd(e['cost_at_max_accuracy'])} | "
+                f"{_usd(e['cost_at_95pct_of_best'])} | {_pct(e['saved_at_95pct_of_best'])} | "
+                f"{_usd(e['cost_at_100pct_of_best'])} | {_pct(e['saved_at_100pct_of_best'])} |")
+    oracle = pool["oracle"]
+    lines.append(f"| oracle (upper bound) | – | {oracle['accuracy']:.3f} | {_usd(oracle['cost_per_request'])} | "
+                 "– | – | – | – |")
+    lines += ["", "Calibration across backends: argmax p (λ = 0) against the best single backend's accuracy "
+              f"{best['accuracy']:.3f}; mean p − accuracy per backend.", "",
+              "| router | argmax-p accuracy | reaches the best single | mean p − accuracy |",
+              "| --- | --- | --- | --- |"]
+    for router, entry in pool["policies"].items():
+        a = entry["argmax_p"]
+        gaps = ", ".join(f"{n} {v:+.3f}" for n, v in entry["mean_p_minus_accuracy"].items())
+        lines.append(f"| {router} | {a['accuracy']:.3f} | {'yes' if a['reaches_best_single'] else 'no'} | {gaps} |")
+    if pool.get("plot"):
+        lines += ["", f"![pool frontier]({pool['plot']})", ""]
+    return lines
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{v + 0.0:.1%}"  # + 0.0: no "-0.0%"
+
+
+@dataclass(frozen=True)
+class PoolEstimates:
+    """Held-out success estimates of every labelled backend on the data a threshold is chosen on."""
+
+    names: list[str]
+    y: np.ndarray  # (n, k) 0/1
+    p: np.ndarray  # (n, k)
+    cost: np.ndarray  # (n, k) USD per request
+    fallback: int | None
+    training_base_rate: dict[str, float]
+    base_rate: dict[str, float]
+    n_training: int
+
+    @property
+    def cheap(self) -> int:
+        return int(np.argmin(self.cost.mean(axis=0)))
+
+    @property
+    def dear(self) -> int:
+        return int(np.argmax(self.cost.mean(axis=0)))
+
+    def threshold_frontier(self) -> Frontier:
+        """The gateway's threshold policy over all backends as a frontier (thresholds, dearest backend's share)."""
+        pts = threshold_frontier(self.p, self.y, self.cost, self.names, fallback=self.fallback, points=2000)
+        return Frontier(thresholds=pts.knob, dear_share=pts.shares[:, self.dear], accuracy=pts.accuracy,
+                        cost=pts.cost, cheap_accuracy=float(self.y[:, self.cheap].mean()),
+                        dear_accuracy=float(self.y[:, self.dear].mean()))
+
+    def at_threshold(self, threshold: float) -> dict[str, Any]:
+        """Expected share of requests per backend and accuracy at ``threshold``."""
+        choice = threshold_choices(self.p, self.cost, self.names, threshold, self.fallback)
+        rows = np.arange(len(choice))
+        return {"share": {n: round(float(np.mean(choice == i)), 4) for i, n in enumerate(self.names)},
+                "accuracy": round(float(self.y[rows, choice].mean()), 4),
+                "cost_per_request": float(self.cost[rows, choice].mean())}
+
+    def base_rate_shifts(self) -> list[str]:
+        """Backends whose success rate differs between training and calibration data by more than chance
+        (beyond 3 standard errors of the difference)."""
+        if not self.n_training:
+            return []
+        n1, n2 = self.n_training, len(self.y)
+        out = []
+        for name in self.names:
+            a, b = self.training_base_rate[name], self.base_rate[name]
+            pooled = (a * n1 + b * n2) / (n1 + n2)
+            se = np.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / n1 + 1 / n2))
+            if abs(a - b) > 3 * se:
+                out.append(f"{name}: {a:.3f} right in the training data, {b:.3f} in the calibration data")
+        return out
+
+
+def pool_estimates(
+    settings: Settings, dataset: Dataset, *, calibration: Dataset | None = None, text: str = "none",
+    folds: int = 5, seed: int = 0, label_keys: dict[str, str] | None = None,
+    train_keys: dict[str, list[str]] | None = None, progress: bool = True,
+) -> PoolEstimates:
+    """Every labelled backend's held-out estimates: nested out-of-fold on ``dataset``, or, with
+    ``calibration``, probes trained on ``dataset`` applied to ``calibration`` (whose labels then count)."""
     label_keys, train_keys = label_keys or {}, train_keys or {}
-    features, extractor = extract_features(settings.scorer, dataset, progress=progress)
-    lengths = np.array([len(extractor.encoder.encode(c)) for c in dataset.conversations()], dtype=float)
+    model, grid = probe_model(text)
+    x, extractor = probe_inputs(settings.scorer, dataset, text, progress=progress)
+    scored = calibration or dataset
+    x_cal = None if calibration is None else probe_inputs(settings.scorer, calibration, text, scorer=extractor,
+                                                          progress=progress)[0]
+    lengths = np.array([len(extractor.encoder.encode(c)) for c in scored.conversations()], dtype=float)
     usable = labelled_backends(settings, dataset, label_keys)
+    if calibration is not None:
+        in_cal = {b.name for b, _ in labelled_backends(settings, calibration, label_keys)}
+        usable = [(b, y) for b, y in usable if b.name in in_cal]
     if len(usable) < 2:
         raise ValueError("calibration needs labels for at least two backends of the config")
-    out_tokens = settings.policy.expected_output_tokens
-    costs = {b.name: estimate_costs(dataset, b, lengths, out_tokens)[0] for b, _ in usable}
-    cheap, y_cheap = min(usable, key=lambda t: costs[t[0].name].mean())
-    dear, y_dear = max(usable, key=lambda t: costs[t[0].name].mean())
-    key = label_keys.get(cheap.name, cheap.model)
-    ys = [dataset.labels(k) for k in train_keys.get(cheap.name, [key])]
-    p = nested_oof(features, ys, y_cheap, cs=cs, folds=folds, seed=seed).probability
-    return routing_frontier(p, y_cheap, y_dear, costs[cheap.name], costs[dear.name]), cheap.name, dear.name
+    names, ys, ps, costs = [], [], [], []
+    for b, y_train in usable:
+        key = label_keys.get(b.name, b.model)
+        train = [dataset.labels(k) for k in train_keys.get(b.name, [key])]
+        est = held_out(x, train, y_train, x_test=x_cal, cs=grid, folds=folds, seed=seed, model=model)
+        names.append(b.name)
+        ys.append(scored.labels(key))
+        ps.append(est.probability)
+        costs.append(estimate_costs(scored, b, lengths, settings.policy.expected_output_tokens)[0])
+    y = np.stack(ys, axis=1)
+    fallback = names.index(settings.policy.fallback) if settings.policy.fallback in names else None
+    train_rates = {b.name: float(y_train.mean()) for b, y_train in usable}
+    return PoolEstimates(names, y, np.stack(ps, axis=1), np.stack(costs, axis=1), fallback, train_rates,
+                         {n: float(y[:, i].mean()) for i, n in enumerate(names)},
+                         len(dataset.records) if calibration is not None else 0)

@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from probes.data import Dataset
+from probes.fit import Inputs
 from router.config import ScorerConfig
 from router.scorer.interface import Scorer, open_scorer
+from router.text_features import prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +30,13 @@ def cache_path(cache_dir: Path, fingerprint: str, dataset: Dataset, max_prompt_t
 
 
 async def _score_all(scorer: Scorer, conversations: list, concurrency: int, progress: bool) -> np.ndarray:
-    """Every conversation's features, ``concurrency`` at a time (the scorer batches what arrives together)."""
+    """Every conversation's features, ``concurrency`` at a time, shortest first: the scorer batches what arrives
+    together, so prompts of similar length share a batch and little padding is computed and thrown away."""
     await scorer.start()
     rows: list[np.ndarray | None] = [None] * len(conversations)
     slots = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(conversations), desc="scorer features", unit="q", disable=not progress)
+    order = np.argsort([len(str(c)) for c in conversations], kind="stable")
 
     async def one(i: int) -> None:
         async with slots:
@@ -39,7 +44,7 @@ async def _score_all(scorer: Scorer, conversations: list, concurrency: int, prog
         bar.update(1)
 
     try:
-        await asyncio.gather(*(one(i) for i in range(len(conversations))))
+        await asyncio.gather(*(one(int(i)) for i in order))
     finally:
         bar.close()
         await scorer.aclose()
@@ -62,3 +67,14 @@ def extract_features(
     np.save(tmp, features)
     tmp.rename(path)
     return features, scorer
+
+
+def probe_inputs(
+    cfg: ScorerConfig, dataset: Dataset, text: str, *, scorer: Scorer | None = None, progress: bool = True,
+) -> tuple[Any, Scorer]:
+    """What a probe reads for each question: the scorer's features, with the prompt texts beside them when the
+    probe also reads text features (``text`` ≠ "none")."""
+    features, scorer = extract_features(cfg, dataset, scorer=scorer, progress=progress)
+    if text == "none":
+        return features, scorer
+    return Inputs(features, tuple(prompt_text(c) for c in dataset.conversations())), scorer

@@ -11,17 +11,18 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from sklearn.metrics import brier_score_loss
+from sklearn.metrics import brier_score_loss, roc_auc_score
 from tqdm import tqdm
 
 from probes.data import Dataset
-from probes.extract import extract_features
-from probes.fit import DEFAULT_CS, fit_probe, inner_cv
+from probes.extract import extract_features, probe_inputs
+from probes.fit import DEFAULT_CS, Inputs, fit_platt, fit_probe, inner_cv, probe_model
 from probes.recipes import Recipe, columns
 from router.config import Settings
-from router.probe import save_probe, scorer_block
+from router.probe import Probe, save_probe, scorer_block
 from router.scorer.interface import Scorer
 
 log = logging.getLogger(__name__)
@@ -84,54 +85,92 @@ def sweep_recipes(
 
 def train_probes(
     settings: Settings, dataset: Dataset, *, out_dir: Path | None = None, folds: int = 5, seed: int = 0,
-    cs: tuple[float, ...] = DEFAULT_CS, label_keys: dict[str, str] | None = None,
+    cs: tuple[Any, ...] | None = None, label_keys: dict[str, str] | None = None,
     train_keys: dict[str, list[str]] | None = None, extra_training: dict[str, object] | None = None,
-    progress: bool = True,
+    text: str = "none", calibration: Dataset | None = None, progress: bool = True,
 ) -> dict[str, Path]:
     """Train a probe for every backend that has labels in ``dataset``; return {backend: probe path}.
 
     ``train_keys`` gives, per backend, the label keys whose rows are stacked to train its weights (default: its
-    own); C, Platt and the reported metrics always use its own labels (``label_keys``, default its model)."""
+    own); C, Platt and the reported metrics always use its own labels (``label_keys``, default its model).
+    ``text`` adds text features of the prompt beside the activations (see ``probes.fit.probe_model``). With
+    ``calibration``, Platt is re-fitted on that data's labels (the weights stay those learnt on ``dataset``)."""
+    model, grid = probe_model(text, cs)
     labels = backend_labels(settings, dataset, label_keys or {}, train_keys or {})
-    extracted: dict[str, tuple[np.ndarray, Scorer]] = {}  # by scorer: a self-probe reads its backend's own
+    extracted: dict[str, tuple[Any, Any, Scorer]] = {}  # by scorer: a self-probe reads its backend's own
     written: dict[str, Path] = {}
     for backend in settings.backends:
         if backend.name not in labels:
             continue
         cfg = settings.scorer_for(backend)
         if (scorer_key := cfg.model_dump_json()) not in extracted:
-            extracted[scorer_key] = extract_features(cfg, dataset, progress=progress)
-        features, extractor = extracted[scorer_key]
+            x, extractor = probe_inputs(cfg, dataset, text, progress=progress)
+            x_cal = None if calibration is None else probe_inputs(cfg, calibration, text, scorer=extractor,
+                                                                  progress=progress)[0]
+            extracted[scorer_key] = (x, x_cal, extractor)
+        x, x_cal, extractor = extracted[scorer_key]
         key, y, keys, ys = labels[backend.name]
         target = (out_dir / f"{backend.name}.json") if out_dir else backend.probe
         if target is None:
             log.warning("skipping backend %s: it has no probe path and no --out was given", backend.name)
             continue
-        fitted = fit_probe(features, y, cs=cs, folds=folds, seed=seed, train_labels=ys)
+        fitted = fit_probe(x, y, cs=grid, folds=folds, seed=seed, train_labels=ys, model=model)
+        probe = fitted.probe
+        metrics: dict[str, Any] = {
+            "oof_auroc": round(fitted.oof_auroc, 4),
+            "oof_brier": round(float(brier_score_loss(y, fitted.oof_probability)), 4),
+            "base_rate": round(float(np.mean(y)), 4),
+            "note": "nested out-of-fold on the training data: C and Platt re-chosen inside each outer fold",
+        }
+        if calibration is not None:
+            y_cal = calibration.labels(key)
+            probe = recalibrated(probe, probe_logits(probe, x_cal), y_cal)
+            metrics["calibration"] = calibration_summary(probe, x_cal, y_cal, calibration, y)
         probe = replace(
-            fitted.probe,
+            probe,
             scorer=scorer_block(extractor.info),
             training={
                 "data": dataset.path.name,
                 "data_sha256_16": dataset.digest(),
                 "label": key,
                 "trained_on": keys,
+                "text_features": text,
                 "n": len(y),
                 "positives": int(y.sum()),
-                "C": fitted.c,
-                "C_grid": list(cs),
+                "C": list(fitted.c) if isinstance(fitted.c, tuple) else fitted.c,
+                "C_grid": [list(c) if isinstance(c, tuple) else c for c in grid],
                 "folds": folds,
                 "seed": seed,
                 "trained_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 **(extra_training or {}),
             },
-            metrics={
-                "oof_auroc": round(fitted.oof_auroc, 4),
-                "oof_brier": round(float(brier_score_loss(y, fitted.oof_probability)), 4),
-                "base_rate": round(float(np.mean(y)), 4),
-                "note": "nested out-of-fold on the training data: C and Platt re-chosen inside each outer fold",
-            },
+            metrics=metrics,
         )
         written[backend.name] = save_probe(probe, target)
-        log.info("%s: out-of-fold AUROC %.3f (C=%g) → %s", backend.name, fitted.oof_auroc, fitted.c, target)
+        log.info("%s: out-of-fold AUROC %.3f (C=%s) → %s", backend.name, fitted.oof_auroc, fitted.c, target)
     return written
+
+
+def probe_logits(probe: Probe, x: Any) -> np.ndarray:
+    """The probe's uncalibrated logits for inputs ``x`` (activations, or ``Inputs`` for a text-reading probe)."""
+    if isinstance(x, Inputs):
+        if probe.text is None:
+            return probe.decision(x.activations)
+        return probe.decision(np.hstack([x.activations, probe.text.dense(x.texts)]))
+    return probe.decision(x)
+
+
+def recalibrated(probe: Probe, logits: np.ndarray, y: np.ndarray) -> Probe:
+    """The probe with Platt re-fitted on (its logits, labels) of other data; the weights unchanged."""
+    if len(np.unique(y)) < 2:
+        raise ValueError("calibration labels must contain both successes and failures")
+    a, b = fit_platt(logits, y)
+    return replace(probe, platt_a=a, platt_b=b)
+
+
+def calibration_summary(probe: Probe, x: Any, y: np.ndarray, data: Dataset, y_train: np.ndarray) -> dict[str, Any]:
+    p = probe.predict_logits(probe_logits(probe, x))
+    return {"data": data.path.name, "data_sha256_16": data.digest(), "n": len(y),
+            "base_rate": round(float(y.mean()), 4), "training_base_rate": round(float(y_train.mean()), 4),
+            "auroc": round(float(roc_auc_score(y, p)), 4) if len(np.unique(y)) > 1 else None,
+            "brier": round(float(brier_score_loss(y, p)), 4)}

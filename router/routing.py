@@ -120,7 +120,8 @@ class Router:
         candidates = self._candidates(available)
         probabilities = {}
         for group, scored in zip(self.groups, scores, strict=True):
-            probabilities.update({n: p for n, p in group.probes.predict(scored.features).items() if n in candidates})
+            predicted = group.probes.predict(scored.features, request.messages)
+            probabilities.update({n: p for n, p in predicted.items() if n in candidates})
         output_tokens = request.output_tokens or self.policy.expected_output_tokens
         options = self._options(probabilities, scores[0].prompt_tokens, output_tokens)
         if self.policy.mode == "utility":

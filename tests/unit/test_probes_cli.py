@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -56,7 +57,7 @@ policy:
 
 def test_every_command_has_help() -> None:
     parser = build_parser()
-    for command in ("label", "extract", "train", "eval", "calibrate"):
+    for command in ("label", "extract", "train", "eval", "calibrate", "recalibrate"):
         with pytest.raises(SystemExit) as e:
             parser.parse_args([command, "--help"])
         assert e.value.code == 0
@@ -97,8 +98,47 @@ def test_extract_train_eval_calibrate(workspace, tmp_path: Path, capsys) -> None
 
     assert main(["calibrate", *common, "--folds", "2", "--max-dear-share", "0.3"]) == 0
     printed = capsys.readouterr().out
-    chosen = json.loads(printed[printed.index("{"):printed.index("}") + 1])
+    chosen = json.JSONDecoder().raw_decode(printed[printed.index("{"):])[0]
     assert chosen["cheap"] == "small" and chosen["expected_dear_share"] <= 0.3
+    assert chosen["expected_share"]["big"] == pytest.approx(chosen["expected_dear_share"])
     text = config.read_text()
     assert "# keep me" in text
     assert yaml.safe_load(text)["policy"]["threshold"] == pytest.approx(chosen["threshold"], abs=1e-4)
+
+
+def test_train_on_one_file_report_on_another_with_text_features(workspace, tmp_path: Path, capsys) -> None:
+    """eval --test, text features and shared labels; train with them and a calibration file; the gateway's
+    probe set reads the result; recalibrate re-fits Platt only."""
+    from router.probe import ProbeSet
+
+    data, config = workspace
+    lines = data.read_text().splitlines()
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("\n".join(lines[::2]) + "\n")
+    test.write_text("\n".join(lines[1::2]) + "\n")
+    common = ["--config", str(config), "--no-progress"]
+    report_dir = tmp_path / "report"
+    assert main(["eval", *common, "--data", str(train), "--test", str(test), "--folds", "2", "--bootstrap", "20",
+                 "--text-features", "tfidf+length", "--share-labels", "--out", str(report_dir)]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["test"]["n"] == len(lines[1::2]) and report["backends"]["small"]["n"] == len(lines[1::2])
+    assert report["backends"]["big"]["trained_on"] == [SMALL, BIG] and report["backends"]["big"]["label"] == BIG
+    assert {"routing", "pool"} <= set(report) and "paper_probe" in report["pool"]["policies"]
+    assert (report_dir / "pool_frontier.png").stat().st_size > 1000
+
+    out = tmp_path / "probes"
+    assert main(["train", *common, "--data", str(train), "--calibration", str(test), "--folds", "2",
+                 "--text-features", "tfidf+length", "--out", str(out)]) == 0
+    small, big = load_probe(out / "small.json"), load_probe(out / "big.json")
+    assert small.text is not None and small.text.digest == big.text.digest
+    assert small.metrics["calibration"]["n"] == len(lines[1::2])
+    p = ProbeSet(["small", "big"], [small, big]).predict(np.zeros(576), [{"role": "user", "content": "2+2?"}])
+    assert set(p) == {"small", "big"} and all(0 < v < 1 for v in p.values())
+
+    again = tmp_path / "again"
+    settings_text = config.read_text().replace("probes/small.json", str(out / "small.json")).replace(
+        "probes/big.json", str(out / "big.json"))
+    config.write_text(settings_text)
+    assert main(["recalibrate", *common, "--data", str(test), "--out", str(again)]) == 0
+    redone = load_probe(again / "small.json")
+    assert np.array_equal(redone.weight, small.weight) and "recalibrated" in redone.metrics

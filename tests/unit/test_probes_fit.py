@@ -88,3 +88,26 @@ def test_sliced_columns_equal_a_scorer_configured_that_way() -> None:
     hidden = wide.info.hidden_size
     sliced = wide.features(conversations)[:, columns(Recipe((4,), "mean"), [2, 4], "last+mean", hidden)]
     np.testing.assert_allclose(sliced, narrow.features(conversations), rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_probe_reads_activations_and_text_in_one_linear_model() -> None:
+    from probes.fit import Inputs, fit_calibrated, nested_oof, probe_model
+    from router.text_features import prompt_text
+
+    rng = np.random.default_rng(0)
+    n = 400
+    hard_word = rng.uniform(size=n) < 0.5
+    act = rng.normal(size=(n, 6))
+    logit = 1.5 * act[:, 0] - 2.0 * hard_word
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    texts = tuple(("a tricky puzzle about " if h else "a plain sum about ") + f"item {i % 7}"
+                  for i, h in enumerate(hard_word))
+    x = Inputs(act, texts)
+    model, grid = probe_model("tfidf+length")
+    joint = nested_oof(x, [y], y, cs=grid, folds=3, seed=0, model=model)
+    alone = nested_oof(act, [y], y, folds=3, seed=0)
+    assert auroc(y, joint.probability) > auroc(y, alone.probability) + 0.03
+    fitted = fit_calibrated(x, [y], y, cs=grid, folds=3, seed=0, model=model)
+    probe = fitted.scorer.probe()
+    dense = np.hstack([act, probe.text.dense([prompt_text([{"role": "user", "content": t}]) for t in texts])])
+    assert np.allclose(probe.decision(dense), fitted.scorer.decision(x))
