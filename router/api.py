@@ -158,7 +158,7 @@ HOT_ROUTES = {"/v1/chat/completions": chat_completions, "/v1/completions": compl
 async def feedback(request: Request) -> JSONResponse:
     """Rate an answer by its id (the x-router-request-id header or the completion's id)."""
     _, req = parse_body(await _read_body(request), FeedbackRequest)
-    answered = _gateway(request).rate(req.id, req.value())
+    answered = await _gateway(request).rate(req.id, req.value())
     return JSONResponse({"id": req.id, "backend": answered.backend, "score": req.value(),
                          "p_success": answered.p_success})
 

@@ -7,17 +7,21 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.config import AuthConfig
 from router.errors import APIError, error_response
 
+if TYPE_CHECKING:
+    from router.state import Limiter
+
 
 @dataclass
 class TokenBucket:
     rate_per_s: float
-    burst: int
+    burst: float
     clock: Callable[[], float] = time.monotonic
     tokens: float = field(init=False)
     updated: float = field(init=False)
@@ -26,23 +30,39 @@ class TokenBucket:
         self.tokens = float(self.burst)
         self.updated = self.clock()
 
-    def take(self) -> float:
-        """0 if a request may go now (and count it), else the seconds until one may."""
+    def _refill(self) -> None:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_s)
         self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate_per_s
+
+    def wait(self, amount: float = 1) -> float:
+        """0 if ``amount`` is available now, else the seconds until it is (nothing is taken)."""
+        self._refill()
+        return 0.0 if self.tokens >= amount else (amount - self.tokens) / self.rate_per_s
+
+    def take(self, amount: float = 1) -> float:
+        """0 if ``amount`` may go now (and take it), else the seconds until it may."""
+        wait = self.wait(amount)
+        if wait == 0:
+            self.tokens -= amount
+        return wait
+
+    def adjust(self, amount: float) -> None:
+        """Give back (positive) or charge more (negative, down below zero if need be)."""
+        self._refill()
+        self.tokens = min(self.burst, self.tokens + amount)
 
 
 class Authenticator:
-    def __init__(self, cfg: AuthConfig) -> None:
+    def __init__(self, cfg: AuthConfig, limiter: Limiter | None = None) -> None:
+        """``limiter`` (router/state.py: this process's memory or Redis) counts the keys' rate limits; it is
+        needed only when ``cfg`` sets one."""
         self._keys = [k.get_secret_value().encode() for k in cfg.api_keys]
-        per_s = cfg.rate_limit_per_minute / 60 if cfg.rate_limit_per_minute else None
-        # One bucket per configured key: memory is bounded by the config, not by what clients send.
-        self._buckets = {i: TokenBucket(per_s, cfg.rate_limit_burst) for i in range(len(self._keys))} if per_s else {}
+        self._rate_per_s = cfg.rate_limit_per_minute / 60 if cfg.rate_limit_per_minute else None
+        self._burst = cfg.rate_limit_burst
+        if self._rate_per_s is not None and limiter is None:
+            raise ValueError("a rate limit needs a limiter (router.state)")
+        self._limiter = limiter
 
     @property
     def enabled(self) -> bool:
@@ -55,7 +75,7 @@ class Authenticator:
                 found = i
         return found
 
-    def check(self, authorization: str | None) -> None:
+    async def check(self, authorization: str | None) -> None:
         if not self._keys:
             return
         scheme, _, token = (authorization or "").partition(" ")
@@ -63,8 +83,10 @@ class Authenticator:
         if index is None:
             raise APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"www-authenticate": "Bearer"})
-        bucket = self._buckets.get(index)
-        if bucket is not None and (wait := bucket.take()) > 0:
+        if self._limiter is None or self._rate_per_s is None:
+            return
+        # One bucket per configured key (named by its place in the config): memory is bounded by the config.
+        if (wait := await self._limiter.take(f"key-{index + 1}", self._rate_per_s, self._burst)) > 0:
             raise APIError(429, f"rate limit reached for this key; retry in {wait:.1f}s", code="rate_limit_exceeded",
                            headers={"retry-after": str(math.ceil(wait))})
 
@@ -81,7 +103,7 @@ class APIKeyMiddleware:
         if scope["type"] == "http" and scope["path"] not in self.open_paths:
             authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
             try:
-                self.auth.check(authorization)
+                await self.auth.check(authorization)
             except APIError as e:
                 await error_response(e.status, e.message, e.param, e.code, e.headers)(scope, receive, send)
                 return
