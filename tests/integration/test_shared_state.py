@@ -14,8 +14,8 @@ import pytest
 
 from router.config import ScorerConfig
 from router.scorer.features import FeatureExtractor
-from tests.support.redis_server import RedisServer, redis_server
-from tests.support.servers import FakeBackend, serve
+from scripts.redis_server import RedisServer, redis_server
+from tests.support.servers import FakeBackend, free_port, serve
 from tests.support.stack import make_settings, metric, running_gateway
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -24,7 +24,7 @@ RETRY_AFTER_S = 0.5
 
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with redis_server(tmp_path) as server:
+    with redis_server(tmp_path, free_port()) as server:
         yield server
 
 
