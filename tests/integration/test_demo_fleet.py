@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -43,7 +43,15 @@ KILL_AFTER = 6
 class Fleet:
     demo: subprocess.Popen[bytes]
     ports: dict[str, int]
+    env: dict[str, str]  # the demo's
     log: Path
+    adopted: list[subprocess.Popen[bytes]] = field(default_factory=list)  # started by the tests, stopped by them
+
+    def stop_adopted(self) -> None:
+        for process in self.adopted:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(30)
 
     @property
     def url(self) -> str:
@@ -96,7 +104,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     with log.open("wb") as out:
         demo = subprocess.Popen([sys.executable, "-m", "scripts.demo_fleet"], cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    fleet = Fleet(demo, ports, log)
+    fleet = Fleet(demo, ports, env, log)
     try:
         deadline = time.monotonic() + 600
         while "probe-router is ready at" not in log.read_text(errors="replace"):
@@ -105,6 +113,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             time.sleep(2)
         yield fleet
     finally:
+        fleet.stop_adopted()
         for pid in descendants(demo.pid) | {demo.pid}:  # whatever a failed run left, by pid
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
@@ -182,25 +191,22 @@ def test_a_replica_sigkilled_under_load_then_restarted_rejoins(fleet: Fleet, tmp
     port = fleet.ports["replica0"]
     scorer_url = f"http://127.0.0.1:{fleet.ports['scorer']}/v1"
     redis_url = f"redis://127.0.0.1:{fleet.ports['redis']}/0"
-    restarted = start_replica(replica_env(port, scorer_url, redis_url), tmp_path / "replica.log")
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{fleet.replica_url(0)}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert restarted.poll() is None and time.monotonic() < deadline, (tmp_path / "replica.log").read_text()
-            time.sleep(1)
-        time.sleep(5)  # nginx's fail_timeout: the restarted replica is offered traffic again
-        served_before = _requests_served(fleet.replica_url(0))
-        for _ in range(6):
-            _routed(fleet.url)
-        assert _requests_served(fleet.replica_url(0)) > served_before  # it rejoined the rotation
-    finally:
-        restarted.terminate()
-        restarted.wait(30)
+    restarted = start_replica(replica_env(fleet.env, port, scorer_url, redis_url), tmp_path / "replica.log")
+    fleet.adopted.append(restarted)  # it serves the tests below in the killed replica's place
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{fleet.replica_url(0)}/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert restarted.poll() is None and time.monotonic() < deadline, (tmp_path / "replica.log").read_text()
+        time.sleep(1)
+    time.sleep(5)  # nginx's fail_timeout: the restarted replica is offered traffic again
+    served_before = _requests_served(fleet.replica_url(0))
+    for _ in range(6):
+        _routed(fleet.url)
+    assert _requests_served(fleet.replica_url(0)) > served_before  # it rejoined the rotation
 
 
 def _requests_served(url: str) -> float:
@@ -231,6 +237,7 @@ def test_redis_stopped_and_restarted_behind_the_balancer(fleet: Fleet, tmp_path:
 
 
 def test_sigterm_to_the_group_leaves_nothing_behind(fleet: Fleet) -> None:
+    fleet.stop_adopted()  # the replica a test restarted is not the demo's
     started = descendants(fleet.demo.pid)
     assert len(started) >= 6  # the demo, nginx, two replicas, three vLLM servers at least
     os.killpg(fleet.demo.pid, signal.SIGTERM)
