@@ -3,6 +3,7 @@ both; Redis stopped (no 5xx: each replica falls back to its own memory, and the 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -11,9 +12,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
 
-from router.config import ScorerConfig
+from router.config import ScorerConfig, StateConfig
 from router.scorer.features import FeatureExtractor
+from router.state import LocalLimiter, RedisLimiter, RedisState
 from scripts.redis_server import RedisServer, redis_server
 from tests.support.servers import FakeBackend, free_port, serve
 from tests.support.stack import make_settings, metric, running_gateway
@@ -111,3 +114,26 @@ def test_redis_stopped_and_restarted(redis: RedisServer, start_replicas) -> None
     assert _rate(a, after).status_code == 200  # shared again
     assert _rate(a, lost).status_code == 404  # it went with the stopped Redis
     assert metric(a, "router_state_up") == 1 and metric(b, "router_state_up") == 1
+
+
+def test_the_redis_bucket_takes_refills_and_gives_back(redis: RedisServer) -> None:
+    """The Lua token bucket that counts for every replica: what a request takes, its wait, a give-back (a token
+    budget settled on the backend's real usage) and a charge below zero."""
+    async def run() -> list[float]:
+        registry = CollectorRegistry()
+        state = RedisState(StateConfig(redis_url=redis.url), registry)
+        limiter = RedisLimiter(state, LocalLimiter())
+        try:
+            waits = [await limiter.take("t", 10.0, 100, 60), await limiter.take("t", 10.0, 100, 60)]
+            await limiter.adjust("t", 10.0, 100, 50)  # 50 given back: 90 or so now
+            waits.append(await limiter.take("t", 10.0, 100, 80))
+            await limiter.adjust("t", 10.0, 100, -200)  # charged more than it has
+            waits.append(await limiter.take("t", 10.0, 100, 1))
+            return waits
+        finally:
+            await state.aclose()
+
+    first, second, after_give_back, after_charge = asyncio.run(run())
+    assert first == 0 and second == pytest.approx(2.0, abs=0.1)  # 40 left, 20 missing at 10/s
+    assert after_give_back == 0
+    assert after_charge == pytest.approx(19.1, abs=0.2)  # about -190 tokens: 191 missing at 10/s
