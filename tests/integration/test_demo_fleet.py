@@ -1,0 +1,250 @@
+"""`make demo-fleet` for real (its script, scripts/demo_fleet.py; make adds only the set-up): nginx in front of
+two gateway replicas (scorer.kind vllm, state in Redis), a vLLM CPU pooling scorer and the two vLLM CPU stand-in
+backends. One start (about two minutes here) serves every test below, in order; the last stops the demo's
+process group with SIGTERM and checks that nothing survives.
+
+Faults, with the real processes: a replica SIGKILLed under a bounded load behind the balancer, then restarted on
+its port (it rejoins); Redis stopped and started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from scripts.demo_fleet import replica_env, start_replica
+from scripts.redis_server import RedisServer
+from tests.conftest import ROOT
+from tests.integration.test_demo_stop import alive, descendants, port_in_use
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = [{"role": "user", "content": "What is 6 * 7?"}]
+REQUESTS = 40
+CONCURRENCY = 4
+KILL_AFTER = 6
+
+
+@dataclass
+class Fleet:
+    demo: subprocess.Popen[bytes]
+    ports: dict[str, int]
+    env: dict[str, str]  # the demo's
+    log: Path
+    adopted: list[subprocess.Popen[bytes]] = field(default_factory=list)  # started by the tests, stopped by them
+
+    def stop_adopted(self) -> None:
+        for process in self.adopted:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['balancer']}"
+
+    def replica_url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.ports[f'replica{i}']}"
+
+    def replica_pid(self, i: int) -> int:
+        port = str(self.ports[f"replica{i}"])
+        for pid in descendants(self.demo.pid):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"router\0serve" in cmdline and f"ROUTER_SERVER__PORT={port}".encode() in environ:
+                return pid
+        raise AssertionError(f"no replica on port {port} under the demo")
+
+
+def quiet_port(taken: set[int]) -> int:
+    """A free port below Linux's ephemeral range (32768-60999), where no process's outgoing or auto-bound
+    sockets land: the demo binds some of its ports minutes after choosing them, while vLLM's workers bind
+    ephemeral ports of their own."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        if port not in taken and not port_in_use(port):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port below 32000")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    ports: dict[str, int] = {}
+    for name in ("small", "large", "scorer", "redis", "replica0", "replica1", "balancer"):
+        ports[name] = quiet_port(set(ports.values()))
+    env = dict(os.environ,
+               QWEN_SMALL_URL=f"http://127.0.0.1:{ports['small']}/v1",
+               QWEN_LARGE_URL=f"http://127.0.0.1:{ports['large']}/v1",
+               DEMO_SCORER_PORT=str(ports["scorer"]), DEMO_REDIS_PORT=str(ports["redis"]),
+               DEMO_REPLICA_PORTS=f"{ports['replica0']},{ports['replica1']}",
+               ROUTER_SERVER__PORT=str(ports["balancer"]))
+    log = tmp_path_factory.mktemp("demo-fleet") / "demo.log"
+    with log.open("wb") as out:
+        demo = subprocess.Popen([sys.executable, "-m", "scripts.demo_fleet"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    fleet = Fleet(demo, ports, env, log)
+    try:
+        deadline = time.monotonic() + 600
+        while "probe-router is ready at" not in log.read_text(errors="replace"):
+            assert demo.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "the fleet did not become ready in 600 s"
+            time.sleep(2)
+        yield fleet
+    finally:
+        fleet.stop_adopted()
+        for pid in descendants(demo.pid) | {demo.pid}:  # whatever a failed run left, by pid
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _routed(url: str) -> str:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="router", messages=MESSAGES, max_tokens=8)
+    assert raw.parse().choices[0].message.content
+    return raw.headers["x-router-request-id"]
+
+
+def test_the_balancer_serves_the_openai_sdk_and_feedback_from_either_replica(fleet: Fleet) -> None:
+    text = fleet.log.read_text(errors="replace")
+    assert f"probe-router is ready at http://127.0.0.1:{fleet.ports['balancer']}/v1" in text
+    client = openai.OpenAI(base_url=f"{fleet.url}/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model="router", messages=MESSAGES, max_tokens=8, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    for asked, rated in ((0, 1), (1, fleet.url), (0, fleet.url)):
+        answer_id = _routed(fleet.replica_url(asked))
+        where = rated if isinstance(rated, str) else fleet.replica_url(rated)
+        r = httpx.post(f"{where}/v1/feedback", json={"id": answer_id, "correct": True})
+        assert r.status_code == 200, r.text
+        assert httpx.post(f"{fleet.url}/v1/feedback", json={"id": answer_id, "correct": True}).status_code == 404
+
+
+async def _load(url: str, on_answer) -> list[httpx.Response | Exception]:  # type: ignore[no-untyped-def]
+    body = {"model": "router", "max_tokens": 16, "messages": MESSAGES}
+    slots = asyncio.Semaphore(CONCURRENCY)
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(keepalive_expiry=None)) as client:
+        async def one(i: int) -> httpx.Response | Exception:
+            async with slots:
+                try:
+                    if i % 2:  # a stream, read to its end
+                        async with client.stream("POST", f"{url}/v1/chat/completions",
+                                                 json={**body, "stream": True}) as r:
+                            await r.aread()
+                    else:
+                        r = await client.post(f"{url}/v1/chat/completions", json=body)
+                except httpx.HTTPError as e:
+                    on_answer(e)
+                    return e
+                on_answer(r)
+                return r
+        return await asyncio.gather(*(one(i) for i in range(REQUESTS)))
+
+
+def test_a_replica_sigkilled_under_load_then_restarted_rejoins(fleet: Fleet, tmp_path: Path) -> None:
+    answered: list[object] = []
+    victim = fleet.replica_pid(0)
+
+    def on_answer(r: object) -> None:
+        answered.append(r)
+        if len(answered) == KILL_AFTER:
+            os.kill(victim, signal.SIGKILL)
+
+    results = asyncio.run(_load(fleet.url, on_answer))
+    outcomes = Counter()
+    for r in results:
+        if isinstance(r, Exception):
+            outcomes[type(r).__name__] += 1
+        elif r.status_code != 200:
+            outcomes[f"HTTP {r.status_code}"] += 1
+        elif r.headers.get("content-type", "").startswith("text/event-stream") and b"[DONE]" not in r.content:
+            outcomes["stream cut short"] += 1
+        else:
+            outcomes["complete"] += 1
+    print(f"\n{REQUESTS} requests, {CONCURRENCY} at a time, replica SIGKILLed after {KILL_AFTER}: {dict(outcomes)}")
+    # Non-streamed requests in flight on the killed replica had no byte of an answer yet: nginx retries them on
+    # the other replica. Only streams that had started on it can end early (at most those in flight at the kill).
+    assert outcomes["complete"] >= REQUESTS - CONCURRENCY
+    assert set(outcomes) <= {"complete", "stream cut short", "RemoteProtocolError", "ReadError"}
+    assert all(_routed(fleet.url) for _ in range(4))  # the balancer sends everything to the survivor
+
+    port = fleet.ports["replica0"]
+    scorer_url = f"http://127.0.0.1:{fleet.ports['scorer']}/v1"
+    redis_url = f"redis://127.0.0.1:{fleet.ports['redis']}/0"
+    restarted = start_replica(replica_env(fleet.env, port, scorer_url, redis_url), tmp_path / "replica.log")
+    fleet.adopted.append(restarted)  # it serves the tests below in the killed replica's place
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{fleet.replica_url(0)}/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert restarted.poll() is None and time.monotonic() < deadline, (tmp_path / "replica.log").read_text()
+        time.sleep(1)
+    time.sleep(5)  # nginx's fail_timeout: the restarted replica is offered traffic again
+    served_before = _requests_served(fleet.replica_url(0))
+    for _ in range(6):
+        _routed(fleet.url)
+    assert _requests_served(fleet.replica_url(0)) > served_before  # it rejoined the rotation
+
+
+def _requests_served(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("router_requests_total"))
+
+
+def test_redis_stopped_and_restarted_behind_the_balancer(fleet: Fleet, tmp_path: Path) -> None:
+    redis_pid = next(pid for pid in descendants(fleet.demo.pid)
+                     if b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    os.kill(redis_pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while alive(redis_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ids = [_routed(fleet.url) for _ in range(4)]  # answered without Redis: no 5xx
+    assert ids
+    replacement = RedisServer(tmp_path, fleet.ports["redis"])
+    replacement.start()
+    try:
+        time.sleep(3)  # state.retry_after_s (2 s): the replicas ask Redis again
+        answer_id = _routed(fleet.replica_url(1))
+        assert httpx.post(f"{fleet.replica_url(0)}/v1/feedback", json={"id": answer_id, "score": 1}).status_code == 200
+        up = [float(line.rsplit(" ", 1)[1]) for url in (fleet.replica_url(0), fleet.replica_url(1))
+              for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith("router_state_up")]
+        assert up == [1.0, 1.0]
+    finally:
+        replacement.stop()
+
+
+def test_sigterm_to_the_group_leaves_nothing_behind(fleet: Fleet) -> None:
+    fleet.stop_adopted()  # the replica a test restarted is not the demo's
+    started = descendants(fleet.demo.pid)
+    assert len(started) >= 6  # the demo, nginx, two replicas, three vLLM servers at least
+    os.killpg(fleet.demo.pid, signal.SIGTERM)
+    fleet.demo.wait(180)
+    deadline = time.monotonic() + 120
+    while (left := {p for p in started if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, f"still running: {sorted(left)}"
+    assert not any(port_in_use(p) for p in fleet.ports.values()), fleet.ports
+    assert "stopping the balancer, the replicas, Redis and the vLLM servers" in fleet.log.read_text()
