@@ -9,7 +9,7 @@ import pytest
 
 from router.app import create_app
 from router.config import load_settings
-from router.routing import load_engine
+from router.routing import load_probe_groups
 from tests.conftest import ROOT
 from tests.support.servers import FakeBackend, serve
 
@@ -24,15 +24,16 @@ def test_math_pool_routes_among_four_backends() -> None:
     missing = [str(b.probe) for b in settings.backends if b.probe is None or not b.probe.is_file()]
     assert not missing, f"train them: see examples/math-pool.yaml ({missing})"
     assert len(settings.backends) == 4
-    engine = load_engine(settings)  # refuses probes made for another scorer or other text features
-    assert engine.probes.names == [b.name for b in settings.backends]
-    assert engine.probes.text is not None
+    groups = load_probe_groups(settings)  # refuses probes made for another scorer or other text features
+    (group,) = groups  # one scorer for the pool
+    assert group.probes.names == [b.name for b in settings.backends]
+    assert group.probes.text is not None
     fake = FakeBackend("standin")
     with serve(fake.app) as upstream:
         backends = [b.model_copy(update={"base_url": f"{upstream}/v1"}) for b in settings.backends]
         scorer = settings.scorer.model_copy(update={"timeout_s": 120.0})  # a loaded CI machine: score, never skip
         settings = settings.model_copy(update={"backends": backends, "scorer": scorer})
-        with serve(create_app(settings, engine)) as url:
+        with serve(create_app(settings, groups)) as url:
             question = "Find the sum of all real $x$ with $x^2 - 5x + 6 = 0$. Let's think step by step and output " \
                        "the final answer within \\boxed{}."
             r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
