@@ -37,6 +37,7 @@ from probes.metrics import (
 )
 from probes.pool import pool_report, threshold_choices, threshold_frontier
 from router.config import BackendConfig, Settings
+from router.policy import request_cost
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ def estimate_costs(
     measured = [(r.get("cost") or {}).get(backend.model) for r in dataset.records]
     if all(v is not None for v in measured):
         return np.array(measured, dtype=np.float64), "measured"
-    est = (prompt_tokens * backend.input_cost_per_mtok + output_tokens * backend.output_cost_per_mtok) / 1e6
-    return est.astype(np.float64), f"estimated: scorer-token prompt length + {output_tokens} output tokens"
+    est = request_cost(backend.input_cost_per_mtok, backend.output_cost_per_mtok, prompt_tokens, output_tokens)
+    return np.asarray(est, dtype=np.float64), f"estimated: scorer-token prompt length + {output_tokens} output tokens"
 
 
 def _frontier_summary(

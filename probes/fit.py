@@ -293,11 +293,6 @@ def _point(c: Any) -> Any:
     return tuple(float(v) for v in c) if isinstance(c, tuple | list) else float(c)
 
 
-def choose_c(x: np.ndarray, y: np.ndarray, cs: Sequence[float], folds: int, seed: int) -> float:
-    """The C with the best mean AUROC over an inner stratified K-fold split of (x, y)."""
-    return inner_cv(x, [y], y, cs=cs, folds=folds, seed=seed).c
-
-
 def fit_platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(a, b) so that sigmoid(a·z + b) is calibrated on held-out logits z."""
     lr = LogisticRegression(C=1e6, max_iter=1000).fit(np.asarray(scores).reshape(-1, 1), y)
@@ -359,14 +354,6 @@ def nested_oof(
         prob[te] = sigmoid(fitted.a * logits[te] + fitted.b)
         chosen.append(fitted.c)
     return NestedResult(prob, logits, chosen)
-
-
-def out_of_fold_scores(
-    x: np.ndarray, y: np.ndarray, cs: Sequence[float], folds: int, seed: int
-) -> tuple[np.ndarray, list[float]]:
-    """Logits for every row from a model that never saw it; C re-chosen inside each outer fold (nested CV)."""
-    result = nested_oof(x, [y], y, cs=cs, folds=folds, seed=seed)
-    return result.logits, result.chosen
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from probes.fit import DEFAULT_CS, InnerResult, inner_cv
-
 POOLINGS = ("last", "mean", "last+mean")
 
 
@@ -57,26 +55,3 @@ def columns(recipe: Recipe, source_layers: Sequence[int], source_pooling: str, h
             start = (pos * per_layer + have.index(kind)) * hidden
             idx.append(np.arange(start, start + hidden))
     return np.concatenate(idx)
-
-
-@dataclass(frozen=True)
-class SweepResult:
-    recipe: Recipe
-    inner: InnerResult
-    table: list[tuple[Recipe, float, float]]  # (recipe, best mean inner AUROC, its C)
-
-
-def choose_recipe(
-    features: dict[Recipe, np.ndarray], ys: Sequence[np.ndarray], target: np.ndarray, *,
-    cs: Sequence[float] = DEFAULT_CS, folds: int = 5, seed: int = 0,
-) -> SweepResult:
-    """The recipe (and C) with the best mean inner-CV AUROC against ``target``; ties go to the smaller one."""
-    best: tuple[Recipe, InnerResult] | None = None
-    table = []
-    for recipe, x in features.items():
-        inner = inner_cv(x, ys, target, cs=cs, folds=folds, seed=seed)
-        table.append((recipe, inner.best_auroc, inner.c))
-        if best is None or inner.best_auroc > best[1].best_auroc + 1e-12:
-            best = (recipe, inner)
-    assert best is not None
-    return SweepResult(best[0], best[1], table)

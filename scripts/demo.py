@@ -118,6 +118,9 @@ def run(scorer_kind: str, say: Callable[[str], None]) -> int:
     servers: list[VllmServer] = []
     gateway: subprocess.Popen[bytes] | None = None
     env = dict(os.environ)
+    # The scorer shares the machine with the vLLM servers (one core each): one torch thread, so a forward pass
+    # never waits on a core a server is busy on (ROUTER_SCORER__THREADS overrides it).
+    env.setdefault("ROUTER_SCORER__THREADS", "1")
     scorer_url = None
     try:
         for core, backend in enumerate(settings.backends):
