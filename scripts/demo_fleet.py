@@ -25,11 +25,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from router.config import Settings, load_settings
-from router.scorer.source import resolve_model, truncate_model
-from router.scorer.vllm import vllm_pooling_args
-from scripts.demo import CONFIG, SCORER_PORT, Stopping, banner, stop_all, stop_once_on_signals, wait_for_gateway
+from router.scorer.source import resolve_model
+from scripts.demo import (
+    CONFIG,
+    Stopping,
+    banner,
+    start_scorer,
+    start_standins,
+    stop_all,
+    stop_once_on_signals,
+    wait_for_gateway,
+)
 from scripts.redis_server import RedisServer
-from scripts.vllm_cpu import ROOT, VllmServer, start_vllm, stop_with_parent, wait_ready
+from scripts.vllm_cpu import ROOT, VllmServer, stop_with_parent, wait_ready
 
 REPLICA_PORTS = [int(p) for p in os.environ.get("DEMO_REPLICA_PORTS", "8010,8011").split(",")]
 REDIS_PORT = int(os.environ.get("DEMO_REDIS_PORT", "6390"))
@@ -111,18 +119,9 @@ def run(say: Callable[[str], None]) -> int:
     nginx: subprocess.Popen[bytes] | None = None
     redis = RedisServer(work, REDIS_PORT)
     try:
-        for core, backend in enumerate(settings.backends):
-            port = backend.base_url.port or 80
-            standin = f"smollm2-135m-instruct-standin-for-{backend.name}"
-            say(f"starting vLLM CPU on 127.0.0.1:{port} (core {core % cores}) as a stand-in for {backend.model} ...")
-            vllm.append(start_vllm(folder.path, port, [standin, backend.model], core=core % cores,
-                                   log_path=work / f"vllm-{backend.name}.log"))
-        cfg = settings.scorer.model_copy(update={"kind": "vllm"})
-        served = truncate_model(folder, max(cfg.layers), cfg.cache_dir)
-        scorer_url = f"http://127.0.0.1:{SCORER_PORT}/v1"
-        say(f"starting the vLLM CPU pooling scorer on {scorer_url} (core {len(vllm) % cores}) ...")
-        vllm.append(start_vllm(served, SCORER_PORT, [], core=len(vllm) % cores,
-                               log_path=work / "vllm-scorer.log", extra_args=vllm_pooling_args(cfg)))
+        vllm += start_standins(settings, folder, work, say)
+        scorer, scorer_url = start_scorer(settings, folder, work, len(vllm) % cores, say)
+        vllm.append(scorer)
         say(f"starting redis-server on {redis.url} ...")
         redis.start()
         wait_ready(vllm)
