@@ -95,6 +95,7 @@ def save_probe(probe: Probe, path: str | Path) -> Path:
         doc["text_features"] = probe.text.spec() | {"digest": probe.text.digest,
                                                      "vocabulary": list(probe.text.vocabulary)}
     path.write_text(json.dumps(doc, indent=2) + "\n")
+    tensors.chmod(path.stat().st_mode & 0o777)  # safetensors writes 0600; readable like the JSON (an image's user)
     return path
 
 

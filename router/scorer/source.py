@@ -161,6 +161,8 @@ def truncate_model(folder: ModelFolder, depth: int, cache_dir: Path) -> Path:
         (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2))
         record = {"source": str(folder.path), "sha256": folder.weights_sha256, "blocks": depth}
         (Path(tmp) / SOURCE_FILE).write_text(json.dumps(record, indent=2))
+        for item in [Path(tmp), *Path(tmp).iterdir()]:  # readable by a server running as another user
+            item.chmod(0o755 if item.is_dir() else 0o644)
         try:
             Path(tmp).rename(target)
         except OSError:

@@ -75,3 +75,9 @@ def test_malformed_probe_files_are_refused(tmp_path: Path, edit, message: str) -
 def test_missing_probe_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ProbeError, match="cannot read"):
         load_probe(tmp_path / "nope.json")
+
+
+def test_the_vectors_file_is_as_readable_as_the_json(tmp_path: Path) -> None:
+    """safetensors writes 0600; an image built from the folder runs as another user and must read both."""
+    path = save_probe(hand_probe(), tmp_path / "p.json")
+    assert path.with_suffix(".safetensors").stat().st_mode & 0o777 == path.stat().st_mode & 0o777
