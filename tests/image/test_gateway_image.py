@@ -60,7 +60,7 @@ def test_runs_as_its_own_user_on_a_read_only_root_filesystem(image: str, gateway
 
 def test_ready_and_healthy(gateway: Gateway, gateway_names: list[str]) -> None:
     body = httpx.get(f"{gateway.url}/ready", timeout=30).json()
-    assert body["ready"] is True and body["scorer"] == "loaded"
+    assert body["ready"] is True and body["scorer"] == "up"
     assert {name for name, state in body["backends"].items() if state["healthy"]} == set(gateway_names)
     # the image's HEALTHCHECK (every 15 s) reports the container healthy
     deadline = time.monotonic() + 60
