@@ -69,6 +69,11 @@ class ScorerConfig(_Strict):
         "cores to the event loop and to neighbours such as vLLM CPU servers; 'active' spins (slightly faster on "
         "cores of its own, ruinous on shared ones). Set before torch loads, by `python -m router serve`",
     )
+    packing: bool = Field(
+        True, description="run a batch's prompts packed into one sequence (no padding), with the prefix every "
+        "prompt shares computed once; the same features as transformers' padded pass (Llama and Qwen2 layouts; "
+        "other models always run padded)",
+    )
     max_batch_size: int = Field(8, ge=1, le=256)
     max_wait_ms: float = Field(2.0, ge=0, le=1000)
     max_queue: int = Field(256, ge=1)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from router.config import ScorerConfig
+from router.scorer.packed import SUPPORTED_MODEL_TYPES, PackedDecoder
 from router.scorer.prompt import PromptEncoder
 from router.scorer.recipe import Message, ScorerInfo, describe
 from router.scorer.source import resolve_model
@@ -53,6 +54,13 @@ class FeatureExtractor:
         model.norm = torch.nn.Identity()
         self.model = model.to(cfg.device).eval()
         self.encoder = PromptEncoder(folder.path, cfg.max_prompt_tokens)
+        self.packed: PackedDecoder | None = None
+        if cfg.packing and PackedDecoder.supports(self.model):
+            self.packed = PackedDecoder(self.model, layers=cfg.layers, pooling=cfg.pooling,
+                                        final_norm=self.final_norm, prefix=self.encoder.shared_prefix())
+        elif cfg.packing:
+            log.info("scorer %s (%s) runs padded: packing supports %s", folder.name,
+                     getattr(model_cfg, "model_type", "?"), ", ".join(SUPPORTED_MODEL_TYPES))
         self.info: ScorerInfo = describe(
             model=folder.name, weights_sha256=folder.weights_sha256, template=self.encoder.template,
             layers=cfg.layers, pooling=cfg.pooling, final_norm=cfg.final_norm, hidden_size=int(text_cfg.hidden_size))
@@ -62,6 +70,14 @@ class FeatureExtractor:
         """Token ids (one list per prompt) → features, shape (len(batch), feature_dim), float32."""
         if not batch:
             return np.zeros((0, self.info.feature_dim), dtype=np.float32)
+        if self.packed is not None:
+            return self.packed.features(batch).numpy()
+        return self.padded_features(batch)
+
+    @torch.inference_mode()
+    def padded_features(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """transformers' own forward pass over the batch padded to its longest prompt (the reference, and the
+        pass for architectures ``PackedDecoder`` does not support)."""
         width = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), width), self.encoder.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -85,3 +85,12 @@ class PromptEncoder:
 
     def encode(self, messages: Sequence[Message]) -> list[int]:
         return self.encode_prompts([self.render(messages)])[0]
+
+    def shared_prefix(self) -> list[int]:
+        """The token ids that every one-message conversation starts with (the template's opening, and its default
+        system prompt if it has one), less the last, which a tokenizer may merge with the text that follows."""
+        a, b = (self.encode([{"role": "user", "content": text}]) for text in ("1", "Why?"))
+        common = 0
+        while common < min(len(a), len(b)) and a[common] == b[common]:
+            common += 1
+        return a[:max(common - 1, 0)]

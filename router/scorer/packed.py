@@ -1,0 +1,188 @@
+"""The scorer's forward pass without wasted work: a batch of prompts packed into one sequence, no padding.
+
+A padded batch costs its size times its longest prompt; packed, it costs the sum of its prompts. Every prompt a
+chat template renders also starts with the same tokens (SmolLM2's template inserts a default system prompt):
+their keys and values are computed once, when the scorer loads, and each prompt that starts with them attends to
+them instead of recomputing them. With ``last`` pooling the deepest block runs only at each prompt's last
+position, the one the feature reads. The result is the model's own forward pass (the tests compare it with
+transformers' padded pass), so features, and the probes trained on them, do not change.
+
+It reuses the model's own modules (embeddings, norms, rotary embedding, projections, activation); it supports the
+decoder layout of Llama and Qwen2 (``PackedDecoder.supports``). Other architectures run transformers' padded pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """The shared prefix's token ids, its keys and values per block, and its pooled-state sums per probed layer."""
+
+    ids: list[int]
+    keys: list[torch.Tensor]  # per block: (kv_heads, len, head_dim), rotary applied
+    values: list[torch.Tensor]
+    sums: dict[int, torch.Tensor]  # probed layer -> sum over the prefix of its (normed) states, float32
+
+
+@dataclass(frozen=True)
+class _Packing:
+    """Where each prompt's tokens sit in the packed sequence, and whether it continues the shared prefix."""
+
+    starts: list[int]
+    ends: list[int]
+    prefixed: list[bool]
+
+    @property
+    def last_rows(self) -> torch.Tensor:
+        return torch.tensor([e - 1 for e in self.ends], dtype=torch.long)
+
+
+class PackedDecoder:
+    """Runs the first ``depth`` blocks of a loaded decoder (transformers ``*Model``) over packed prompts."""
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        cfg = model.config
+        return (getattr(cfg, "model_type", None) in SUPPORTED_MODEL_TYPES
+                and not getattr(cfg, "use_sliding_window", False))
+
+    def __init__(self, model: torch.nn.Module, *, layers: Sequence[int], pooling: str,
+                 final_norm: torch.nn.Module | None, prefix: Sequence[int]) -> None:
+        cfg = model.config
+        self.depth = max(layers)
+        self.layers = tuple(layers)
+        self.pooling = pooling
+        self.final_norm = final_norm
+        self.embed = model.embed_tokens
+        self.rotary = model.rotary_emb
+        self.blocks = list(model.layers[:self.depth])
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # One matrix product for q, k and v, and one for the gate and up projections: the modules' parameters
+        # become views of the fused tensors, so the weights are held once.
+        self.qkv = [_fuse(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj) for b in self.blocks]
+        self.gate_up = [_fuse(b.mlp.gate_proj, b.mlp.up_proj) for b in self.blocks]
+        self.prefix = self._prefix_state(list(prefix)) if prefix else None
+
+    @torch.inference_mode()
+    def features(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Token ids (one list per prompt) → pooled features, (len(batch), feature_dim), float32."""
+        p = self.prefix
+        prefixed = [p is not None and len(ids) > len(p.ids) and list(ids[:len(p.ids)]) == p.ids for ids in batch]
+        skip = len(p.ids) if p is not None else 0
+        tails = [list(ids[skip:]) if pre else list(ids) for ids, pre in zip(batch, prefixed, strict=True)]
+        ends, total = [], 0
+        for tail in tails:
+            total += len(tail)
+            ends.append(total)
+        packing = _Packing(starts=[e - len(t) for e, t in zip(ends, tails, strict=True)], ends=ends,
+                           prefixed=prefixed)
+        token_ids = torch.tensor([t for tail in tails for t in tail], dtype=torch.long)
+        positions = torch.cat([torch.arange(skip if pre else 0, (skip if pre else 0) + len(tail))
+                               for tail, pre in zip(tails, prefixed, strict=True)])
+        pooled = self._run(token_ids, positions, packing, prefix=p)
+        return torch.cat([pooled[layer] for layer in self.layers], dim=-1)
+
+    def _prefix_state(self, ids: list[int]) -> _Prefix:
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        packing = _Packing(starts=[0], ends=[len(ids)], prefixed=[False])
+        with torch.inference_mode():
+            sums = self._run(torch.tensor(ids, dtype=torch.long), torch.arange(len(ids)), packing, prefix=None,
+                             keep_kv=(keys, values), sums_only=True)
+        return _Prefix(ids=ids, keys=keys, values=values, sums={k: v[0] for k, v in sums.items()})
+
+    def _run(self, token_ids: torch.Tensor, positions: torch.Tensor, packing: _Packing, *, prefix: _Prefix | None,
+             keep_kv: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+             sums_only: bool = False) -> dict[int, torch.Tensor]:
+        x = self.embed(token_ids)
+        cos, sin = self.rotary(x[None], positions[None])
+        pooled: dict[int, torch.Tensor] = {}
+        last_only = self.pooling == "last" and keep_kv is None
+        for index, block in enumerate(self.blocks):
+            depth = index + 1
+            trimmed = last_only and depth == self.depth
+            x = self._block(index, block, x, cos, sin, packing, prefix, trimmed, keep_kv)
+            if depth in self.layers:
+                pooled[depth] = self._pool(depth, x, packing, prefix, trimmed, sums_only)
+        return pooled
+
+    def _block(self, index: int, block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               packing: _Packing, prefix: _Prefix | None, trimmed: bool,
+               keep_kv: tuple[list[torch.Tensor], list[torch.Tensor]] | None) -> torch.Tensor:
+        rows = x.shape[0]
+        weight, bias = self.qkv[index]
+        qkv = F.linear(block.input_layernorm(x), weight, bias)
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q = qkv[:, :q_width].view(rows, self.heads, self.head_dim).transpose(0, 1)[None]
+        k = qkv[:, q_width:q_width + kv_width].view(rows, self.kv_heads, self.head_dim).transpose(0, 1)[None]
+        v = qkv[:, q_width + kv_width:].view(rows, self.kv_heads, self.head_dim).transpose(0, 1)[None]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if keep_kv is not None:
+            keep_kv[0].append(k[0])
+            keep_kv[1].append(v[0])
+        outputs = []
+        for start, end, pre in zip(packing.starts, packing.ends, packing.prefixed, strict=True):
+            keys, values = k[:, :, start:end], v[:, :, start:end]
+            if pre and prefix is not None:
+                keys = torch.cat([prefix.keys[index][None], keys], dim=2)
+                values = torch.cat([prefix.values[index][None], values], dim=2)
+            if trimmed:  # the last position sees every key: no mask
+                out = F.scaled_dot_product_attention(q[:, :, end - 1:end], keys, values, enable_gqa=True)
+            elif keys.shape[2] == end - start:
+                out = F.scaled_dot_product_attention(q[:, :, start:end], keys, values, is_causal=True,
+                                                     enable_gqa=True)
+            else:  # every prefix key, then causal among the prompt's own
+                n, shared = end - start, keys.shape[2] - (end - start)
+                mask = torch.ones(n, shared + n, dtype=torch.bool)
+                mask[:, shared:] = torch.ones(n, n, dtype=torch.bool).tril()
+                out = F.scaled_dot_product_attention(q[:, :, start:end], keys, values, attn_mask=mask,
+                                                     enable_gqa=True)
+            outputs.append(out[0].transpose(0, 1).reshape(-1, self.heads * self.head_dim))
+        attended = block.self_attn.o_proj(torch.cat(outputs))
+        x = (x[packing.last_rows] if trimmed else x) + attended
+        weight, bias = self.gate_up[index]
+        gate, up = F.linear(block.post_attention_layernorm(x), weight, bias).chunk(2, dim=-1)
+        return x + block.mlp.down_proj(block.mlp.act_fn(gate) * up)
+
+    def _pool(self, depth: int, x: torch.Tensor, packing: _Packing, prefix: _Prefix | None, trimmed: bool,
+              sums_only: bool) -> torch.Tensor:
+        states = (self.final_norm(x) if self.final_norm is not None else x).to(torch.float32)
+        if sums_only:
+            return states.sum(dim=0, keepdim=True)
+        parts = []
+        if self.pooling in ("last", "last+mean"):
+            parts.append(states if trimmed else states[packing.last_rows])
+        if self.pooling in ("mean", "last+mean"):
+            means = []
+            for start, end, pre in zip(packing.starts, packing.ends, packing.prefixed, strict=True):
+                total, count = states[start:end].sum(dim=0), end - start
+                if pre and prefix is not None:
+                    total, count = total + prefix.sums[depth], count + len(prefix.ids)
+                means.append(total / count)
+            parts.append(torch.stack(means))
+        return torch.cat(parts, dim=-1)
+
+
+def _fuse(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The linears' weights (and biases) stacked into one tensor; each module's own become views of it."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    has_bias = linears[0].bias is not None
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None
+    row = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = torch.nn.Parameter(weight[row:row + rows], requires_grad=False)
+        if bias is not None:
+            lin.bias = torch.nn.Parameter(bias[row:row + rows], requires_grad=False)
+        row += rows
+    return weight, bias
