@@ -1,7 +1,8 @@
-"""The scorer's raw forward pass, alone: ``FeatureExtractor.features`` at batch 1 and 8 on the same prompts.
+"""The scorer's raw forward pass, alone: the scorer's own pass at batch 1 and 8, transformers' padded pass at
+batch 8 (the reference), and the roofline (``loadtest.roofline``), on the same prompts.
 
 Run as its own process (``python -m loadtest.forward --config CFG --prompts N``) so that its torch threads
-match the gateway's; prints one JSON object: milliseconds per prompt and per batch for each batch size.
+match the gateway's; prints one JSON object.
 """
 
 from __future__ import annotations
@@ -9,24 +10,29 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from loadtest.prompts import questions
+from loadtest.roofline import roofline
 from router.config import load_settings
 from router.scorer.features import FeatureExtractor
 
+Features = Callable[[Sequence[Sequence[int]]], np.ndarray]
 
-def measure(extractor: FeatureExtractor, texts: list[str], batch: int, repeats: int) -> dict[str, float]:
-    conversations = [[{"role": "user", "content": t}] for t in texts]
-    batches = [conversations[i:i + batch] for i in range(0, len(conversations) - batch + 1, batch)]
-    extractor.features(batches[0])  # warm-up
+
+def measure(features: Features, ids: list[list[int]], batch: int, repeats: int, name: str) -> dict[str, object]:
+    batches = [ids[i:i + batch] for i in range(0, len(ids) - batch + 1, batch)]
+    features(batches[0])  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
         for b in batches:
-            extractor.features(b)
+            features(b)
     elapsed = time.perf_counter() - start
     calls = repeats * len(batches)
-    return {"batch": batch, "ms_per_batch": round(elapsed / calls * 1000, 3),
+    return {"pass": name, "batch": batch, "ms_per_batch": round(elapsed / calls * 1000, 3),
             "ms_per_prompt": round(elapsed / (calls * batch) * 1000, 3)}
 
 
@@ -37,12 +43,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     extractor = FeatureExtractor(load_settings(args.config).scorer)
-    texts = questions(args.prompts)
+    ids = [extractor.encoder.encode([{"role": "user", "content": t}]) for t in questions(args.prompts)]
     import torch
 
+    batches = [measure(extractor.features_from_ids, ids, b, args.repeats, "scorer") for b in (1, 8)]
+    batches.append(measure(extractor.padded_features, ids, 8, args.repeats, "transformers"))
     result = {"threads": torch.get_num_threads(), "dtype": extractor.cfg.dtype,
-              "layers": list(extractor.cfg.layers), "prompts": len(texts),
-              "batches": [measure(extractor, texts, b, args.repeats) for b in (1, 8)]}
+              "layers": list(extractor.cfg.layers), "prompts": len(ids), "packed": extractor.packed is not None,
+              "batches": batches,
+              "roofline": roofline(extractor, ids, 8, batches[1]["ms_per_prompt"], batches[2]["ms_per_prompt"])}
     print(json.dumps(result))
 
 

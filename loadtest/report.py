@@ -15,6 +15,8 @@ LABELS = {"direct": "direct to backend", "floor": "bare FastAPI + aiohttp pass-t
           "routed": "probe-router, routed (scorer)",
           "routed-vllm": "probe-router, routed (scorer on a vLLM CPU pooling server)"}
 
+PASSES = {"scorer": "the scorer's pass", "transformers": "transformers' padded pass"}
+
 # (key, what, target, met(value))
 TARGETS = (
     ("explicit_vs_floor_throughput", "explicit path throughput / bare pass-through (c=64)", "≥ 0.90",
@@ -25,6 +27,8 @@ TARGETS = (
      lambda v: v <= 1.1),
     ("scorer_vs_forward_b8", "routed scorer cost per request / raw forward, batch 8 (c=16)", "≤ 1.10",
      lambda v: v <= 1.1),
+    ("routed_c16_vs_transformers_b8", "routed prompts/s through HTTP (c=16) / transformers' padded pass, batch 8",
+     "≥ 3.0", lambda v: v >= 3.0),
     ("routed_vllm_vs_explicit_gateway_cpu", "gateway CPU per routed request, vLLM scorer / explicit path", "≤ 2.0",
      lambda v: v <= 2.0),
     ("vllm_scorer_vs_local_forward_b8", "vLLM scorer prompts/s (best concurrency) / local forward, batch 8",
@@ -58,12 +62,21 @@ def table(results: dict[str, Any]) -> str:
                 f"| {_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {_fmt(ttfb.get('p50'))} "
                 f"| {_fmt(ttfb.get('p99'))} | {cpu} | {_fmt(r['peak_rss_mb'], 0)} |")
     f = results["forward_pass"]
-    fwd = ", ".join(f"batch {b['batch']}: {b['ms_per_batch']:.1f} ms per pass, {b['ms_per_prompt']:.1f} ms per "
-                    f"prompt" for b in f["batches"])
+    fwd = ", ".join(f"{PASSES[b.get('pass', 'scorer')]} batch {b['batch']}: {b['ms_per_batch']:.1f} ms per pass, "
+                    f"{b['ms_per_prompt']:.1f} ms per prompt" for b in f["batches"])
     per_round = f"; median of {f['rounds']} rounds, each measured next to that round's routed scenarios" \
         if f.get("rounds", 1) > 1 else ""
     lines += ["", f"Scorer forward pass alone ({f['dtype']}, {f['threads']} threads, layers {f['layers']}, "
               f"{f['prompts']} GSM8K prompts{per_round}): {fwd}.", ""]
+    if "roofline" in f:
+        r = f["roofline"]
+        lines += [f"Roofline: the scorer's pass executes {r['gflop_per_prompt']:.2f} GFLOP a prompt "
+                  f"(transformers' padded batch of 8: {r['transformers_gflop_per_prompt']:.2f}; prompts of "
+                  f"{r['mean_prompt_tokens']:.0f} tokens on average, {r['prefix_tokens']} of them the shared prefix) "
+                  f"at {r['scorer_gflops']:.0f} GFLOP/s, {r['scorer_vs_limit']:.0%} of this machine's "
+                  f"{r['matmul_gflops']:.0f} GFLOP/s for the same projections at {r['matmul_rows']} rows "
+                  f"({f['dtype']}); transformers' padded pass runs at {r['transformers_gflops']:.0f} GFLOP/s "
+                  f"({r['transformers_vs_limit']:.0%}).", ""]
     if results.get("scorer_server"):
         cells = "; ".join(f"c={c}: {r['rps']:,.1f} prompts/s, p50 {_fmt((r['latency_ms'] or {}).get('p50'), 1)} ms, "
                           f"{_fmt(r['cpu_ms_per_request'], 1)} ms of its CPU a prompt"

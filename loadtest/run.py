@@ -87,6 +87,7 @@ class Cell:
         }
         if self.batches:
             out["mean_scorer_batch"] = round(self.scored / self.batches, 2)
+            out["scored_share"] = round(self.scored / self.requests, 3)  # below 1: some went unscored (shed)
         return out
 
 
@@ -315,14 +316,21 @@ def run(rounds: int, run_s: float, litellm_bin: Path | None, log: Callable[[str]
 
 
 def median_forward(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One forward-pass result from several rounds' (same settings): per batch size, the median round."""
+    """One forward-pass result from several rounds' (same settings): per pass and batch size, the median round;
+    the roofline of the round whose scorer batch-8 pass is the median."""
     batches = []
     for i, first in enumerate(runs[0]["batches"]):
         per_prompt = [run["batches"][i]["ms_per_prompt"] for run in runs]
         per_batch = [run["batches"][i]["ms_per_batch"] for run in runs]
-        batches.append({"batch": first["batch"], "ms_per_batch": statistics.median(per_batch),
+        batches.append({"pass": first.get("pass", "scorer"), "batch": first["batch"],
+                        "ms_per_batch": statistics.median(per_batch),
                         "ms_per_prompt": statistics.median(per_prompt), "ms_per_prompt_rounds": per_prompt})
-    return {**runs[0], "batches": batches, "rounds": len(runs)}
+    out = {**runs[0], "batches": batches, "rounds": len(runs)}
+    if all("roofline" in run for run in runs):
+        b8 = [b["batch"] == 8 and b.get("pass", "scorer") == "scorer" for b in runs[0]["batches"]].index(True)
+        ordered = sorted(runs, key=lambda run: run["batches"][b8]["ms_per_prompt"])
+        out["roofline"] = ordered[len(ordered) // 2]["roofline"]
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -360,17 +368,27 @@ def derive(results: dict[str, Any], forward: dict[str, Any],
         p50 = _get(results, "chat c=1", t, "latency_ms", "p50")
         if p50 is not None and direct_p50 is not None:
             out[f"{t}_added_p50_ms_c1"] = round(p50 - direct_p50, 3)
-    fwd = {b["batch"]: b["ms_per_prompt"] for b in forward["batches"]}
+    fwd = {b["batch"]: b["ms_per_prompt"] for b in forward["batches"] if b.get("pass", "scorer") == "scorer"}
+    reference = next((b["ms_per_prompt"] for b in forward["batches"] if b.get("pass") == "transformers"), None)
     routed1 = _get(results, "routed c=1", "routed", "mean_latency_ms")
     plain1 = _get(results, "routed c=1", "gateway", "mean_latency_ms")
     if routed1 is not None and plain1 is not None:
         out["scorer_ms_per_request_c1"] = round(routed1 - plain1, 3)
         out["scorer_vs_forward_b1"] = round((routed1 - plain1) / fwd[1], 3)
+        routed1_p50 = _get(results, "routed c=1", "routed", "latency_ms", "p50")
+        plain1_p50 = _get(results, "routed c=1", "gateway", "latency_ms", "p50")
+        if routed1_p50 is not None and plain1_p50 is not None:
+            out["scorer_p50_ms_c1"] = round(routed1_p50 - plain1_p50, 1)
     rps16 = _get(results, "routed c=16", "routed", "rps")
     if rps16:
         out["scorer_ms_per_request_c16"] = round(1000 / rps16, 3)
         out["scorer_vs_forward_b8"] = round(1000 / rps16 / fwd[8], 3)
         out["routed_c16_mean_batch"] = _get(results, "routed c=16", "routed", "mean_scorer_batch")
+        if reference:
+            out["routed_c16_vs_transformers_b8"] = round(rps16 / (1000 / reference), 2)
+        scored = _get(results, "routed c=16", "routed", "scored_share")
+        if scored is not None:
+            out["routed_c16_scored_share"] = scored
         cpu = _get(results, "routed c=16", "routed", "cpu_ms_per_request")
         loop = _get(results, "routed c=16", "routed", "loop_cpu_ms_per_request")
         if cpu is not None and loop is not None:
