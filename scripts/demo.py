@@ -124,14 +124,14 @@ def start_standins(settings: Settings, folder: ModelFolder, logs: Path, say: Cal
     return servers
 
 
-def start_scorer(settings: Settings, folder: ModelFolder, logs: Path, core: int, say: Callable[[str], None]
-                 ) -> tuple[VllmServer, str]:
-    """A vLLM CPU pooling server for the config's scorer on SCORER_PORT (not waited for), and its base URL."""
+def start_scorer(settings: Settings, folder: ModelFolder, logs: Path, core: int, say: Callable[[str], None],
+                 port: int = SCORER_PORT) -> tuple[VllmServer, str]:
+    """A vLLM CPU pooling server for the config's scorer on ``port`` (not waited for), and its base URL."""
     cfg = settings.scorer.model_copy(update={"kind": "vllm"})
     served = truncate_model(folder, max(cfg.layers), cfg.cache_dir)
-    url = f"http://127.0.0.1:{SCORER_PORT}/v1"
+    url = f"http://127.0.0.1:{port}/v1"
     say(f"starting the vLLM CPU pooling scorer on {url} (core {core}) ...")
-    return start_vllm(served, SCORER_PORT, [], core=core, log_path=logs / "vllm-scorer.log",
+    return start_vllm(served, port, [], core=core, log_path=logs / "vllm-scorer.log",
                       extra_args=vllm_pooling_args(cfg)), url
 
 

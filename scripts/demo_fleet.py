@@ -17,11 +17,10 @@ Redis and the vLLM servers; later signals are ignored; killed outright, the demo
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from router.config import Settings, load_settings
@@ -36,50 +35,12 @@ from scripts.demo import (
     stop_once_on_signals,
     wait_for_gateway,
 )
+from scripts.nginx_balancer import nginx_conf, start_nginx, stop_balancer
 from scripts.redis_server import RedisServer
 from scripts.vllm_cpu import ROOT, VllmServer, stop_with_parent, wait_ready
 
 REPLICA_PORTS = [int(p) for p in os.environ.get("DEMO_REPLICA_PORTS", "8010,8011").split(",")]
 REDIS_PORT = int(os.environ.get("DEMO_REDIS_PORT", "6390"))
-
-
-def nginx_conf(folder: Path, listen: str, replicas: Sequence[int], max_body_bytes: int) -> str:
-    """A foreground nginx balancing ``replicas`` (round robin) with everything it writes under ``folder``."""
-    servers = "\n".join(f"        server 127.0.0.1:{port} max_fails=1 fail_timeout=5s;" for port in replicas)
-    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    temp = "\n".join(f"    {kind}_temp_path {folder}/{kind};" for kind in kinds)
-    return f"""# written by scripts/demo_fleet.py
-worker_processes 1;
-pid {folder}/nginx.pid;
-error_log {folder}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {folder}/access.log;
-{temp}
-    upstream gateways {{
-{servers}
-        keepalive 32;
-    }}
-    server {{
-        listen {listen};
-        client_max_body_size {max_body_bytes};
-        location / {{
-            include {ROOT / "deploy" / "nginx" / "proxy.conf"};
-        }}
-    }}
-}}
-"""
-
-
-def start_nginx(folder: Path, conf: str) -> subprocess.Popen[bytes]:
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(binary).exists():
-        raise RuntimeError("nginx is missing: run scripts/install_system_tools.sh (Debian nginx)")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "nginx.conf"
-    path.write_text(conf)
-    return subprocess.Popen([binary, "-p", str(folder), "-c", str(path), "-e", str(folder / "error.log"),
-                             "-g", "daemon off;"], start_new_session=True, preexec_fn=stop_with_parent)
 
 
 def replica_env(base: Mapping[str, str], port: int, scorer_url: str, redis_url: str) -> dict[str, str]:
@@ -93,18 +54,6 @@ def start_replica(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(CONFIG)], cwd=ROOT,
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=stop_with_parent)
-
-
-def stop_balancer(nginx: subprocess.Popen[bytes] | None) -> None:
-    """SIGQUIT: nginx stops accepting, lets the requests in flight finish, then exits."""
-    if nginx is None or nginx.poll() is not None:
-        return
-    nginx.send_signal(signal.SIGQUIT)
-    try:
-        nginx.wait(30)
-    except subprocess.TimeoutExpired:
-        nginx.kill()
-        nginx.wait()
 
 
 def run(say: Callable[[str], None]) -> int:

@@ -4,7 +4,8 @@ backends. One start (about two minutes here) serves every test below, in order; 
 process group with SIGTERM and checks that nothing survives.
 
 Faults, with the real processes: a replica SIGKILLed under a bounded load behind the balancer, then restarted on
-its port (it rejoins); Redis stopped and started again.
+its port (it rejoins); the shared vLLM scorer SIGKILLed under a bounded load behind the balancer, then restarted
+on its port (both replicas score again); Redis stopped and started again.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ import httpx
 import openai
 import pytest
 
+from router.config import load_settings
+from router.scorer.source import resolve_model
+from scripts.demo import CONFIG, start_scorer
 from scripts.demo_fleet import replica_env, start_replica
 from scripts.redis_server import RedisServer
+from scripts.vllm_cpu import VllmServer, wait_ready
 from tests.conftest import ROOT
 from tests.integration.test_demo_stop import alive, descendants, port_in_use
 
@@ -45,11 +50,14 @@ class Fleet:
     ports: dict[str, int]
     env: dict[str, str]  # the demo's
     log: Path
-    adopted: list[subprocess.Popen[bytes]] = field(default_factory=list)  # started by the tests, stopped by them
+    # started by the tests in place of what they killed, stopped by them
+    adopted: list[subprocess.Popen[bytes] | VllmServer] = field(default_factory=list)
 
     def stop_adopted(self) -> None:
         for process in self.adopted:
-            if process.poll() is None:
+            if isinstance(process, VllmServer):
+                process.stop()  # its process group: the server and its engine
+            elif process.poll() is None:
                 process.terminate()
                 process.wait(30)
 
@@ -71,6 +79,18 @@ class Fleet:
             if b"router\0serve" in cmdline and f"ROUTER_SERVER__PORT={port}".encode() in environ:
                 return pid
         raise AssertionError(f"no replica on port {port} under the demo")
+
+    def scorer_pid(self) -> int:
+        """The demo's vLLM pooling scorer (the leader of its own process group, its engine in it)."""
+        port = f"--port\0{self.ports['scorer']}\0".encode()
+        for pid in descendants(self.demo.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"vllm.entrypoints.openai.api_server" in cmdline and port in cmdline:
+                return pid
+        raise AssertionError(f"no vLLM scorer on port {self.ports['scorer']} under the demo")
 
 
 def quiet_port(taken: set[int]) -> int:
@@ -207,6 +227,63 @@ def test_a_replica_sigkilled_under_load_then_restarted_rejoins(fleet: Fleet, tmp
     for _ in range(6):
         _routed(fleet.url)
     assert _requests_served(fleet.replica_url(0)) > served_before  # it rejoined the rotation
+
+
+def test_the_scorer_sigkilled_under_load_behind_the_balancer_then_restarted(fleet: Fleet, tmp_path: Path) -> None:
+    """The single gateway's test (test_vllm_zz_faults) through the balancer, with the scorer both replicas share."""
+    settings = load_settings(CONFIG)
+    scorer = fleet.scorer_pid()
+    answered: list[object] = []
+
+    def on_answer(r: object) -> None:
+        answered.append(r)
+        if len(answered) == KILL_AFTER:
+            os.killpg(scorer, signal.SIGKILL)  # the scorer and its engine, outright
+            deadline = time.monotonic() + 10
+            while alive(scorer) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    results = asyncio.run(_load(fleet.url, on_answer))
+    assert not alive(scorer)
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, errors  # none lost: every request answered through the balancer
+    responses = [r for r in results if isinstance(r, httpx.Response)]
+    assert [r.status_code for r in responses] == [200] * REQUESTS
+    for r in responses:
+        if r.headers["content-type"].startswith("text/event-stream"):
+            assert r.content.rstrip().endswith(b"data: [DONE]")  # the backends are up: every stream complete
+    unscored = [r for r in responses if r.headers["x-router-reason"] == "unscored"]
+    print(f"\nscorer killed under load behind the balancer: {REQUESTS} requests, {len(unscored)} unscored, "
+          "0 unanswered")
+    assert len(unscored) >= REQUESTS - KILL_AFTER - CONCURRENCY
+    assert all(r.headers["x-router-backend"] == settings.policy.fallback for r in unscored)
+    assert all("x-router-scorer-ms" not in r.headers for r in unscored)
+    for i in (0, 1):  # both replicas lost the scorer, found out at once, and say so
+        metrics = httpx.get(f"{fleet.replica_url(i)}/metrics").text
+        assert 'router_scorer_errors_total{kind="timeout"}' not in metrics  # none waited out scorer.timeout_s
+        assert 'router_scorer_errors_total{kind="down"}' in metrics  # refused at once by the open circuit
+        ready = httpx.get(f"{fleet.replica_url(i)}/ready", timeout=10)
+        assert ready.status_code == 503 and ready.json()["scorer"] == "down", ready.text
+        assert "router_scorer_up 0.0" in httpx.get(f"{fleet.replica_url(i)}/metrics").text
+
+    folder = resolve_model(settings.scorer.model, settings.scorer.cache_dir)
+    core = len(settings.backends) % (os.cpu_count() or 1)  # the demo's core for it
+    restarted, _ = start_scorer(settings, folder, tmp_path, core, lambda _: None, port=fleet.ports["scorer"])
+    fleet.adopted.append(restarted)  # it serves the tests below in the killed scorer's place
+    wait_ready([restarted], timeout_s=300)
+    for i in (0, 1):  # scoring resumes on both replicas
+        deadline = time.monotonic() + 60
+        while True:
+            r = httpx.post(f"{fleet.replica_url(i)}/v1/chat/completions", timeout=60,
+                           json={"model": "router", "max_tokens": 2, "messages": MESSAGES})
+            assert r.status_code == 200
+            if r.headers["x-router-reason"] != "unscored":
+                break
+            assert time.monotonic() < deadline, f"replica {i} did not score again within 60 s of the restart"
+            time.sleep(0.5)
+        assert "x-router-scorer-ms" in r.headers
+        assert httpx.get(f"{fleet.replica_url(i)}/ready", timeout=10).json()["scorer"] == "up"
+        assert "router_scorer_up 1.0" in httpx.get(f"{fleet.replica_url(i)}/metrics").text
 
 
 def _requests_served(url: str) -> float:
