@@ -68,10 +68,10 @@ class PackedDecoder:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         # One matrix product for q, k and v, and one for the gate and up projections: the modules' parameters
-        # become views of the fused tensors, so the weights are held once.
+        # become views of the fused ones, so the weights are held once.
         self.qkv = [_fuse(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj) for b in self.blocks]
         self.gate_up = [_fuse(b.mlp.gate_proj, b.mlp.up_proj) for b in self.blocks]
-        self.prefix = self._prefix_state(list(prefix)) if prefix else None
+        self.prefix = self.prefix_state(list(prefix)) if prefix else None
 
     @torch.inference_mode()
     def features(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -92,7 +92,7 @@ class PackedDecoder:
         pooled = self._run(token_ids, positions, packing, prefix=p)
         return torch.cat([pooled[layer] for layer in self.layers], dim=-1)
 
-    def _prefix_state(self, ids: list[int]) -> _Prefix:
+    def prefix_state(self, ids: list[int]) -> _Prefix:
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         packing = _Packing(starts=[0], ends=[len(ids)], prefixed=[False])
@@ -120,8 +120,7 @@ class PackedDecoder:
                packing: _Packing, prefix: _Prefix | None, trimmed: bool,
                keep_kv: tuple[list[torch.Tensor], list[torch.Tensor]] | None) -> torch.Tensor:
         rows = x.shape[0]
-        weight, bias = self.qkv[index]
-        qkv = F.linear(block.input_layernorm(x), weight, bias)
+        qkv = self.qkv[index](block.input_layernorm(x))
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q = qkv[:, :q_width].view(rows, self.heads, self.head_dim).transpose(0, 1)[None]
         k = qkv[:, q_width:q_width + kv_width].view(rows, self.kv_heads, self.head_dim).transpose(0, 1)[None]
@@ -150,8 +149,7 @@ class PackedDecoder:
             outputs.append(out[0].transpose(0, 1).reshape(-1, self.heads * self.head_dim))
         attended = block.self_attn.o_proj(torch.cat(outputs))
         x = (x[packing.last_rows] if trimmed else x) + attended
-        weight, bias = self.gate_up[index]
-        gate, up = F.linear(block.post_attention_layernorm(x), weight, bias).chunk(2, dim=-1)
+        gate, up = self.gate_up[index](block.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + block.mlp.down_proj(block.mlp.act_fn(gate) * up)
 
     def _pool(self, depth: int, x: torch.Tensor, packing: _Packing, prefix: _Prefix | None, trimmed: bool,
@@ -173,11 +171,14 @@ class PackedDecoder:
         return torch.cat(parts, dim=-1)
 
 
-def _fuse(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The linears' weights (and biases) stacked into one tensor; each module's own become views of it."""
+def _fuse(*linears: torch.nn.Linear) -> torch.nn.Linear:
+    """One linear computing the given ones side by side (same input); their own parameters become views of its."""
     weight = torch.cat([lin.weight.detach() for lin in linears])
-    has_bias = linears[0].bias is not None
-    bias = torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if linears[0].bias is not None else None
+    fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    fused.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        fused.bias = torch.nn.Parameter(bias, requires_grad=False)
     row = 0
     for lin in linears:
         rows = lin.weight.shape[0]
@@ -185,4 +186,4 @@ def _fuse(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
         if bias is not None:
             lin.bias = torch.nn.Parameter(bias[row:row + rows], requires_grad=False)
         row += rows
-    return weight, bias
+    return fused

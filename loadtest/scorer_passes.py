@@ -1,0 +1,140 @@
+"""What each way of running the scorer's forward pass buys, side by side in one process, on the same prompts.
+
+``python -m loadtest.scorer_passes [--config config.yaml] [--prompts 64] [--rounds 3]`` measures, in interleaved
+rounds (the median round counts), prompts per second of:
+
+- transformers' padded pass at batch 1 and batch 8 (the reference of the benchmark's ratio);
+- the packed pass without the shared prefix, then with it (the shipped pass), at batch 8 and 16;
+- the shipped pass with one torch thread instead of all;
+- int8 projections (weights per output channel, activations per token, ``torch._int_mm``) over the packed pass:
+  the candidate that was measured and dropped; it also prints how far its features and the shipped probes'
+  estimates move from the float32 reference.
+
+Prints one JSON object. The figures in docs/benchmarks.md ("The scorer's forward pass") come from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from loadtest.prompts import questions
+from router.config import load_settings
+from router.probe import load_probe
+from router.scorer.features import FeatureExtractor
+
+Features = Callable[[Sequence[Sequence[int]]], Any]
+
+
+def rate(features: Features, ids: list[list[int]], batch: int) -> float:
+    batches = [ids[i:i + batch] for i in range(0, len(ids) - batch + 1, batch)]
+    features(batches[0])
+    start = time.perf_counter()
+    for b in batches:
+        features(b)
+    return sum(map(len, batches)) / (time.perf_counter() - start)
+
+
+class Int8Linear(torch.nn.Module):
+    """y = x Wᵀ + b with int8 weights (symmetric, per output channel) and int8 activations (symmetric, per token),
+    multiplied by ``torch._int_mm`` (AVX-512 VNNI here; AMX where a CPU has it)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+        self.weight = torch.round(w / self.scale[:, None]).clamp(-127, 127).to(torch.int8).t()
+        self.bias = linear.bias.detach().float() if linear.bias is not None else None
+        self.dtype = linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        x_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+        q = torch.round(flat / x_scale).clamp(-127, 127).to(torch.int8)
+        y = torch._int_mm(q, self.weight).float() * (x_scale * self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(self.dtype).reshape(*x.shape[:-1], -1)
+
+
+def quantise(extractor: FeatureExtractor) -> None:
+    """Every projection of the extractor's packed pass in int8 (its own copy of the model)."""
+    decoder = extractor.packed
+    assert decoder is not None
+    decoder.qkv = [Int8Linear(lin) for lin in decoder.qkv]
+    decoder.gate_up = [Int8Linear(lin) for lin in decoder.gate_up]
+    for block in decoder.blocks:
+        block.self_attn.o_proj = Int8Linear(block.self_attn.o_proj)
+        block.mlp.down_proj = Int8Linear(block.mlp.down_proj)
+    if decoder.prefix is not None:
+        decoder.prefix = decoder.prefix_state(decoder.prefix.ids)
+
+
+def deviation(config: Path, features: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How far features move from the float32 reference: cosine, and the shipped probes' estimates."""
+    cos = (features * reference).sum(1) / np.linalg.norm(features, axis=1) / np.linalg.norm(reference, axis=1)
+    settings = load_settings(config)
+    moves = [np.abs(load_probe(b.probe).predict(features) - load_probe(b.probe).predict(reference))
+             for b in settings.backends if b.probe is not None]
+    return {"min_cosine": round(float(cos.min()), 5), "max_p_change": round(float(max(m.max() for m in moves)), 4),
+            "mean_p_change": round(float(np.mean([m.mean() for m in moves])), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.scorer_passes", description=__doc__)
+    parser.add_argument("--config", type=Path, default=Path("config.yaml"))
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    cfg = load_settings(args.config).scorer
+    shipped = FeatureExtractor(cfg)
+    no_prefix = FeatureExtractor(cfg)
+    assert no_prefix.packed is not None
+    no_prefix.packed.prefix = None
+    int8 = FeatureExtractor(cfg)
+    quantise(int8)
+    all_threads = torch.get_num_threads()
+    ids = [shipped.encoder.encode([{"role": "user", "content": q}]) for q in questions(args.prompts)]
+    variants: dict[str, tuple[Features, int, int]] = {
+        "transformers padded, batch 1": (shipped.padded_features, 1, all_threads),
+        "transformers padded, batch 8": (shipped.padded_features, 8, all_threads),
+        "packed, no shared prefix, batch 8": (no_prefix.features_from_ids, 8, all_threads),
+        "packed + shared prefix (shipped), batch 1": (shipped.features_from_ids, 1, all_threads),
+        "packed + shared prefix (shipped), batch 8": (shipped.features_from_ids, 8, all_threads),
+        "packed + shared prefix (shipped), batch 16": (shipped.features_from_ids, 16, all_threads),
+        "shipped, batch 8, one torch thread": (shipped.features_from_ids, 8, 1),
+        "shipped + int8 projections, batch 8": (int8.features_from_ids, 8, all_threads),
+    }
+    rounds: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(args.rounds):
+        names = list(variants)
+        names = names[r % len(names):] + names[:r % len(names)]
+        for name in names:
+            features, batch, threads = variants[name]
+            torch.set_num_threads(threads)
+            rounds[name].append(rate(features, ids, batch))
+        torch.set_num_threads(all_threads)
+    reference = FeatureExtractor(cfg.model_copy(update={"dtype": "float32"})).padded_features(ids)
+    result = {
+        "threads": all_threads, "dtype": cfg.dtype, "layers": list(cfg.layers), "prompts": len(ids),
+        "prompts_per_s": {name: round(statistics.median(r), 1) for name, r in rounds.items()},
+        "rounds": {name: [round(x, 1) for x in r] for name, r in rounds.items()},
+        "vs_float32": {
+            "shipped (bf16)": deviation(args.config, shipped.features_from_ids(ids), reference),
+            "transformers padded (bf16)": deviation(args.config, shipped.padded_features(ids), reference),
+            "int8 projections": deviation(args.config, int8.features_from_ids(ids), reference),
+        },
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
