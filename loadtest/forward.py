@@ -1,5 +1,6 @@
-"""The scorer's raw forward pass, alone: the scorer's own pass at batch 1 and 8, transformers' padded pass at
-batch 8 (the reference), and the roofline (``loadtest.roofline``), on the same prompts.
+"""The scorer's raw forward pass, alone: the scorer's own pass at batch 1 and 8 (with the config's threads, as the
+gateway runs it), transformers' padded pass at batch 8 on all cores (the reference), and the roofline
+(``loadtest.roofline``), on the same prompts.
 
 Run as its own process (``python -m loadtest.forward --config CFG --prompts N``) so that its torch threads
 match the gateway's; prints one JSON object.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,12 +48,16 @@ def main() -> None:
     ids = [extractor.encoder.encode([{"role": "user", "content": t}]) for t in questions(args.prompts)]
     import torch
 
+    threads = torch.get_num_threads()
     batches = [measure(extractor.features_from_ids, ids, b, args.repeats, "scorer") for b in (1, 8)]
+    torch.set_num_threads(os.cpu_count() or 1)
     batches.append(measure(extractor.padded_features, ids, 8, args.repeats, "transformers"))
-    result = {"threads": torch.get_num_threads(), "dtype": extractor.cfg.dtype,
+    torch.set_num_threads(threads)
+    result = {"threads": threads, "reference_threads": os.cpu_count() or 1, "dtype": extractor.cfg.dtype,
               "layers": list(extractor.cfg.layers), "prompts": len(ids), "packed": extractor.packed is not None,
               "batches": batches,
-              "roofline": roofline(extractor, ids, 8, batches[1]["ms_per_prompt"], batches[2]["ms_per_prompt"])}
+              "roofline": roofline(extractor, ids, 8, batches[1]["ms_per_prompt"], batches[2]["ms_per_prompt"],
+                                   reference_threads=os.cpu_count() or 1)}
     print(json.dumps(result))
 
 

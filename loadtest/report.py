@@ -75,8 +75,10 @@ def table(results: dict[str, Any]) -> str:
                   f"{r['mean_prompt_tokens']:.0f} tokens on average, {r['prefix_tokens']} of them the shared prefix) "
                   f"at {r['scorer_gflops']:.0f} GFLOP/s, {r['scorer_vs_limit']:.0%} of this machine's "
                   f"{r['matmul_gflops']:.0f} GFLOP/s for the same projections at {r['matmul_rows']} rows "
-                  f"({f['dtype']}); transformers' padded pass runs at {r['transformers_gflops']:.0f} GFLOP/s "
-                  f"({r['transformers_vs_limit']:.0%}).", ""]
+                  f"({f['dtype']}, {r.get('threads', f['threads'])} threads); transformers' padded pass runs at "
+                  f"{r['transformers_gflops']:.0f} GFLOP/s, "
+                  f"{r['transformers_vs_limit']:.0%} of {r.get('transformers_matmul_gflops', r['matmul_gflops']):.0f} "
+                  f"({r.get('reference_threads', f['threads'])} threads).", ""]
     if results.get("scorer_server"):
         cells = "; ".join(f"c={c}: {r['rps']:,.1f} prompts/s, p50 {_fmt((r['latency_ms'] or {}).get('p50'), 1)} ms, "
                           f"{_fmt(r['cpu_ms_per_request'], 1)} ms of its CPU a prompt"

@@ -78,7 +78,9 @@ def matmul_gflops(shapes: Shapes, rows: int, dtype: torch.dtype, repeats: int = 
 
 
 def roofline(extractor: FeatureExtractor, ids: Sequence[Sequence[int]], batch: int, scorer_ms_per_prompt: float,
-             transformers_ms_per_prompt: float) -> dict[str, Any]:
+             transformers_ms_per_prompt: float, reference_threads: int) -> dict[str, Any]:
+    """The scorer's pass against the matmul rate with torch's current threads; transformers' padded pass against
+    the rate with ``reference_threads``."""
     shapes = Shapes(extractor)
     packed = extractor.packed
     prefix = len(packed.prefix.ids) if packed is not None and packed.prefix is not None else 0
@@ -90,11 +92,19 @@ def roofline(extractor: FeatureExtractor, ids: Sequence[Sequence[int]], batch: i
               else padded_flops(shapes, batches)) / prompts
     reference = padded_flops(shapes, batches) / prompts
     rows = round(sum(len(p) - (prefix if len(p) > prefix else 0) for p in flat) / len(batches))
-    limit = matmul_gflops(shapes, rows, getattr(torch, extractor.cfg.dtype))
+    dtype = getattr(torch, extractor.cfg.dtype)
+    limit = matmul_gflops(shapes, rows, dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(reference_threads)
+    padded_rows = round(sum(len(b) * max(map(len, b)) for b in batches) / len(batches))
+    reference_limit = matmul_gflops(shapes, padded_rows, dtype)
+    torch.set_num_threads(threads)
     scorer_rate = scorer / (scorer_ms_per_prompt / 1000) / 1e9
     reference_rate = reference / (transformers_ms_per_prompt / 1000) / 1e9
     return {"gflop_per_prompt": round(scorer / 1e9, 3), "transformers_gflop_per_prompt": round(reference / 1e9, 3),
             "prefix_tokens": prefix, "mean_prompt_tokens": round(sum(map(len, flat)) / prompts, 1),
-            "matmul_rows": rows, "matmul_gflops": round(limit, 1), "scorer_gflops": round(scorer_rate, 1),
-            "transformers_gflops": round(reference_rate, 1), "scorer_vs_limit": round(scorer_rate / limit, 3),
-            "transformers_vs_limit": round(reference_rate / limit, 3)}
+            "threads": threads, "matmul_rows": rows, "matmul_gflops": round(limit, 1),
+            "scorer_gflops": round(scorer_rate, 1), "scorer_vs_limit": round(scorer_rate / limit, 3),
+            "reference_threads": reference_threads, "transformers_matmul_rows": padded_rows,
+            "transformers_matmul_gflops": round(reference_limit, 1), "transformers_gflops": round(reference_rate, 1),
+            "transformers_vs_limit": round(reference_rate / reference_limit, 3)}
