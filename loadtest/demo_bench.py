@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results" / "demo.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
+    # SIGTERM (timeout, a CI runner) unwinds like Ctrl-C, so each round's `finally` stops the demo it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     import platform
 
     amx = "amx_bf16" in Path("/proc/cpuinfo").read_text()

@@ -91,10 +91,10 @@ class Cell:
         return out
 
 
-# torch's default (one thread per core) leaves the event loop no core of its own, and on a busy machine its
-# threads wait on each other at every op: nproc - 1 threads measured best here (see docs/benchmarks.md). The vLLM
-# scorer gets as many OpenMP threads, on the last cores, so both scorers compute on the same cores.
-SCORER_THREADS = max(1, (os.cpu_count() or 2) - 1)
+# One torch thread per core, as the gateway runs by default: with passive OpenMP waiting and the packed pass, the
+# event loop finds its CPU between passes (routed c=16 here: 13-16 req/s with nproc - 1 = 1 thread, 18-22 with 2;
+# docs/benchmarks.md). The vLLM scorer gets as many OpenMP threads, bound to the same cores.
+SCORER_THREADS = os.cpu_count() or 1
 
 
 def _gateway_config(folder: Path, backend_url: str, port: int, scorer_url: str | None = None) -> Path:
