@@ -12,7 +12,9 @@ of the fast protocol adds, per connection:
   request line over ``max_request_line_bytes``: 414. Counted as bytes arrive, so memory stays bounded;
 - ``header_timeout_s`` from a connection's start (or a request's first byte) to the end of its head, and
   ``body_timeout_s`` from the head to the end of the body: else 408 and the connection closes;
-- at most ``max_connections`` open connections: one more is closed at once.
+- at most ``max_connections`` open connections: one more is closed at once;
+- a handler waiting on work its client no longer wants is cancelled when the connection is lost
+  (``CANCEL_ON_DISCONNECT``): one dict entry per request instead of a watcher task.
 The idle keep-alive timeout is uvicorn's own (``keep_alive_s``). See docs/security.md for the defaults beside
 Envoy's and nginx's.
 """
@@ -35,6 +37,12 @@ from router.config import ServerConfig
 from router.errors import error_body
 
 log = logging.getLogger(__name__)
+
+CANCEL_ON_DISCONNECT = "router.cancel_on_disconnect"
+"""ASGI scope key: the task that the edge cancels if the request's client disconnects before its answer is
+sent (a handler sets it while it awaits the upstream, and removes it when done; see api._unless_client_leaves)."""
+CLIENT_GONE = "router.client_gone"
+"""ASGI scope key, set by the edge to True once the request's client has disconnected before its answer was sent."""
 
 
 class _Refuse(Exception):
@@ -81,8 +89,15 @@ class EdgeProtocol(HttpToolsProtocol):
         self._disarm()
         if self._timer is not None:
             self._timer.cancel()
-        if self.transport is not None:  # None: refused in connection_made, never counted
-            super().connection_lost(exc)
+        if self.transport is None:  # refused in connection_made, never counted
+            return
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if cycle is not None and cycle.disconnected:  # gone before its answer was complete
+            cycle.scope[CLIENT_GONE] = True  # type: ignore[index]
+            task = cycle.scope.pop(CANCEL_ON_DISCONNECT, None)  # type: ignore[misc]
+            if task is not None:
+                task.cancel()
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
