@@ -14,7 +14,9 @@ of the fast protocol adds, per connection:
   ``body_timeout_s`` from the head to the end of the body: else 408 and the connection closes;
 - at most ``max_connections`` open connections: one more is closed at once;
 - a handler waiting on work its client no longer wants is cancelled when the connection is lost
-  (``CANCEL_ON_DISCONNECT``): one dict entry per request instead of a watcher task.
+  (``CANCEL_ON_DISCONNECT``): one dict entry per request instead of a watcher task;
+- an answer's head and body, which uvicorn writes separately, go to the socket as one write
+  (``CoalescedWrites``): one send() and one packet for the client to read instead of two.
 The idle keep-alive timeout is uvicorn's own (``keep_alive_s``). See docs/security.md for the defaults beside
 Envoy's and nginx's.
 """
@@ -61,6 +63,38 @@ def _plain_response(status: int, reason: bytes, message: str) -> bytes:
             % (status, reason, len(body))) + body
 
 
+class CoalescedWrites:
+    """A connection's transport as uvicorn's request cycles see it: what they write in one turn of the event loop
+    goes to the socket as one write at the end of that turn. uvicorn writes an answer's head and its body (and
+    each chunk of a stream) with a transport.write() each, and each is a send() to the socket at once."""
+
+    __slots__ = ("_held", "loop", "transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = [data]
+            self.loop.call_soon(self.flush)
+        else:
+            self._held.append(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self.transport.is_closing():
+            self.transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
 class EdgeProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` with bounded heads, head and body timeouts and a connection cap (see the module)."""
 
@@ -75,6 +109,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
         self._on_deadline: Callable[[], None] = self._head_timed_out
+        self._writes: CoalescedWrites | None = None
 
     # connection life
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -83,6 +118,7 @@ class EdgeProtocol(HttpToolsProtocol):
             transport.abort()
             return
         super().connection_made(transport)
+        self._writes = CoalescedWrites(transport, self.loop)
         self._arm(self.limits.header_timeout_s, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -155,6 +191,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._in_head = False
         self._arm(self.limits.body_timeout_s, self._body_timed_out)
         super().on_headers_complete()
+        self.cycle.transport = self._writes  # type: ignore[assignment]  # its answer's writes, coalesced
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -206,6 +243,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _close_with(self, response: bytes) -> None:
         self._disarm()
+        if self._writes is not None:
+            self._writes.flush()  # what an earlier answer wrote goes first
         self.transport.write(response)
         self.transport.close()
 
