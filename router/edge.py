@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 CANCEL_ON_DISCONNECT = "router.cancel_on_disconnect"
 """ASGI scope key: the task that the edge cancels if the request's client disconnects before its answer is
-sent (a handler sets it while it awaits the upstream, and removes it when done; see api._unless_client_leaves)."""
+complete (set while the work is pointless without the client, removed after: the completion handler while it
+waits on the backend, api._unless_client_leaves; a relayed stream, gateway.RelayResponse)."""
 CLIENT_GONE = "router.client_gone"
 """ASGI scope key, set by the edge to True once the request's client has disconnected before its answer was sent."""
 

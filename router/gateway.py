@@ -60,8 +60,8 @@ class RelayResponse(StreamingResponse):
     """A relayed stream bounded on the client's side: a client that takes none of it for ``send_timeout_s``, or
     whose answer is still going at ``deadline`` (monotonic), is cut off, and the upstream request is closed. That
     is the client's doing or the request's limit, so the backend's breaker never hears of it. A client that
-    disconnects is seen by the edge (router/edge.py), which cancels this task: no listener task per stream, as
-    Starlette's StreamingResponse starts under uvicorn."""
+    disconnects is seen by the edge (router/edge.py), which cancels this task: no second task per stream waiting
+    for the disconnect (Starlette's StreamingResponse starts one under uvicorn, whose protocols speak ASGI 2.3)."""
 
     def __init__(self, content: AsyncIterator[bytes], *, deadline: float, send_timeout_s: float,
                  **kwargs: Any) -> None:
@@ -103,8 +103,7 @@ class RelayResponse(StreamingResponse):
             if not scope.get(CLIENT_GONE):  # gone already: nothing to relay
                 await self.stream_response(watched_send)
         except asyncio.CancelledError:
-            gone = scope.get(CLIENT_GONE)
-            if not (cut or gone):
+            if not (cut or scope.get(CLIENT_GONE)):
                 raise
             task.uncancel()
             if cut:
