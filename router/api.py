@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from router.auth import CHARS_PER_TOKEN, CLIENT_SCOPE_KEY, Client
+from router.edge import CANCEL_ON_DISCONNECT, CLIENT_GONE
 from router.errors import APIError
 from router.gateway import CompletionCall, Gateway
 from router.routing import RoutableRequest
@@ -81,30 +82,26 @@ async def _read_body(request: Request) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _unless_client_leaves(request: Request, work: Awaitable[Response]) -> Response:
+async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
     """Await ``work``; if the client disconnects first, cancel it (which closes the upstream request, so the
-    backend stops generating). One watcher task per request: it cancels this task when the client goes."""
+    backend stops generating). The edge (router/edge.py) cancels this task when the connection is lost: a
+    request costs two dict entries, not a watcher task of its own."""
+    scope = request.scope
+    if scope.get(CLIENT_GONE):  # gone already (while its key's budget was checked, say)
+        work.close()
+        return Response(status_code=499)
     handler = asyncio.current_task()
     assert handler is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        handler.cancel()
-
-    watcher = asyncio.create_task(watch())
+    scope[CANCEL_ON_DISCONNECT] = handler
     try:
         return await work
     except asyncio.CancelledError:
-        if not gone:
+        if not scope.get(CLIENT_GONE):
             raise
         handler.uncancel()
         return Response(status_code=499)  # nobody is listening; the status is for the access log
     finally:
-        watcher.cancel()
+        scope.pop(CANCEL_ON_DISCONNECT, None)
 
 
 def _client(request: Request) -> Client:

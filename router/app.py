@@ -64,6 +64,7 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
         summary="OpenAI-compatible gateway that routes each request by a scorer's activations and linear probes",
         version="0.1.0",
         lifespan=lifespan,
+        telemetry=None if obs.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.probe_groups = tuple(probe_groups)

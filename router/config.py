@@ -183,6 +183,9 @@ class ObservabilityConfig(_Strict):
     feedback_max_entries: int = Field(100_000, ge=1, description="answers kept for /v1/feedback")
     feedback_ttl_s: float = Field(24 * 3600, gt=0)
     decision_log: DecisionLogConfig | None = None
+    opentelemetry: bool = Field(
+        False, description="FastAPI's native OpenTelemetry (a span and metrics per request, once a provider is "
+        "configured); off, FastAPI skips looking for providers on every request (a few microseconds each)")
 
 
 DANGEROUS_EXTRAS = frozenset({

@@ -12,7 +12,11 @@ of the fast protocol adds, per connection:
   request line over ``max_request_line_bytes``: 414. Counted as bytes arrive, so memory stays bounded;
 - ``header_timeout_s`` from a connection's start (or a request's first byte) to the end of its head, and
   ``body_timeout_s`` from the head to the end of the body: else 408 and the connection closes;
-- at most ``max_connections`` open connections: one more is closed at once.
+- at most ``max_connections`` open connections: one more is closed at once;
+- a handler waiting on work its client no longer wants is cancelled when the connection is lost
+  (``CANCEL_ON_DISCONNECT``): one dict entry per request instead of a watcher task;
+- an answer's head and body, which uvicorn writes separately, go to the socket as one write
+  (``CoalescedWrites``): one send() and one packet for the client to read instead of two.
 The idle keep-alive timeout is uvicorn's own (``keep_alive_s``). See docs/security.md for the defaults beside
 Envoy's and nginx's.
 """
@@ -36,6 +40,13 @@ from router.errors import error_body
 
 log = logging.getLogger(__name__)
 
+CANCEL_ON_DISCONNECT = "router.cancel_on_disconnect"
+"""ASGI scope key: the task that the edge cancels if the request's client disconnects before its answer is
+complete (set while the work is pointless without the client, removed after: the completion handler while it
+waits on the backend, api._unless_client_leaves; a relayed stream, gateway.RelayResponse)."""
+CLIENT_GONE = "router.client_gone"
+"""ASGI scope key, set by the edge to True once the request's client has disconnected before its answer was sent."""
+
 
 class _Refuse(Exception):
     """Raised in a parser callback to refuse the request (the parser stops at once)."""
@@ -53,6 +64,38 @@ def _plain_response(status: int, reason: bytes, message: str) -> bytes:
             % (status, reason, len(body))) + body
 
 
+class CoalescedWrites:
+    """A connection's transport as uvicorn's request cycles see it: what they write in one turn of the event loop
+    goes to the socket as one write at the end of that turn. uvicorn writes an answer's head and its body (and
+    each chunk of a stream) with a transport.write() each, and each is a send() to the socket at once."""
+
+    __slots__ = ("_held", "loop", "transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = [data]
+            self.loop.call_soon(self.flush)
+        else:
+            self._held.append(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self.transport.is_closing():
+            self.transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
 class EdgeProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` with bounded heads, head and body timeouts and a connection cap (see the module)."""
 
@@ -67,6 +110,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
         self._on_deadline: Callable[[], None] = self._head_timed_out
+        self._writes: CoalescedWrites | None = None
 
     # connection life
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -75,14 +119,22 @@ class EdgeProtocol(HttpToolsProtocol):
             transport.abort()
             return
         super().connection_made(transport)
+        self._writes = CoalescedWrites(transport, self.loop)
         self._arm(self.limits.header_timeout_s, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         if self._timer is not None:
             self._timer.cancel()
-        if self.transport is not None:  # None: refused in connection_made, never counted
-            super().connection_lost(exc)
+        if self.transport is None:  # refused in connection_made, never counted
+            return
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if cycle is not None and cycle.disconnected:  # gone before its answer was complete
+            cycle.scope[CLIENT_GONE] = True  # type: ignore[index]
+            task = cycle.scope.pop(CANCEL_ON_DISCONNECT, None)  # type: ignore[misc]
+            if task is not None:
+                task.cancel()
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
@@ -140,6 +192,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._in_head = False
         self._arm(self.limits.body_timeout_s, self._body_timed_out)
         super().on_headers_complete()
+        self.cycle.transport = self._writes  # type: ignore[assignment]  # its answer's writes, coalesced
 
     def on_message_complete(self) -> None:
         self._disarm()
@@ -191,6 +244,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _close_with(self, response: bytes) -> None:
         self._disarm()
+        if self._writes is not None:
+            self._writes.flush()  # what an earlier answer wrote goes first
         self.transport.write(response)
         self.transport.close()
 

@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 from router.auth import Grant
 from router.config import Settings
 from router.decision_log import DecisionLog
+from router.edge import CANCEL_ON_DISCONNECT, CLIENT_GONE
 from router.errors import APIError
 from router.feedback import Answered
 from router.metrics import Metrics
@@ -58,7 +59,9 @@ class InFlight:
 class RelayResponse(StreamingResponse):
     """A relayed stream bounded on the client's side: a client that takes none of it for ``send_timeout_s``, or
     whose answer is still going at ``deadline`` (monotonic), is cut off, and the upstream request is closed. That
-    is the client's doing or the request's limit, so the backend's breaker never hears of it."""
+    is the client's doing or the request's limit, so the backend's breaker never hears of it. A client that
+    disconnects is seen by the edge (router/edge.py), which cancels this task: no second task per stream waiting
+    for the disconnect (Starlette's StreamingResponse starts one under uvicorn, whose protocols speak ASGI 2.3)."""
 
     def __init__(self, content: AsyncIterator[bytes], *, deadline: float, send_timeout_s: float,
                  **kwargs: Any) -> None:
@@ -95,16 +98,22 @@ class RelayResponse(StreamingResponse):
             timer = loop.call_at(min(due, deadline), watch)
 
         timer = loop.call_at(min(loop.time() + self.send_timeout_s, deadline), watch)
+        scope[CANCEL_ON_DISCONNECT] = task
         try:
-            await super().__call__(scope, receive, watched_send)
+            if not scope.get(CLIENT_GONE):  # gone already: nothing to relay
+                await self.stream_response(watched_send)
         except asyncio.CancelledError:
-            if not cut:
+            if not (cut or scope.get(CLIENT_GONE)):
                 raise
             task.uncancel()
-            log.info("stream cut off: its client read too slowly or it ran past its deadline")
+            if cut:
+                log.info("stream cut off: its client read too slowly or it ran past its deadline")
         finally:
+            scope.pop(CANCEL_ON_DISCONNECT, None)
             timer.cancel()
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
+        if self.background is not None:
+            await self.background()
 
 
 class Gateway:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from router.config import ScorerConfig
@@ -172,3 +173,27 @@ def test_uvicorns_keep_alive_still_closes_idle_connections(tmp_path: Path, tiny_
             sock.sendall(_head(b"\r\n", target=b"/health"))
             answer = read_until_closed(sock)  # the answer, then the close after the keep-alive timeout
         assert status_of(answer) == 200 and answer.endswith(b'{"status":"ok"}')
+
+
+def _chat_request(content: str, extra: bytes = b"") -> bytes:
+    body = orjson.dumps({"model": "small", "messages": [{"role": "user", "content": content}]})
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer sk-good\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n%s\r\n" % (len(body), extra)) + body
+
+
+def test_pipelined_requests_and_100_continue_get_whole_answers(edge: Edge) -> None:
+    """What the edge writes for each answer (head and body joined in one write) stays whole, one answer each."""
+    with connection(edge.url) as sock:  # three requests in one packet, the last one closing the connection
+        sock.sendall(_chat_request("one") + _chat_request("two") + _chat_request("three", b"connection: close\r\n"))
+        answers = read_until_closed(sock)
+    heads = answers.split(b"HTTP/1.1 ")[1:]
+    assert [status_of(b"HTTP/1.1 " + h) for h in heads] == [200, 200, 200]
+    assert answers.count(b"small says 4") == 3 and answers.endswith(b"}")
+    with connection(edge.url) as sock:
+        request = _chat_request("four", b"expect: 100-continue\r\nconnection: close\r\n")
+        head, _, body = request.partition(b"\r\n\r\n")
+        sock.sendall(head + b"\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        answer = read_until_closed(sock)
+    assert status_of(answer) == 200 and b"small says 4" in answer

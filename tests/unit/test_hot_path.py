@@ -1,10 +1,12 @@
 """What the hot path's shortcuts keep: the same answers and errors, API keys first, the collector's settings, the
-same metric series."""
+same metric series, FastAPI's OpenTelemetry when asked for, whole answers in one write."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,14 +14,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
 
+from router.app import create_app
 from router.auth import APIKeyMiddleware, Authenticator
 from router.cli import _settle_gc
-from router.config import AuthConfig
+from router.config import AuthConfig, ScorerConfig
+from router.edge import CoalescedWrites
 from router.errors import APIError, install_error_handlers
 from router.feedback import FeedbackStore
 from router.hot_routes import HotRoutes
 from router.metrics import Metrics
+from router.routing import load_probe_groups
+from router.scorer.features import FeatureExtractor
 from router.state import LocalLimiter
+from tests.support.stack import make_settings
 
 
 def _app(with_key: str | None = None) -> tuple[FastAPI, list[str]]:
@@ -122,3 +129,53 @@ def test_metric_children_are_kept_and_appear_only_once_used() -> None:
     assert 'router_cost_usd_total{backend="small"} 0.5' in text
     assert 'router_requests_total{backend="small",reason="explicit",status="200"} 1.0' in text
     assert 'backend="large"' not in text
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+async def test_fastapis_opentelemetry_looks_for_providers_only_when_configured(
+        enabled: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_scorer_cfg: ScorerConfig,
+        tiny_extractor: FeatureExtractor) -> None:
+    from opentelemetry import trace
+
+    looked_up: list[bool] = []
+    real = trace.get_tracer_provider
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: looked_up.append(True) or real())
+    settings = make_settings(tmp_path, tiny_scorer_cfg, tiny_extractor.info, "http://127.0.0.1:9", "http://127.0.0.1:9",
+                             observability={"opentelemetry": enabled})
+    app = create_app(settings, load_probe_groups(settings))
+    async with await _client(app) as client:
+        for _ in range(3):
+            assert (await client.get("/v1/models")).status_code == 200
+    assert (len(looked_up) >= 3) is enabled  # FastAPI asks on every request when it is on, never when off
+
+
+class _RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_an_answers_writes_in_one_turn_of_the_loop_reach_the_socket_as_one() -> None:
+    transport = _RecordingTransport()
+    writes = CoalescedWrites(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+    writes.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    writes.write(b"{}")
+    assert transport.writes == []
+    await asyncio.sleep(0)
+    assert transport.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    writes.write(b"last")
+    writes.close()  # what was held goes out before the close
+    assert transport.writes[1:] == [b"last"] and transport.closed
+    await asyncio.sleep(0)
+    writes.write(b"after the close")
+    await asyncio.sleep(0)
+    assert transport.writes[1:] == [b"last"]  # nothing twice, nothing after the close
