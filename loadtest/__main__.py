@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from loadtest.gen import hey_available
-from loadtest.report import write_markdown
+from loadtest.report import END, START, publish, table
 from loadtest.run import ROOT, run
 
 
@@ -27,9 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     litellm = None if args.no_litellm or not args.litellm.exists() else args.litellm
     results = run(args.rounds, args.run_seconds, litellm, lambda s: print(s, flush=True))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(args.markdown, results)
+    publish(results, args.out, args.markdown, START, END, table(results))
     print(f"wrote {args.out} and the table in {args.markdown}")
     print(json.dumps(results["targets"], indent=2))
     return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.procs import free_port
-from loadtest.report import replace_section
+from loadtest.report import publish
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -193,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m loadtest.demo_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "scorers": {kind: run_kind(kind, args, lambda s: print(s, flush=True)) for kind in args.scorers.split(",")},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    replace_section(args.markdown, START, END, table(results))
+    publish(results, args.out, args.markdown, START, END, table(results))
     print(table(results))
     return 0
 

@@ -19,7 +19,6 @@ Each round runs every scenario on every target, the order rotating from round to
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any
 from loadtest.gen import Load, async_load, hey_available, hey_load
 from loadtest.procs import Service, Usage, Watch, free_port
 from loadtest.prompts import chat_body, median_question, questions
-from loadtest.report import replace_section
+from loadtest.report import fmt, publish, run_line
 from loadtest.run import ROOT, SMALL_NAME, VLLM_PYTHON, Cell, Scenario, _gateway_config, _scorer_server, machine
 from router.config import load_settings
 from scripts.nginx_balancer import nginx_command, nginx_conf
@@ -197,15 +196,9 @@ def ratios(scenarios: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fmt(v: float | None, digits: int = 2) -> str:
-    return "–" if v is None else f"{v:,.{digits}f}"
-
-
 def table(results: dict[str, Any]) -> str:
-    m = results["machine"]
     lines = [
-        f"Run of {results['started']}: {results['rounds']} interleaved rounds, {results['duration_s']:.0f} s; "
-        f"{m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}.",
+        run_line(results),
         "",
         "| scenario | target | req/s | p50 ms | p99 ms | replicas' CPU ms/req | nginx CPU ms/req | errors "
         "| unscored |",
@@ -214,9 +207,9 @@ def table(results: dict[str, Any]) -> str:
     for scenario, targets in results["scenarios"].items():
         for target, r in targets.items():
             lat = r["latency_ms"] or {}
-            balancer = "–" if target == "direct" else _fmt(r["balancer_cpu_ms_per_request"], 3)
-            lines.append(f"| {scenario} | {LABELS[target]} | {_fmt(r['rps'], 1)} | {_fmt(lat.get('p50'))} "
-                         f"| {_fmt(lat.get('p99'))} | {_fmt(r['cpu_ms_per_request'], 3)} | {balancer} "
+            balancer = "–" if target == "direct" else fmt(r["balancer_cpu_ms_per_request"], 3)
+            lines.append(f"| {scenario} | {LABELS[target]} | {fmt(r['rps'], 1)} | {fmt(lat.get('p50'))} "
+                         f"| {fmt(lat.get('p99'))} | {fmt(r['cpu_ms_per_request'], 3)} | {balancer} "
                          f"| {r['errors']} | {r['unscored']:.0f} |")
     q = results["ratios"]
     lines += ["", "| ratio (req/s, median rounds) | explicit c=64 | routed c=16 |", "|---|---:|---:|",
@@ -246,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = run(args.rounds, args.run_seconds, lambda s: print(s, flush=True))
     results["command"] = "python -m loadtest.fleet " + " ".join(argv if argv is not None else sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    replace_section(args.markdown, START, END, table(results))
+    publish(results, args.out, args.markdown, START, END, table(results))
     print(table(results))
     return 0
 

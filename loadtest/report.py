@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +37,27 @@ TARGETS = (
 )
 
 
-def _fmt(v: float | None, digits: int = 2) -> str:
+def fmt(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:,.{digits}f}"
 
 
-def table(results: dict[str, Any]) -> str:
+def run_line(results: dict[str, Any]) -> str:
+    """The first line of a run's table: when, how many rounds, on what machine."""
     m = results["machine"]
+    return (f"Run of {results['started']}: {results['rounds']} interleaved rounds, {results['duration_s']:.0f} s; "
+            f"{m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}.")
+
+
+def publish(results: dict[str, Any], out: Path, markdown: Path, start: str, end: str, body: str) -> None:
+    """A run's results as JSON in ``out``, and ``body`` between the markers ``start`` and ``end`` in ``markdown``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    replace_section(markdown, start, end, body)
+
+
+def table(results: dict[str, Any]) -> str:
     lines = [
-        f"Run of {results['started']}: {results['rounds']} interleaved rounds, {results['duration_s']:.0f} s; "
-        f"{m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}.",
+        run_line(results),
         "",
         "| scenario | target | req/s | p50 ms | p90 ms | p99 ms | TTFB p50 ms | TTFB p99 ms | CPU ms/req "
         "| peak RSS MiB |",
@@ -53,14 +66,14 @@ def table(results: dict[str, Any]) -> str:
     for scenario, targets in results["scenarios"].items():
         for target, r in targets.items():
             lat, ttfb = r["latency_ms"] or {}, r["ttfb_ms"] or {}
-            cpu = _fmt(r["cpu_ms_per_request"], 3)
+            cpu = fmt(r["cpu_ms_per_request"], 3)
             if target.startswith(("gateway", "untuned", "routed")) and r.get("loop_cpu_ms_per_request") is not None:
-                cpu += f" (loop {_fmt(r['loop_cpu_ms_per_request'], 3)})"
+                cpu += f" (loop {fmt(r['loop_cpu_ms_per_request'], 3)})"
             errors = f" ({r['errors']} errors)" if r["errors"] else ""
             lines.append(
-                f"| {scenario} | {LABELS[target]}{errors} | {_fmt(r['rps'], 0)} | {_fmt(lat.get('p50'))} "
-                f"| {_fmt(lat.get('p90'))} | {_fmt(lat.get('p99'))} | {_fmt(ttfb.get('p50'))} "
-                f"| {_fmt(ttfb.get('p99'))} | {cpu} | {_fmt(r['peak_rss_mb'], 0)} |")
+                f"| {scenario} | {LABELS[target]}{errors} | {fmt(r['rps'], 0)} | {fmt(lat.get('p50'))} "
+                f"| {fmt(lat.get('p90'))} | {fmt(lat.get('p99'))} | {fmt(ttfb.get('p50'))} "
+                f"| {fmt(ttfb.get('p99'))} | {cpu} | {fmt(r['peak_rss_mb'], 0)} |")
     f = results["forward_pass"]
     fwd = ", ".join(f"{PASSES[b.get('pass', 'scorer')]} batch {b['batch']}: {b['ms_per_batch']:.1f} ms per pass, "
                     f"{b['ms_per_prompt']:.1f} ms per prompt" for b in f["batches"])
@@ -80,8 +93,8 @@ def table(results: dict[str, Any]) -> str:
                   f"{r['transformers_vs_limit']:.0%} of {r.get('transformers_matmul_gflops', r['matmul_gflops']):.0f} "
                   f"({r.get('reference_threads', f['threads'])} threads).", ""]
     if results.get("scorer_server"):
-        cells = "; ".join(f"c={c}: {r['rps']:,.1f} prompts/s, p50 {_fmt((r['latency_ms'] or {}).get('p50'), 1)} ms, "
-                          f"{_fmt(r['cpu_ms_per_request'], 1)} ms of its CPU a prompt"
+        cells = "; ".join(f"c={c}: {r['rps']:,.1f} prompts/s, p50 {fmt((r['latency_ms'] or {}).get('p50'), 1)} ms, "
+                          f"{fmt(r['cpu_ms_per_request'], 1)} ms of its CPU a prompt"
                           for c, r in results["scorer_server"].items())
         lines += [f"The vLLM CPU pooling scorer loaded directly (token ids as the gateway sends them): {cells}.", ""]
     if "gc" in results:
@@ -111,6 +124,3 @@ def replace_section(path: Path, start: str, end: str, body: str) -> None:
     _, _, tail = rest.partition(end)
     path.write_text(head + block + tail)
 
-
-def write_markdown(path: Path, results: dict[str, Any]) -> None:
-    replace_section(path, START, END, table(results))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.report import END, START, write_markdown
+from loadtest.report import END, START, publish, table
 from loadtest.run import derive, median_forward
 
 
@@ -56,7 +56,7 @@ def test_the_table_replaces_only_the_text_between_the_markers(tmp_path: Path) ->
                "scenarios": SCENARIOS, "forward_pass": FORWARD,
                "gc": {"tracked_objects": 424450, "full_collection_ms": 190.3, "full_collection_us_frozen": 2.1},
                "targets": derive(SCENARIOS, FORWARD)}
-    write_markdown(doc, results)
+    publish(results, tmp_path / "latest.json", doc, START, END, table(results))
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nintro\n") and text.endswith("prose after\n") and "old table" not in text
     assert "| chat c=64 | probe-router, explicit backend, Python's default GC | 1,900 |" in text
