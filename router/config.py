@@ -64,10 +64,12 @@ class ScorerConfig(_Strict):
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, description="torch threads for the forward pass; None keeps torch's")
-    omp_wait_policy: Literal["passive", "active"] = Field(
-        "passive", description="how the forward pass's OpenMP threads wait for work: 'passive' sleeps, leaving the "
-        "cores to the event loop and to neighbours such as vLLM CPU servers; 'active' spins (slightly faster on "
-        "cores of its own, ruinous on shared ones). Set before torch loads, by `python -m router serve`",
+    omp_wait_policy: Literal["brief", "passive", "active"] = Field(
+        "brief", description="how the forward pass's OpenMP threads wait for work: 'brief' spins for about a "
+        "tenth of a millisecond, enough to bridge the gaps between the operations of one pass, then sleeps, so "
+        "idle threads leave the cores to the event loop and to neighbours such as vLLM CPU servers; 'passive' "
+        "sleeps at once (each operation of a pass then pays a wake-up); 'active' spins on (ruinous on shared "
+        "cores). Set before torch loads, by `python -m router serve`",
     )
     packing: bool = Field(
         True, description="run a batch's prompts packed into one sequence (no padding), with the prefix every "

@@ -1,10 +1,11 @@
 """How the in-process scorer uses the CPU, settled before torch loads.
 
-torch's CPU kernels run on OpenMP threads that, by default, spin for a while after each parallel region
-waiting for more work. On cores the scorer has to itself that saves a little latency; on cores shared with the
-event loop or with vLLM CPU servers (whose OpenMP threads spin too), spinning threads starve each other and a
-27 ms forward pass takes 600 ms. OpenMP reads its wait policy once, when the runtime loads, so this must run
-before the first ``import torch``.
+torch's CPU kernels run on OpenMP threads that wait for the next parallel region between operations. Spinning
+on (``active``) starves whatever shares the cores: on cores shared with vLLM CPU servers (whose OpenMP threads
+spin too) a 27 ms forward pass took 600 ms. Sleeping at once (``passive``) makes every operation of a pass pay
+a thread wake-up, hundreds per pass. ``brief`` spins just long enough to bridge one pass's operations, then
+sleeps. OpenMP reads these settings once, when the runtime loads, so this must run before the first
+``import torch``.
 """
 
 from __future__ import annotations
@@ -18,9 +19,26 @@ from router.config import ScorerConfig
 log = logging.getLogger(__name__)
 
 
+# 'brief': the spin count of GNU OpenMP (torch's CPU wheels: roughly a tenth of a millisecond) and the block
+# time of Intel's (in ms, its shortest)
+BRIEF_WAIT = {"GOMP_SPINCOUNT": "100000", "KMP_BLOCKTIME": "1"}
+
+
+def openmp_environment(policy: str) -> dict[str, str | None]:
+    """The environment variables a wait policy sets (None: removed)."""
+    if policy == "brief":
+        return {"OMP_WAIT_POLICY": None, **BRIEF_WAIT}
+    return {"OMP_WAIT_POLICY": policy.upper(), **dict.fromkeys(BRIEF_WAIT)}
+
+
 def configure_openmp(cfg: ScorerConfig) -> None:
-    """Set the OpenMP wait policy the config asks for (OMP_WAIT_POLICY), for this process and its children."""
-    wanted = cfg.omp_wait_policy.upper()
-    if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != wanted:
-        log.warning("torch is already loaded: OMP_WAIT_POLICY=%s takes effect only in new processes", wanted)
-    os.environ["OMP_WAIT_POLICY"] = wanted
+    """Set the OpenMP wait policy the config asks for, for this process and its children."""
+    wanted = openmp_environment(cfg.omp_wait_policy)
+    if "torch" in sys.modules and any(os.environ.get(k) != v for k, v in wanted.items()):
+        log.warning("torch is already loaded: the OpenMP wait policy %r takes effect only in new processes",
+                    cfg.omp_wait_policy)
+    for key, value in wanted.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,19 @@ def test_a_key_can_come_from_the_environment(tmp_path: Path, monkeypatch: pytest
     key = s.auth.keys[0]
     assert key.secret() == "sk-team" and key.backends == ["small"] and not key.may_name_backend
     assert s.auth.enabled
+
+
+@pytest.mark.parametrize(("policy", "expected"), [
+    ("brief", {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "100000", "KMP_BLOCKTIME": "1"}),
+    ("passive", {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None, "KMP_BLOCKTIME": None}),
+    ("active", {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None, "KMP_BLOCKTIME": None}),
+])
+def test_the_openmp_wait_policy_becomes_the_runtimes_environment(monkeypatch: pytest.MonkeyPatch, policy: str,
+                                                                 expected: dict[str, str | None]) -> None:
+    from router.config import ScorerConfig
+    from router.scorer.cpu import configure_openmp
+
+    for key in expected:
+        monkeypatch.setenv(key, "left over")
+    configure_openmp(ScorerConfig(omp_wait_policy=policy))
+    assert {key: os.environ.get(key) for key in expected} == expected
