@@ -93,6 +93,7 @@ class PackedDecoder:
         return torch.cat([pooled[layer] for layer in self.layers], dim=-1)
 
     def prefix_state(self, ids: list[int]) -> _Prefix:
+        """The shared prefix run once: its keys and values at every block, its pooled-state sums."""
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         packing = _Packing(starts=[0], ends=[len(ids)], prefixed=[False])
