@@ -6,6 +6,13 @@ spin too) a 27 ms forward pass took 600 ms. Sleeping at once (``passive``) makes
 a thread wake-up, hundreds per pass. ``brief`` spins just long enough to bridge one pass's operations, then
 sleeps. OpenMP reads these settings once, when the runtime loads, so this must run before the first
 ``import torch``.
+
+Spinning also needs the scorer's worker to be the process's only OpenMP master. GNU OpenMP keeps a team of
+threads for every thread that has run a parallel region, for as long as that thread lives, and once it manages
+more threads than there are cores it stops spinning altogether (every operation then pays a wake-up). Loading
+the model runs parallel regions, so the local scorer loads it on a thread of its own (``call_in_own_thread``)
+whose team goes when the thread ends, not on the event loop's thread, whose team would outlive the load: on
+2 cores a lone routed request took 75 ms with it and 52 ms without (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -13,8 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 from router.config import ScorerConfig
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +54,22 @@ def configure_openmp(cfg: ScorerConfig) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def call_in_own_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a new thread that ends with it, so whatever OpenMP team it starts ends too."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # re-raised in the caller
+            error.append(e)
+
+    thread = threading.Thread(target=run, name="scorer-load")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]

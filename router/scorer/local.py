@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from router.config import ScorerConfig
 from router.scorer.batcher import MicroBatcher
+from router.scorer.cpu import call_in_own_thread
 from router.scorer.features import FeatureExtractor
 from router.scorer.interface import BatchStats, Scored, ScorerUnavailable
 from router.scorer.recipe import Message, ScorerInfo
@@ -31,7 +32,9 @@ class LocalScorer:
 
     @classmethod
     def load(cls, cfg: ScorerConfig) -> LocalScorer:
-        return cls(FeatureExtractor(cfg), cfg)
+        """Loads the model off the calling thread: the batcher's worker must be OpenMP's only master
+        (``router.scorer.cpu``)."""
+        return cls(call_in_own_thread(lambda: FeatureExtractor(cfg)), cfg)
 
     async def start(self, on_batch: Callable[[BatchStats], None] | None = None) -> None:
         self._batcher = MicroBatcher(
