@@ -1,0 +1,83 @@
+"""The routed path of gateways that differ only in their environment, side by side in interleaved rounds.
+
+``python -m loadtest.routed_ab --variant NAME[:VAR=VALUE,...] ... [--rounds 3]`` starts the fake backend and one
+gateway per variant (``config.yaml``'s scorer and probes, every variable a ``ROUTER_…`` override), then, round by
+round with the order rotating, loads each with routed requests: 40 at c=1 (median latency) and 192 at c=16
+(requests a second, and the scorer's mean batch from the gateway's /metrics). Only one gateway is loaded at a
+time. Prints one JSON object: per variant, each figure's rounds and median. Used for the scorer's batching
+settings in docs/benchmarks.md, e.g.::
+
+    python -m loadtest.routed_ab --variant wait2 --variant wait10:ROUTER_SCORER__MAX_WAIT_MS=10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from loadtest.gen import async_load
+from loadtest.procs import Service, free_port
+from loadtest.prompts import chat_body, questions
+from loadtest.run import _gateway_config, _scorer_counts
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, assignments = text.partition(":")
+    env = dict(a.split("=", 1) for a in assignments.split(",") if a)
+    return name, env
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.routed_ab", description=__doc__)
+    parser.add_argument("--variant", action="append", required=True, help="NAME[:VAR=VALUE,...]")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    variants = dict(parse_variant(v) for v in args.variant)
+    folder = Path(tempfile.mkdtemp(prefix="routed-ab-"))
+    py = sys.executable
+    port = free_port()
+    backend = f"http://127.0.0.1:{port}"
+    services = [Service("backend", [py, "-m", "loadtest.backend", "--port", str(port)], f"{backend}/health", folder)]
+    urls: dict[str, str] = {}
+    try:
+        services[0].wait_ready(60)
+        for name, env in variants.items():
+            port = free_port()
+            config = _gateway_config(folder, backend, port).rename(folder / f"{name}.yaml")
+            service = Service(name, [py, "-m", "router", "--log-level", "warning", "serve", "--config", str(config)],
+                              f"http://127.0.0.1:{port}/health", folder, env)
+            services.append(service)
+            service.wait_ready(300)
+            urls[name] = f"http://127.0.0.1:{port}"
+        bodies = [chat_body("router", q) for q in questions(64)]
+        figures: dict[str, dict[str, list[float]]] = {
+            n: {"c1_p50_ms": [], "c16_rps": [], "c16_mean_batch": []} for n in variants}
+        names = list(variants)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                url = f"{urls[name]}/v1/chat/completions"
+                async_load(url, bodies, 8, 1, False)  # warm
+                lone = async_load(url, bodies, 40, 1, False)
+                passes, prompts = _scorer_counts(urls[name])
+                loaded = async_load(url, bodies, 192, 16, False)
+                passes_after, prompts_after = _scorer_counts(urls[name])
+                if lone.errors or loaded.errors:
+                    raise RuntimeError(f"{name}: {lone.errors + loaded.errors} failed requests; see {folder}")
+                figures[name]["c1_p50_ms"].append(round(statistics.median(lone.latencies_s) * 1000, 1))
+                figures[name]["c16_rps"].append(round(loaded.rps, 1))
+                figures[name]["c16_mean_batch"].append(
+                    round((prompts_after - prompts) / max(passes_after - passes, 1), 2))
+        print(json.dumps({name: {"env": variants[name], "rounds": f,
+                                 "median": {k: statistics.median(v) for k, v in f.items()}}
+                          for name, f in figures.items()}))
+    finally:
+        for service in reversed(services):
+            service.stop()
+
+
+if __name__ == "__main__":
+    main()
