@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
@@ -40,10 +39,25 @@ class _Packing:
     starts: list[int]
     ends: list[int]
     prefixed: list[bool]
+    shared: int = 0  # length of the shared prefix the prefixed prompts continue
 
     @property
     def last_rows(self) -> torch.Tensor:
         return torch.tensor([e - 1 for e in self.ends], dtype=torch.long)
+
+    def masks(self) -> list[torch.Tensor | None]:
+        """Per prompt, which keys each of its positions sees when it continues the shared prefix (every prefix
+        key, then causal among its own); None where plain causal attention does. Built once a pass."""
+        out: list[torch.Tensor | None] = []
+        for start, end, pre in zip(self.starts, self.ends, self.prefixed, strict=True):
+            if not (pre and self.shared):
+                out.append(None)
+                continue
+            n = end - start
+            mask = torch.ones(n, self.shared + n, dtype=torch.bool)
+            mask[:, self.shared:] = torch.ones(n, n, dtype=torch.bool).tril()
+            out.append(mask)
+        return out
 
 
 class PackedDecoder:
@@ -85,7 +99,7 @@ class PackedDecoder:
             total += len(tail)
             ends.append(total)
         packing = _Packing(starts=[e - len(t) for e, t in zip(ends, tails, strict=True)], ends=ends,
-                           prefixed=prefixed)
+                           prefixed=prefixed, shared=skip)
         token_ids = torch.tensor([t for tail in tails for t in tail], dtype=torch.long)
         positions = torch.cat([torch.arange(skip if pre else 0, (skip if pre else 0) + len(tail))
                                for tail, pre in zip(tails, prefixed, strict=True)])
@@ -107,51 +121,51 @@ class PackedDecoder:
              sums_only: bool = False) -> dict[int, torch.Tensor]:
         x = self.embed(token_ids)
         cos, sin = self.rotary(x[None], positions[None])
+        cos, sin = cos[0, :, None], sin[0, :, None]  # (rows, 1, head_dim): one row per token, across heads
+        masks = packing.masks() if prefix is not None else [None] * len(packing.starts)
         pooled: dict[int, torch.Tensor] = {}
         last_only = self.pooling == "last" and keep_kv is None
         for index, block in enumerate(self.blocks):
             depth = index + 1
             trimmed = last_only and depth == self.depth
-            x = self._block(index, block, x, cos, sin, packing, prefix, trimmed, keep_kv)
+            x = self._block(index, block, x, cos, sin, packing, masks, prefix, trimmed, keep_kv)
             if depth in self.layers:
                 pooled[depth] = self._pool(depth, x, packing, prefix, trimmed, sums_only)
         return pooled
 
     def _block(self, index: int, block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               packing: _Packing, prefix: _Prefix | None, trimmed: bool,
+               packing: _Packing, masks: list[torch.Tensor | None], prefix: _Prefix | None, trimmed: bool,
                keep_kv: tuple[list[torch.Tensor], list[torch.Tensor]] | None) -> torch.Tensor:
         rows = x.shape[0]
         qkv = self.qkv[index](block.input_layernorm(x))
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q = qkv[:, :q_width].view(rows, self.heads, self.head_dim).transpose(0, 1)[None]
-        k = qkv[:, q_width:q_width + kv_width].view(rows, self.kv_heads, self.head_dim).transpose(0, 1)[None]
+        # the rotary embedding of q and k in one go: (rows, heads + kv_heads, head_dim)
+        qk = _rotate(qkv[:, :q_width + kv_width].view(rows, self.heads + self.kv_heads, self.head_dim), cos, sin)
+        q = qk[:, :self.heads].transpose(0, 1)[None]
+        k = qk[:, self.heads:].transpose(0, 1)[None]
         v = qkv[:, q_width + kv_width:].view(rows, self.kv_heads, self.head_dim).transpose(0, 1)[None]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if keep_kv is not None:
             keep_kv[0].append(k[0])
             keep_kv[1].append(v[0])
         outputs = []
-        for start, end, pre in zip(packing.starts, packing.ends, packing.prefixed, strict=True):
+        for start, end, mask in zip(packing.starts, packing.ends, masks, strict=True):
             keys, values = k[:, :, start:end], v[:, :, start:end]
-            if pre and prefix is not None:
+            if mask is not None and prefix is not None:
                 keys = torch.cat([prefix.keys[index][None], keys], dim=2)
                 values = torch.cat([prefix.values[index][None], values], dim=2)
             if trimmed:  # the last position sees every key: no mask
                 out = F.scaled_dot_product_attention(q[:, :, end - 1:end], keys, values, enable_gqa=True)
-            elif keys.shape[2] == end - start:
+            elif mask is None:
                 out = F.scaled_dot_product_attention(q[:, :, start:end], keys, values, is_causal=True,
                                                      enable_gqa=True)
-            else:  # every prefix key, then causal among the prompt's own
-                n, shared = end - start, keys.shape[2] - (end - start)
-                mask = torch.ones(n, shared + n, dtype=torch.bool)
-                mask[:, shared:] = torch.ones(n, n, dtype=torch.bool).tril()
+            else:
                 out = F.scaled_dot_product_attention(q[:, :, start:end], keys, values, attn_mask=mask,
                                                      enable_gqa=True)
             outputs.append(out[0].transpose(0, 1).reshape(-1, self.heads * self.head_dim))
         attended = block.self_attn.o_proj(torch.cat(outputs))
         x = (x[packing.last_rows] if trimmed else x) + attended
         gate, up = self.gate_up[index](block.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + block.mlp.down_proj(block.mlp.act_fn(gate) * up)
+        return x + block.mlp.down_proj(block.mlp.act_fn(gate).mul_(up))
 
     def _pool(self, depth: int, x: torch.Tensor, packing: _Packing, prefix: _Prefix | None, trimmed: bool,
               sums_only: bool) -> torch.Tensor:
@@ -170,6 +184,13 @@ class PackedDecoder:
                 means.append(total / count)
             parts.append(torch.stack(means))
         return torch.cat(parts, dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary position embedding, as transformers' ``apply_rotary_pos_emb`` computes it (same operations, same
+    order), on (rows, heads, head_dim) with cos and sin of shape (rows, 1, head_dim)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _fuse(*linears: torch.nn.Linear) -> torch.nn.Linear:
