@@ -172,7 +172,8 @@ def evaluate(
         "command": command,
         "data": {"path": str(dataset.path), "sha256_16": dataset.digest(), "n": len(dataset.records)},
         "protocol": "nested cross-validation" if test is None else "trained on data, scored on test",
-        "scorer": extractor.info.recipe() | {"model": extractor.info.model, "fingerprint": extractor.info.fingerprint},
+        "scorer": extractor.info.recipe() | {"model": extractor.info.model, "fingerprint": extractor.info.fingerprint,
+                                             "max_prompt_tokens": settings.scorer.max_prompt_tokens},
         "text_features": text,
         "folds": folds, "seed": seed, "bootstrap_rounds": rounds, "C_grid": [list(c) if isinstance(c, tuple) else c
                                                                              for c in grid],
@@ -327,7 +328,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"`{report['command']}`" if report.get("command") else "",
         "",
         f"Data: `{report['data']['path']}` ({report['data']['n']} questions). Scorer: {report['scorer']['model']}, "
-        f"layers {report['scorer']['layers']}, pooling {report['scorer']['pooling']}; text features beside the "
+        f"layers {report['scorer']['layers']}, pooling {report['scorer']['pooling']}"
+        + (f", at most {report['scorer']['max_prompt_tokens']} prompt tokens"
+           if "max_prompt_tokens" in report["scorer"] else "")
+        + "; text features beside the "
         f"activations: {report.get('text_features', 'none')}. " + _protocol(report)
         + f" 95% intervals from {report['bootstrap_rounds']} bootstrap resamples of the questions.",
         "",

@@ -95,6 +95,9 @@ def test_extract_train_eval_calibrate(workspace, tmp_path: Path, capsys) -> None
     assert 0 <= report["routing"]["apgr"] <= 1.5
     assert (report_dir / "frontier.png").stat().st_size > 1000
     assert "| small | probe |" in (report_dir / "report.md").read_text()
+    # what the features depend on is recorded, the prompt cut included
+    assert report["scorer"]["max_prompt_tokens"] == settings.scorer.max_prompt_tokens
+    assert f"at most {settings.scorer.max_prompt_tokens} prompt tokens" in (report_dir / "report.md").read_text()
 
     assert main(["calibrate", *common, "--folds", "2", "--max-dear-share", "0.3"]) == 0
     printed = capsys.readouterr().out
