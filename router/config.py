@@ -76,8 +76,11 @@ class ScorerConfig(_Strict):
         "prompt shares computed once; the same features as transformers' padded pass (Llama and Qwen2 layouts; "
         "other models always run padded)",
     )
-    max_batch_size: int = Field(8, ge=1, le=256)
-    max_wait_ms: float = Field(2.0, ge=0, le=1000)
+    max_batch_size: int = Field(8, ge=1, le=256, description="most prompts one forward pass scores")
+    max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="how long a pass waits for more prompts to join the first; longer fills "
+        "batches under load (more routed requests a second) and delays a lone request by up to this much",
+    )
     max_queue: int = Field(256, ge=1)
     max_in_flight_per_key: int = Field(
         8, ge=1, description="requests of one API key (all anonymous requests count as one key) in the scorer at "
