@@ -196,6 +196,10 @@ def evaluate(
         bar.update()
         tfidf = held_out(texts, [y_train], y_train, x_test=texts_test, cs=TFIDF_CS, model=TfidfLogistic(), **common)
         bar.update()
+        # The probe trained on other label sets too (--share-labels, --train-labels): TF-IDF on the same sets is
+        # the fair text baseline, so what the activations add shows apart from what the labels add.
+        same_labels = None if len(ys) == 1 and train_keys.get(b.name, [key]) == [key] else held_out(
+            texts, ys, y_train, x_test=texts_test, cs=TFIDF_CS, model=TfidfLogistic(), **common)
         entry: dict[str, Any] = {
             "label": key, "trained_on": train_keys.get(b.name, [key]), "n": len(y),
             "base_rate": round(float(y.mean()), 4),
@@ -206,6 +210,9 @@ def evaluate(
                 "tfidf_logreg": _quality(y, tfidf.probability, rounds, seed) | {"C_per_fold": tfidf.chosen},
             },
         }
+        if same_labels is not None:
+            entry["baselines"]["tfidf_logreg_same_labels"] = (_quality(y, same_labels.probability, rounds, seed)
+                                                              | {"C_per_fold": same_labels.chosen})
         if test is not None:
             entry["train_base_rate"] = round(float(y_train.mean()), 4)
         est = {"probe": probe.probability, "prompt_length": length.probability, "tfidf_logreg": tfidf.probability}

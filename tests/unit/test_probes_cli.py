@@ -89,7 +89,7 @@ def test_extract_train_eval_calibrate(workspace, tmp_path: Path, capsys) -> None
     assert main(["eval", *common, "--folds", "2", "--bootstrap", "20", "--out", str(report_dir)]) == 0
     report = json.loads((report_dir / "report.json").read_text())
     assert 0 <= report["backends"]["small"]["auroc"] <= 1
-    assert {"prompt_length", "tfidf_logreg"} <= set(report["backends"]["small"]["baselines"])
+    assert set(report["backends"]["small"]["baselines"]) == {"prompt_length", "tfidf_logreg"}  # own labels only
     assert "reference_paper_probe" in report["backends"]["big"]
     assert report["routing"]["cheap"] == "small" and report["routing"]["dear"] == "big"
     assert 0 <= report["routing"]["apgr"] <= 1.5
@@ -126,6 +126,8 @@ def test_train_on_one_file_report_on_another_with_text_features(workspace, tmp_p
     report = json.loads((report_dir / "report.json").read_text())
     assert report["test"]["n"] == len(lines[1::2]) and report["backends"]["small"]["n"] == len(lines[1::2])
     assert report["backends"]["big"]["trained_on"] == [SMALL, BIG] and report["backends"]["big"]["label"] == BIG
+    # trained on shared labels, so TF-IDF on the same labels is reported beside TF-IDF on the backend's own
+    assert {"tfidf_logreg", "tfidf_logreg_same_labels"} <= set(report["backends"]["big"]["baselines"])
     assert {"routing", "pool"} <= set(report) and "paper_probe" in report["pool"]["policies"]
     assert (report_dir / "pool_frontier.png").stat().st_size > 1000
 
