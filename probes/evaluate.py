@@ -166,8 +166,12 @@ def evaluate(
         usable = [(b, y) for b, y in usable if b.name in in_test]
     if not usable:
         raise ValueError("no backend of the config has labels in the data")
-    bar = tqdm(total=3 * len(usable), desc="nested CV" if test is None else "train → test", unit="model",
-               disable=not progress)
+    def own_labels_only(backend: Any) -> bool:
+        key = label_keys.get(backend.name, backend.model)
+        return train_keys.get(backend.name, [key]) == [key]
+
+    fits = sum(3 if own_labels_only(b) else 4 for b, _ in usable)
+    bar = tqdm(total=fits, desc="nested CV" if test is None else "train → test", unit="model", disable=not progress)
     report: dict[str, Any] = {
         "command": command,
         "data": {"path": str(dataset.path), "sha256_16": dataset.digest(), "n": len(dataset.records)},
@@ -198,8 +202,11 @@ def evaluate(
         bar.update()
         # The probe trained on other label sets too (--share-labels, --train-labels): TF-IDF on the same sets is
         # the fair text baseline, so what the activations add shows apart from what the labels add.
-        same_labels = None if len(ys) == 1 and train_keys.get(b.name, [key]) == [key] else held_out(
-            texts, ys, y_train, x_test=texts_test, cs=TFIDF_CS, model=TfidfLogistic(), **common)
+        same_labels = None
+        if not own_labels_only(b):
+            same_labels = held_out(texts, ys, y_train, x_test=texts_test, cs=TFIDF_CS, model=TfidfLogistic(),
+                                   **common)
+            bar.update()
         entry: dict[str, Any] = {
             "label": key, "trained_on": train_keys.get(b.name, [key]), "n": len(y),
             "base_rate": round(float(y.mean()), 4),
