@@ -108,9 +108,9 @@ class ScorerConfig(_Strict):
         if self.kind == "vllm":
             if self.url is None:
                 raise ValueError("kind 'vllm' needs url (the vLLM pooling server's base URL)")
-            if len(self.layers) != 1 or self.pooling == "last+mean" or not self.final_norm:
-                raise ValueError("kind 'vllm' reads one layer with 'last' or 'mean' pooling and final_norm: true "
-                                 "(what a vLLM server running the model cut after that layer returns)")
+            if len(self.layers) != 1 or not self.final_norm:
+                raise ValueError("kind 'vllm' reads one layer with final_norm: true (what a vLLM server running the "
+                                 "model cut after that layer returns)")
         return self
 
 

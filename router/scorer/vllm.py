@@ -2,7 +2,8 @@
 
 The server serves the model cut after the probed block (``python -m router prepare`` writes that checkpoint
 and prints the command), with LAST or MEAN pooling and no normalisation, so the pooled vector it returns is
-the recipe's ``final_norm`` reading of that block. The gateway renders and tokenises (``router.scorer.prompt``,
+the recipe's ``final_norm`` reading of that block. For ``last+mean`` the server runs the ``token_embed`` task
+(ALL pooling) and returns every prompt token's state from ``/pooling``; the gateway pools both ways itself. The gateway renders and tokenises (``router.scorer.prompt``,
 shared with the local scorer) and sends token ids, so truncation and the template are the same by
 construction; vLLM's continuous batching does the batching. This process loads no model.
 
@@ -34,12 +35,17 @@ from router.upstream import check_health
 
 log = logging.getLogger(__name__)
 
-POOLING_TYPES = {"last": "LAST", "mean": "MEAN"}
+POOLERS = {
+    "last": {"pooling_type": "LAST", "use_activation": False},
+    "mean": {"pooling_type": "MEAN", "use_activation": False},
+    # every token's state from /pooling; the gateway takes the last and the mean
+    "last+mean": {"task": "token_embed", "pooling_type": "ALL", "use_activation": False},
+}
 
 
 def vllm_pooling_args(cfg: ScorerConfig) -> list[str]:
     """The vLLM server arguments that make it return this recipe's features (the model folder aside)."""
-    pooler = {"pooling_type": POOLING_TYPES[cfg.pooling], "use_activation": False}
+    pooler = POOLERS[cfg.pooling]
     return ["--runner", "pooling", "--convert", "embed", "--pooler-config", json.dumps(pooler),
             "--served-model-name", cfg.served_model, "--dtype", cfg.dtype]
 
@@ -56,7 +62,9 @@ class VllmScorer:
         self.info: ScorerInfo = describe(
             model=folder.name, weights_sha256=folder.weights_sha256, template=self.encoder.template,
             layers=cfg.layers, pooling=cfg.pooling, final_norm=cfg.final_norm, hidden_size=hidden)
-        self.endpoint = str(cfg.url).rstrip("/") + "/embeddings"
+        self.per_token = cfg.pooling == "last+mean"
+        base = str(cfg.url).rstrip("/")
+        self.endpoint = base.removesuffix("/v1") + "/pooling" if self.per_token else base + "/embeddings"
         self.health_url = str(aiohttp.client.URL(str(cfg.url)).with_path("/health").with_query(None))
         self.breaker = Breaker(cfg.failure_threshold, cfg.cooldown_s)
         self._session: aiohttp.ClientSession | None = None
@@ -78,7 +86,10 @@ class VllmScorer:
                                     f"{self.cfg.cooldown_s:g}s")
         start = time.perf_counter()
         ids = self.encoder.encode(messages)
-        body = orjson.dumps({"model": self.cfg.served_model, "input": [ids], "encoding_format": "base64"})
+        request = {"model": self.cfg.served_model, "input": [ids], "encoding_format": "base64"}
+        if self.per_token:
+            request["task"] = "token_embed"
+        body = orjson.dumps(request)
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._slots:
@@ -96,14 +107,18 @@ class VllmScorer:
         if status != 200:
             self.breaker.failure()
             raise ScorerUnavailable("failed", f"scorer answered HTTP {status}: {payload[:200]!r}")
-        features = self._parse(payload)
+        features = self._parse(payload, len(ids))
         self.breaker.success()
         return Scored(features, prompt_tokens=len(ids), queue_s=queued, total_s=time.perf_counter() - start)
 
-    def _parse(self, payload: bytes) -> np.ndarray:
+    def _parse(self, payload: bytes, tokens: int) -> np.ndarray:
         try:
-            encoded = orjson.loads(payload)["data"][0]["embedding"]
-            features = np.frombuffer(base64.b64decode(encoded), dtype="<f4").astype(np.float32)
+            item = orjson.loads(payload)["data"][0]
+            values = np.frombuffer(base64.b64decode(item["data" if self.per_token else "embedding"]), dtype="<f4")
+            if self.per_token:  # one row per prompt token: the last row, and the mean of all
+                states = values.reshape(tokens, -1)
+                values = np.concatenate([states[-1], states.mean(axis=0, dtype=np.float64)])
+            features = values.astype(np.float32)
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as e:
             self.breaker.failure()
             raise ScorerUnavailable("failed", f"scorer answered something other than one embedding: {e!r}") from e

@@ -32,6 +32,7 @@ class FakePooling:
         self.status = 200
         self.app = FastAPI()
         self.app.add_api_route("/v1/embeddings", self.embeddings, methods=["POST"])
+        self.app.add_api_route("/pooling", self.pooling, methods=["POST"])
         self.app.add_api_route("/health", lambda: {}, methods=["GET"])
 
     async def embeddings(self, request: Request) -> JSONResponse:
@@ -39,6 +40,15 @@ class FakePooling:
         self.received.append(body)
         vector = np.arange(self.dim, dtype="<f4")
         return JSONResponse({"data": [{"embedding": base64.b64encode(vector.tobytes()).decode()}]},
+                            status_code=self.status)
+
+
+    async def pooling(self, request: Request) -> JSONResponse:
+        """vLLM's token_embed task: one row of states per prompt token, flattened."""
+        body = orjson.loads(await request.body())
+        self.received.append(body)
+        states = np.arange(len(body["input"][0]) * self.dim, dtype="<f4")
+        return JSONResponse({"data": [{"data": base64.b64encode(states.tobytes()).decode()}]},
                             status_code=self.status)
 
 
@@ -61,6 +71,22 @@ async def test_sends_the_shared_token_ids_and_reads_the_pooled_vector(tiny_score
     assert sent["input"] == [scorer.encoder.encode(MESSAGES)]  # rendered and tokenised here, as the local scorer
     assert scored.prompt_tokens == len(sent["input"][0])
     np.testing.assert_array_equal(scored.features, np.arange(32, dtype=np.float32))
+
+
+async def test_last_plus_mean_asks_for_every_token_and_pools_them_here(tiny_scorer_cfg: ScorerConfig) -> None:
+    fake = FakePooling(dim=32)
+    with serve(fake.app) as url:
+        scorer = VllmScorer(remote_cfg(tiny_scorer_cfg, f"{url}/v1", pooling="last+mean"))
+        assert scorer.info.feature_dim == 64
+        await scorer.start()
+        try:
+            scored = await scorer.score(MESSAGES, timeout_s=5)
+        finally:
+            await scorer.aclose()
+    sent = fake.received[0]
+    assert sent["task"] == "token_embed" and sent["input"] == [scorer.encoder.encode(MESSAGES)]
+    states = np.arange(scored.prompt_tokens * 32, dtype=np.float32).reshape(scored.prompt_tokens, 32)
+    np.testing.assert_allclose(scored.features, np.concatenate([states[-1], states.mean(axis=0)]))
 
 
 async def test_a_vector_of_the_wrong_size_or_an_error_is_refused_and_counted(tiny_scorer_cfg: ScorerConfig) -> None:
