@@ -2,6 +2,11 @@
 gateway runs it), transformers' padded pass at batch 8 on all cores (the reference), and the roofline
 (``loadtest.roofline``), on the same prompts.
 
+The reference is the pass issue 14 set its target against: transformers' padded pass over the blocks the shipped
+recipe read then (``REFERENCE_RECIPE``: layer 15, last token), so that reading fewer blocks counts, as the issue
+asks. When the config reads another recipe, transformers' padded pass over the config's own blocks is measured
+beside it (``transformers-recipe``).
+
 Run as its own process (``python -m loadtest.forward --config CFG --prompts N``) so that its torch threads
 match the gateway's; prints one JSON object.
 """
@@ -24,6 +29,8 @@ from router.scorer.features import FeatureExtractor
 
 Features = Callable[[Sequence[Sequence[int]]], np.ndarray]
 
+REFERENCE_RECIPE = {"layers": [15], "pooling": "last"}
+
 
 def measure(features: Features, ids: list[list[int]], batch: int, repeats: int, name: str) -> dict[str, object]:
     batches = [ids[i:i + batch] for i in range(0, len(ids) - batch + 1, batch)]
@@ -44,20 +51,26 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    extractor = FeatureExtractor(load_settings(args.config).scorer)
+    cfg = load_settings(args.config).scorer
+    extractor = FeatureExtractor(cfg)
+    same = {"layers": list(cfg.layers), "pooling": cfg.pooling} == REFERENCE_RECIPE
+    reference = extractor if same else FeatureExtractor(cfg.model_copy(update=REFERENCE_RECIPE))
     ids = [extractor.encoder.encode([{"role": "user", "content": t}]) for t in questions(args.prompts)]
     import torch
 
     threads = torch.get_num_threads()
     batches = [measure(extractor.features_from_ids, ids, b, args.repeats, "scorer") for b in (1, 8)]
     torch.set_num_threads(os.cpu_count() or 1)
-    batches.append(measure(extractor.padded_features, ids, 8, args.repeats, "transformers"))
+    batches.append(measure(reference.padded_features, ids, 8, args.repeats, "transformers"))
+    if not same:
+        batches.append(measure(extractor.padded_features, ids, 8, args.repeats, "transformers-recipe"))
     torch.set_num_threads(threads)
     result = {"threads": threads, "reference_threads": os.cpu_count() or 1, "dtype": extractor.cfg.dtype,
-              "layers": list(extractor.cfg.layers), "prompts": len(ids), "packed": extractor.packed is not None,
+              "layers": list(extractor.cfg.layers), "pooling": extractor.cfg.pooling,
+              "reference_recipe": REFERENCE_RECIPE, "prompts": len(ids), "packed": extractor.packed is not None,
               "batches": batches,
-              "roofline": roofline(extractor, ids, 8, batches[1]["ms_per_prompt"], batches[2]["ms_per_prompt"],
-                                   reference_threads=os.cpu_count() or 1)}
+              "roofline": roofline(extractor, reference, ids, 8, batches[1]["ms_per_prompt"],
+                                   batches[2]["ms_per_prompt"], reference_threads=os.cpu_count() or 1)}
     print(json.dumps(result))
 
 

@@ -77,10 +77,10 @@ def matmul_gflops(shapes: Shapes, rows: int, dtype: torch.dtype, repeats: int = 
     return 2.0 * repeats * shapes.block_macs(rows) / elapsed / 1e9
 
 
-def roofline(extractor: FeatureExtractor, ids: Sequence[Sequence[int]], batch: int, scorer_ms_per_prompt: float,
-             transformers_ms_per_prompt: float, reference_threads: int) -> dict[str, Any]:
-    """The scorer's pass against the matmul rate with torch's current threads; transformers' padded pass against
-    the rate with ``reference_threads``."""
+def roofline(extractor: FeatureExtractor, reference: FeatureExtractor, ids: Sequence[Sequence[int]], batch: int,
+             scorer_ms_per_prompt: float, transformers_ms_per_prompt: float, reference_threads: int) -> dict[str, Any]:
+    """The scorer's pass against the matmul rate with torch's current threads; transformers' padded pass through
+    ``reference``'s blocks against the rate with ``reference_threads``."""
     shapes = Shapes(extractor)
     packed = extractor.packed
     prefix = len(packed.prefix.ids) if packed is not None and packed.prefix is not None else 0
@@ -90,7 +90,7 @@ def roofline(extractor: FeatureExtractor, ids: Sequence[Sequence[int]], batch: i
     flat = [p for b in batches for p in b]
     scorer = (packed_flops(shapes, flat, prefix, last_only) if packed is not None
               else padded_flops(shapes, batches)) / prompts
-    reference = padded_flops(shapes, batches) / prompts
+    reference_flops = padded_flops(Shapes(reference), batches) / prompts
     rows = round(sum(len(p) - (prefix if len(p) > prefix else 0) for p in flat) / len(batches))
     dtype = getattr(torch, extractor.cfg.dtype)
     limit = matmul_gflops(shapes, rows, dtype)
@@ -100,8 +100,9 @@ def roofline(extractor: FeatureExtractor, ids: Sequence[Sequence[int]], batch: i
     reference_limit = matmul_gflops(shapes, padded_rows, dtype)
     torch.set_num_threads(threads)
     scorer_rate = scorer / (scorer_ms_per_prompt / 1000) / 1e9
-    reference_rate = reference / (transformers_ms_per_prompt / 1000) / 1e9
-    return {"gflop_per_prompt": round(scorer / 1e9, 3), "transformers_gflop_per_prompt": round(reference / 1e9, 3),
+    reference_rate = reference_flops / (transformers_ms_per_prompt / 1000) / 1e9
+    return {"gflop_per_prompt": round(scorer / 1e9, 3),
+            "transformers_gflop_per_prompt": round(reference_flops / 1e9, 3),
             "prefix_tokens": prefix, "mean_prompt_tokens": round(sum(map(len, flat)) / prompts, 1),
             "threads": threads, "matmul_rows": rows, "matmul_gflops": round(limit, 1),
             "scorer_gflops": round(scorer_rate, 1), "scorer_vs_limit": round(scorer_rate / limit, 3),

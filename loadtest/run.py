@@ -386,6 +386,10 @@ def derive(results: dict[str, Any], forward: dict[str, Any],
         out["routed_c16_mean_batch"] = _get(results, "routed c=16", "routed", "mean_scorer_batch")
         if reference:
             out["routed_c16_vs_transformers_b8"] = round(rps16 / (1000 / reference), 2)
+        same_blocks = next((b["ms_per_prompt"] for b in forward["batches"] if b.get("pass") == "transformers-recipe"),
+                           None)
+        if same_blocks:
+            out["routed_c16_vs_transformers_recipe_b8"] = round(rps16 / (1000 / same_blocks), 2)
         scored = _get(results, "routed c=16", "routed", "scored_share")
         if scored is not None:
             out["routed_c16_scored_share"] = scored

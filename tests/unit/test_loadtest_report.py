@@ -46,6 +46,14 @@ def test_derive_turns_the_scenarios_into_the_issues_ratios() -> None:
     assert t["scorer_ms_per_request_c16"] == 100.0 and t["scorer_vs_forward_b8"] == 1.0
     assert t["routed_c16_vs_transformers_b8"] == 2.5 and t["routed_c16_scored_share"] == 1.0
     assert t["scorer_p50_ms_c1"] == pytest.approx(94.4)
+    assert "routed_c16_vs_transformers_recipe_b8" not in t  # the config reads the reference's blocks
+
+
+def test_a_recipe_of_fewer_blocks_is_also_set_against_transformers_over_its_own_blocks() -> None:
+    own = {"pass": "transformers-recipe", "batch": 8, "ms_per_batch": 800.0, "ms_per_prompt": 100.0}
+    t = derive(SCENARIOS, {**FORWARD, "batches": [*FORWARD["batches"], own]})
+    assert t["routed_c16_vs_transformers_b8"] == 2.5  # the reference stays transformers over blocks 1-15
+    assert t["routed_c16_vs_transformers_recipe_b8"] == 1.0
 
 
 def test_the_table_replaces_only_the_text_between_the_markers(tmp_path: Path) -> None:
@@ -62,7 +70,7 @@ def test_the_table_replaces_only_the_text_between_the_markers(tmp_path: Path) ->
     assert "| chat c=64 | probe-router, explicit backend, Python's default GC | 1,900 |" in text
     assert "| explicit path throughput / bare pass-through (c=64) | 0.95 | ≥ 0.90 | yes |" in text
     assert "| explicit path throughput / LiteLLM (c=64) | 38 | ≥ 25× | yes |" in text
-    assert "| routed prompts/s through HTTP (c=16) / transformers' padded pass, batch 8 | 2.5 | ≥ 3.0 | no |" in text
+    assert "| routed prompts/s through HTTP (c=16) / transformers' padded pass (blocks 1-15), batch 8 | 2.5 | ≥ 3.0 | no |" in text
     assert "at 250 GFLOP/s, 71% of this machine's 350 GFLOP/s" in text
     assert "424,450 tracked objects; a full collection takes 190.3 ms, 2.1 µs after `gc.freeze()`" in text
 
