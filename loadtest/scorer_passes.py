@@ -6,6 +6,8 @@ rounds (the median round counts), prompts per second of:
 - transformers' padded pass at batch 1 and batch 8 (the reference of the benchmark's ratio);
 - the packed pass without the shared prefix, then with it (the shipped pass), at batch 8 and 16;
 - the shipped pass with one torch thread instead of all;
+- the packed pass of shallower recipes (``--fewer-blocks``, default layer 6 and layer 8 with last+mean pooling):
+  what reading an earlier block would buy, measured and not taken (docs/benchmarks.md gives their AUROC);
 - int8 projections (weights per output channel, activations per token, ``torch._int_mm``) over the packed pass:
   the candidate that was measured and dropped; it also prints how far its features and the shipped probes'
   estimates move from the float32 reference.
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("config.yaml"))
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fewer-blocks", default="6:last+mean,8:last+mean", help="LAYER:POOLING,... ('' for none)")
     args = parser.parse_args()
     cfg = load_settings(args.config).scorer
     shipped = FeatureExtractor(cfg)
@@ -113,6 +116,10 @@ def main() -> None:
         "shipped, batch 8, one torch thread": (shipped.features_from_ids, 8, 1),
         "shipped + int8 projections, batch 8": (int8.features_from_ids, 8, all_threads),
     }
+    for spec in filter(None, args.fewer_blocks.split(",")):
+        layer, pooling = spec.split(":")
+        shallow = FeatureExtractor(cfg.model_copy(update={"layers": [int(layer)], "pooling": pooling}))
+        variants[f"packed, layer {layer} {pooling}, batch 8"] = (shallow.features_from_ids, 8, all_threads)
     rounds: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.rounds):
         names = list(variants)

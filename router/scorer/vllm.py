@@ -3,9 +3,10 @@
 The server serves the model cut after the probed block (``python -m router prepare`` writes that checkpoint
 and prints the command), with LAST or MEAN pooling and no normalisation, so the pooled vector it returns is
 the recipe's ``final_norm`` reading of that block. For ``last+mean`` the server runs the ``token_embed`` task
-(ALL pooling) and returns every prompt token's state from ``/pooling``; the gateway pools both ways itself. The gateway renders and tokenises (``router.scorer.prompt``,
-shared with the local scorer) and sends token ids, so truncation and the template are the same by
-construction; vLLM's continuous batching does the batching. This process loads no model.
+(ALL pooling) and returns every prompt token's state from ``/pooling``; the gateway pools both ways itself.
+The gateway renders and tokenises (``router.scorer.prompt``, shared with the local scorer) and sends token
+ids, so truncation and the template are the same by construction; vLLM's continuous batching does the
+batching. This process loads no model.
 
 A server that refuses connections or fails is counted by a circuit breaker: after a few failures requests go
 unscored at once (``down``) instead of trying, one trial request goes through after the cooldown, and a

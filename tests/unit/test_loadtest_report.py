@@ -70,7 +70,8 @@ def test_the_table_replaces_only_the_text_between_the_markers(tmp_path: Path) ->
     assert "| chat c=64 | probe-router, explicit backend, Python's default GC | 1,900 |" in text
     assert "| explicit path throughput / bare pass-through (c=64) | 0.95 | ≥ 0.90 | yes |" in text
     assert "| explicit path throughput / LiteLLM (c=64) | 38 | ≥ 25× | yes |" in text
-    assert "| routed prompts/s through HTTP (c=16) / transformers' padded pass (blocks 1-15), batch 8 | 2.5 | ≥ 3.0 | no |" in text
+    assert ("| routed prompts/s through HTTP (c=16) / transformers' padded pass (blocks 1-15), batch 8 | 2.5 | ≥ 3.0 "
+            "| no |") in text
     assert "at 250 GFLOP/s, 71% of this machine's 350 GFLOP/s" in text
     assert "424,450 tracked objects; a full collection takes 190.3 ms, 2.1 µs after `gc.freeze()`" in text
 

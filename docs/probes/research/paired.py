@@ -1,0 +1,76 @@
+"""Research comparison (not part of the package): held-out AUROC of feature recipes, paired on the same questions.
+
+Usage, from the repository root:
+    .venv/bin/python docs/probes/research/paired.py --data data/gsm8k_test_qwen25math.jsonl \
+        --recipe 15:last:none --recipe 4:mean:tfidf+length \
+        --train-labels qwen2.5-math-7b=Qwen/Qwen2.5-Math-1.5B-Instruct [--share-labels] [--test TEST.jsonl] [--config C]
+
+Each recipe is LAYERS:POOLING:TEXT (LAYERS comma-separated). Every recipe gets the probe pipeline's own protocol
+(``probes.evaluate.held_out``: nested cross-validation on --data, or trained on --data and scored on --test,
+same folds and seed), so each question has one held-out estimate per recipe. The report is each recipe's AUROC
+per backend and its difference from the first recipe with a 95% interval from a paired bootstrap (the same
+resampled questions for both), which is far narrower than the two separate intervals: it says whether a
+cheaper recipe costs more than a bound such as issue 14's 0.005. Prints one JSON line per recipe.
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from probes.data import load_dataset
+from probes.evaluate import held_out, labelled_backends, shared_keys
+from probes.extract import probe_inputs
+from probes.fit import probe_model
+from router.config import load_settings
+from router.scorer.cpu import configure_openmp
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--config", default="config.yaml")
+parser.add_argument("--data", required=True)
+parser.add_argument("--test")
+parser.add_argument("--recipe", action="append", required=True)
+parser.add_argument("--train-labels", action="append", default=[], metavar="BACKEND=KEY[+KEY...]")
+parser.add_argument("--share-labels", action="store_true")
+parser.add_argument("--folds", type=int, default=5)
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--bootstrap", type=int, default=2000)
+args = parser.parse_args()
+
+settings = load_settings(args.config)
+configure_openmp(settings.scorer)
+data = load_dataset(args.data)
+test = load_dataset(args.test) if args.test else None
+scored = test or data
+train_keys = shared_keys(settings, data, {}) if args.share_labels else {}
+train_keys |= {i.split("=", 1)[0]: i.split("=", 1)[1].split("+") for i in args.train_labels}
+backends = labelled_backends(settings, data, {})
+rng = np.random.default_rng(args.seed)
+resamples = [rng.integers(0, len(scored.records), len(scored.records)) for _ in range(args.bootstrap)]
+
+first: dict[str, np.ndarray] = {}
+for spec in args.recipe:
+    layers, pooling, text = spec.split(":")
+    cfg = settings.scorer.model_copy(update={"layers": [int(v) for v in layers.split(",")], "pooling": pooling})
+    start = time.time()
+    x, scorer = probe_inputs(cfg, data, text, progress=False)
+    x_test = None if test is None else probe_inputs(cfg, test, text, scorer=scorer, progress=False)[0]
+    model, grid = probe_model(text)
+    row: dict[str, object] = {"recipe": spec}
+    for b, y_train in backends:
+        y = scored.labels(b.model)
+        ys = [data.labels(k) for k in train_keys.get(b.name, [b.model])]
+        p = held_out(x, ys, y_train, x_test=x_test, cs=grid, model=model, folds=args.folds, seed=args.seed).probability
+        entry: dict[str, object] = {"auroc": round(roc_auc_score(y, p), 4)}
+        if b.name not in first:
+            first[b.name] = p
+        else:
+            q = first[b.name]
+            diffs = [roc_auc_score(y[i], p[i]) - roc_auc_score(y[i], q[i])
+                     for i in resamples if 0 < y[i].sum() < len(i)]
+            entry["minus_first"] = round(roc_auc_score(y, p) - roc_auc_score(y, q), 4)
+            entry["minus_first_ci95"] = [round(float(v), 4) for v in np.percentile(diffs, [2.5, 97.5])]
+        row[b.name] = entry
+    row["s"] = round(time.time() - start)
+    print(json.dumps(row), flush=True)
