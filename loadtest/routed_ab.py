@@ -1,13 +1,15 @@
 """The routed path of gateways that differ only in their environment, side by side in interleaved rounds.
 
-``python -m loadtest.routed_ab --variant NAME[:VAR=VALUE,...] ... [--rounds 3]`` starts the fake backend and one
-gateway per variant (``config.yaml``'s scorer and probes, every variable a ``ROUTER_…`` override), then, round by
+``python -m loadtest.routed_ab --variant NAME[=CONFIG][:VAR=VALUE,...] ... [--rounds 3]`` starts the fake backend
+and one gateway per variant (the scorer, probes and policy of CONFIG, ``config.yaml`` by default, every backend
+on the fake one; every variable a ``ROUTER_…`` override), then, round by
 round with the order rotating, loads each with routed requests: 40 at c=1 (median latency) and 192 at c=16
 (requests a second, and the scorer's mean batch from the gateway's /metrics). Only one gateway is loaded at a
 time. Prints one JSON object: per variant, each figure's rounds and median. Used for the scorer's batching
 settings in docs/benchmarks.md, e.g.::
 
     python -m loadtest.routed_ab --variant wait2 --variant wait10:ROUTER_SCORER__MAX_WAIT_MS=10
+    python -m loadtest.routed_ab --variant default --variant math-pool=examples/math-pool.yaml
 """
 
 from __future__ import annotations
@@ -22,21 +24,22 @@ from pathlib import Path
 from loadtest.gen import async_load
 from loadtest.procs import Service, free_port
 from loadtest.prompts import chat_body, questions
-from loadtest.run import _gateway_config, _scorer_counts
+from loadtest.run import ROOT, _gateway_config, _scorer_counts
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    name, _, assignments = text.partition(":")
+def parse_variant(text: str) -> tuple[str, Path, dict[str, str]]:
+    head, _, assignments = text.partition(":")
+    name, _, config = head.partition("=")
     env = dict(a.split("=", 1) for a in assignments.split(",") if a)
-    return name, env
+    return name, Path(config) if config else ROOT / "config.yaml", env
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest.routed_ab", description=__doc__)
-    parser.add_argument("--variant", action="append", required=True, help="NAME[:VAR=VALUE,...]")
+    parser.add_argument("--variant", action="append", required=True, help="NAME[=CONFIG][:VAR=VALUE,...]")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    variants = dict(parse_variant(v) for v in args.variant)
+    variants = {name: (config, env) for name, config, env in map(parse_variant, args.variant)}
     folder = Path(tempfile.mkdtemp(prefix="routed-ab-"))
     py = sys.executable
     port = free_port()
@@ -45,9 +48,9 @@ def main() -> None:
     urls: dict[str, str] = {}
     try:
         services[0].wait_ready(60)
-        for name, env in variants.items():
+        for name, (source, env) in variants.items():
             port = free_port()
-            config = _gateway_config(folder, backend, port).rename(folder / f"{name}.yaml")
+            config = _gateway_config(folder, backend, port, source=source).rename(folder / f"{name}.yaml")
             service = Service(name, [py, "-m", "router", "--log-level", "warning", "serve", "--config", str(config)],
                               f"http://127.0.0.1:{port}/health", folder, env)
             services.append(service)
@@ -71,7 +74,7 @@ def main() -> None:
                 figures[name]["c16_rps"].append(round(loaded.rps, 1))
                 figures[name]["c16_mean_batch"].append(
                     round((prompts_after - prompts) / max(passes_after - passes, 1), 2))
-        print(json.dumps({name: {"env": variants[name], "rounds": f,
+        print(json.dumps({name: {"config": str(variants[name][0]), "env": variants[name][1], "rounds": f,
                                  "median": {k: statistics.median(v) for k, v in f.items()}}
                           for name, f in figures.items()}))
     finally:

@@ -97,8 +97,10 @@ class Cell:
 SCORER_THREADS = os.cpu_count() or 1
 
 
-def _gateway_config(folder: Path, backend_url: str, port: int, scorer_url: str | None = None) -> Path:
-    base = yaml.safe_load((ROOT / "config.yaml").read_text())
+def _gateway_config(folder: Path, backend_url: str, port: int, scorer_url: str | None = None,
+                    source: Path = ROOT / "config.yaml") -> Path:
+    """``source``'s scorer, probes and policy, every backend on ``backend_url``, served on ``port``."""
+    base = yaml.safe_load(source.read_text())
     scorer = {**base["scorer"], "cache_dir": str(ROOT / ".cache"), "threads": SCORER_THREADS}
     if scorer_url is not None:
         scorer |= {"kind": "vllm", "url": scorer_url}
