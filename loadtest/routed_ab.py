@@ -5,7 +5,10 @@ and one gateway per variant (the scorer, probes and policy of CONFIG, ``config.y
 on the fake one; every variable a ``ROUTER_…`` override), then, round by
 round with the order rotating, loads each with routed requests: 40 at c=1 (median latency) and 192 at c=16
 (requests a second, and the scorer's mean batch from the gateway's /metrics). Only one gateway is loaded at a
-time. Prints one JSON object: per variant, each figure's rounds and median. Used for the scorer's batching
+time. Each round also measures the benchmark's reference (``loadtest.forward``: transformers' padded pass over
+blocks 1-15 at batch 8, all cores, in its own process while the gateways idle), so every variant's c=16 rate is
+also a ratio to it, measured in the same run. Prints one JSON object: per variant, each figure's rounds and
+median, and the reference's. Used for the scorer's batching
 settings in docs/benchmarks.md, e.g.::
 
     python -m loadtest.routed_ab --variant wait2 --variant wait10:ROUTER_SCORER__MAX_WAIT_MS=10
@@ -24,7 +27,7 @@ from pathlib import Path
 from loadtest.gen import async_load
 from loadtest.procs import Service, free_port
 from loadtest.prompts import chat_body, questions
-from loadtest.run import ROOT, _gateway_config, _scorer_counts
+from loadtest.run import ROOT, _gateway_config, _measure, _scorer_counts
 
 
 def parse_variant(text: str) -> tuple[str, Path, dict[str, str]]:
@@ -60,7 +63,11 @@ def main() -> None:
         figures: dict[str, dict[str, list[float]]] = {
             n: {"c1_p50_ms": [], "c16_rps": [], "c16_mean_batch": []} for n in variants}
         names = list(variants)
+        reference: list[float] = []
         for r in range(args.rounds):
+            forward = _measure("loadtest.forward", ROOT / "config.yaml")
+            reference.append(round(1000 / next(b["ms_per_prompt"] for b in forward["batches"]
+                                               if b["pass"] == "transformers"), 1))
             for name in names[r % len(names):] + names[:r % len(names)]:
                 url = f"{urls[name]}/v1/chat/completions"
                 async_load(url, bodies, 8, 1, False)  # warm
@@ -74,9 +81,12 @@ def main() -> None:
                 figures[name]["c16_rps"].append(round(loaded.rps, 1))
                 figures[name]["c16_mean_batch"].append(
                     round((prompts_after - prompts) / max(passes_after - passes, 1), 2))
-        print(json.dumps({name: {"config": str(variants[name][0]), "env": variants[name][1], "rounds": f,
-                                 "median": {k: statistics.median(v) for k, v in f.items()}}
-                          for name, f in figures.items()}))
+        ref = statistics.median(reference)
+        print(json.dumps({"reference_prompts_per_s": {"rounds": reference, "median": ref}} | {
+            name: {"config": str(variants[name][0]), "env": variants[name][1], "rounds": f,
+                   "median": {k: statistics.median(v) for k, v in f.items()},
+                   "c16_vs_reference": round(statistics.median(f["c16_rps"]) / ref, 2)}
+            for name, f in figures.items()}))
     finally:
         for service in reversed(services):
             service.stop()

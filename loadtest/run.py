@@ -104,7 +104,8 @@ def _gateway_config(folder: Path, backend_url: str, port: int, scorer_url: str |
     scorer = {**base["scorer"], "cache_dir": str(ROOT / ".cache"), "threads": SCORER_THREADS}
     if scorer_url is not None:
         scorer |= {"kind": "vllm", "url": scorer_url}
-    backends = [{**b, "base_url": f"{backend_url}/v1", "probe": str(ROOT / b["probe"])} for b in base["backends"]]
+    backends = [{**b, "base_url": f"{backend_url}/v1", "probe": str((source.parent / b["probe"]).resolve())}
+                for b in base["backends"]]
     config = {"scorer": scorer, "backends": backends, "policy": base["policy"],
               "server": {"host": "127.0.0.1", "port": port}}
     path = folder / ("gateway-vllm.yaml" if scorer_url else "gateway.yaml")

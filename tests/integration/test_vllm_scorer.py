@@ -76,6 +76,26 @@ def test_local_and_vllm_scorers_agree_on_features_probabilities_and_routes(vllm_
           f"{same_route}/{QUESTIONS} same routes")
 
 
+def test_last_plus_mean_from_a_vllm_server_equals_the_local_scorer(vllm_pool: Pool, tmp_path: Path) -> None:
+    """The MATH pool's recipe (block 6, last+mean): vLLM returns every token's state, the gateway pools them."""
+    cfg = vllm_pool.settings.scorer.model_copy(update={"layers": [6], "pooling": "last+mean", "dtype": "float32"})
+    server = scorer_server(cfg, tmp_path)
+    try:
+        wait_ready([server.server], timeout_s=600)
+        conversations = [[{"role": "user", "content": r["question"]}] for r in gsm8k(16)]
+        local = LocalScorer.load(cfg)
+        remote = VllmScorer(server.cfg)
+        assert remote.info == local.info and remote.info.feature_dim == 2 * 576
+        x_local = asyncio.run(features(local, conversations))
+        x_remote = asyncio.run(features(remote, conversations))
+    finally:
+        server.server.stop()
+    for half in (slice(0, 576), slice(576, None)):  # the last token's state, then the mean over the prompt
+        a, b = x_local[:, half], x_remote[:, half]
+        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cosine.min() >= 0.999, cosine.min()
+
+
 def test_a_gateway_routes_with_the_vllm_scorer(vllm_pool: Pool, vllm_scorer: ScorerServer) -> None:
     settings = vllm_pool.settings.model_copy(update={"scorer": vllm_scorer.cfg})
     groups = load_probe_groups(settings)
