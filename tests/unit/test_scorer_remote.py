@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from router.config import ScorerConfig
-from router.scorer.interface import ScorerUnavailable
+from router.scorer.interface import Scored, ScorerUnavailable
 from router.scorer.vllm import VllmScorer
 from tests.conftest import ROOT
 from tests.support.probes import write_constant_probes
@@ -57,15 +57,20 @@ def remote_cfg(tiny_scorer_cfg: ScorerConfig, url: str, **update: object) -> Sco
         "kind": "vllm", "url": url, "failure_threshold": 2, "cooldown_s": 60, **update})
 
 
-async def test_sends_the_shared_token_ids_and_reads_the_pooled_vector(tiny_scorer_cfg: ScorerConfig) -> None:
-    fake = FakePooling(dim=32)
+async def score_once(fake: FakePooling, cfg: ScorerConfig, **update: object) -> tuple[VllmScorer, Scored]:
+    """One request through a started scorer against ``fake``."""
     with serve(fake.app) as url:
-        scorer = VllmScorer(remote_cfg(tiny_scorer_cfg, f"{url}/v1"))
+        scorer = VllmScorer(remote_cfg(cfg, f"{url}/v1", **update))
         await scorer.start()
         try:
-            scored = await scorer.score(MESSAGES, timeout_s=5)
+            return scorer, await scorer.score(MESSAGES, timeout_s=5)
         finally:
             await scorer.aclose()
+
+
+async def test_sends_the_shared_token_ids_and_reads_the_pooled_vector(tiny_scorer_cfg: ScorerConfig) -> None:
+    fake = FakePooling(dim=32)
+    scorer, scored = await score_once(fake, tiny_scorer_cfg)
     sent = fake.received[0]
     assert sent["model"] == "scorer" and sent["encoding_format"] == "base64"
     assert sent["input"] == [scorer.encoder.encode(MESSAGES)]  # rendered and tokenised here, as the local scorer
@@ -75,14 +80,8 @@ async def test_sends_the_shared_token_ids_and_reads_the_pooled_vector(tiny_score
 
 async def test_last_plus_mean_asks_for_every_token_and_pools_them_here(tiny_scorer_cfg: ScorerConfig) -> None:
     fake = FakePooling(dim=32)
-    with serve(fake.app) as url:
-        scorer = VllmScorer(remote_cfg(tiny_scorer_cfg, f"{url}/v1", pooling="last+mean"))
-        assert scorer.info.feature_dim == 64
-        await scorer.start()
-        try:
-            scored = await scorer.score(MESSAGES, timeout_s=5)
-        finally:
-            await scorer.aclose()
+    scorer, scored = await score_once(fake, tiny_scorer_cfg, pooling="last+mean")
+    assert scorer.info.feature_dim == 64
     sent = fake.received[0]
     assert sent["task"] == "token_embed" and sent["input"] == [scorer.encoder.encode(MESSAGES)]
     states = np.arange(scored.prompt_tokens * 32, dtype=np.float32).reshape(scored.prompt_tokens, 32)
