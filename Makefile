@@ -91,6 +91,8 @@ bench: setup system-tools $(LITELLM_VENV)/.ready
 	$(BIN)/python -m loadtest --out loadtest/results/latest.json --markdown docs/benchmarks.md
 	$(BIN)/python -m loadtest.demo_bench --scorers local,vllm --out loadtest/results/demo.json --markdown docs/benchmarks.md
 	$(BIN)/python -m loadtest.fleet --out loadtest/results/fleet.json --markdown docs/benchmarks.md
+	$(BIN)/python -m loadtest.routed_ab --variant default --variant math-pool=examples/math-pool.yaml \
+		> loadtest/results/routed_ab_math_pool.json
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(LITELLM_VENV) .cache .pytest_cache .ruff_cache
