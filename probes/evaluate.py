@@ -427,6 +427,19 @@ def render_pool(pool: dict[str, Any]) -> list[str]:
         a = entry["argmax_p"]
         gaps = ", ".join(f"{n} {v:+.3f}" for n, v in entry["mean_p_minus_accuracy"].items())
         lines.append(f"| {router} | {a['accuracy']:.3f} | {'yes' if a['reaches_best_single'] else 'no'} | {gaps} |")
+    margins = [(router, entry["argmax_p_margin"]) for router, entry in pool["policies"].items()
+               if "argmax_p_margin" in entry]
+    if margins:
+        toward = margins[0][1]["toward"]
+        lines += ["", f"argmax p held to {toward} unless another estimate beats its own by more than a margin "
+                  "(`policy.margin` with it as `policy.fallback`, utility mode, λ = 0): accuracy by margin.", "",
+                  "| router | " + " | ".join(f"margin {m['margin']:g}" for m in margins[0][1]["margins"])
+                  + " | smallest reaching the best single |",
+                  "| --- |" + " --- |" * (len(margins[0][1]["margins"]) + 1)]
+        for router, m in margins:
+            smallest = m["smallest_reaching_best_single"]
+            lines.append(f"| {router} | " + " | ".join(f"{x['accuracy']:.3f}" for x in m["margins"])
+                         + f" | {'none' if smallest is None else f'{smallest:g}'} |")
     if pool.get("plot"):
         lines += ["", f"![pool frontier]({pool['plot']})", ""]
     return lines

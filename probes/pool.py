@@ -26,6 +26,10 @@ class Points:
     shares: np.ndarray  # (points, backends): share of requests sent to each backend
 
 
+# policy.margin values the pool report tries: argmax p, held to the best single backend unless beaten by this
+MARGINS = (0.01, 0.02, 0.05, 0.1, 0.2)
+
+
 def _outcome(choice: np.ndarray, y: np.ndarray, cost: np.ndarray) -> tuple[float, float, np.ndarray]:
     rows = np.arange(len(choice))
     shares = np.bincount(choice, minlength=y.shape[1]) / len(choice)
@@ -56,11 +60,18 @@ def threshold_choices(p: np.ndarray, cost: np.ndarray, names: Sequence[str], thr
     return np.where(clears.any(axis=1), first, other)
 
 
-def utility_choices(p: np.ndarray, cost: np.ndarray, names: Sequence[str], cost_weight: float) -> np.ndarray:
-    """``choose_by_utility`` for every row: argmax p − λ·cost/max cost, ties to the cheaper, then by name."""
+def utility_choices(p: np.ndarray, cost: np.ndarray, names: Sequence[str], cost_weight: float,
+                    fallback: int | None = None, margin: float = 0.0) -> np.ndarray:
+    """``choose_by_utility`` for every row: argmax p − λ·cost/max cost, ties to the cheaper, then by name; with
+    ``margin``, ``fallback`` keeps every row whose best utility beats its own by ``margin`` or less."""
     top = cost.max(axis=1, keepdims=True)
     top = np.where(top > 0, top, 1.0)
-    return _rank(-(p - cost_weight * cost / top), cost, names)[:, 0]
+    utility = p - cost_weight * cost / top
+    choice = _rank(-utility, cost, names)[:, 0]
+    if fallback is None or margin <= 0:
+        return choice
+    rows = np.arange(len(p))
+    return np.where(utility[rows, choice] - utility[:, fallback] <= margin, fallback, choice)
 
 
 def threshold_frontier(p: np.ndarray, y: np.ndarray, cost: np.ndarray, names: Sequence[str], *,
@@ -150,6 +161,14 @@ def pool_report(
         argmax = _outcome(utility_choices(p, cost, names, 0.0), y, cost)
         entry["argmax_p"] = {"accuracy": round(argmax[0], 4), "cost_per_request": argmax[1],
                              "reaches_best_single": bool(argmax[0] >= best_acc - 1e-12)}
+        held = [_outcome(utility_choices(p, cost, names, 0.0, best, m), y, cost) for m in MARGINS]
+        entry["argmax_p_margin"] = {
+            "toward": names[best],
+            "margins": [{"margin": m, "accuracy": round(a, 4), "cost_per_request": c}
+                        for m, (a, c, _) in zip(MARGINS, held, strict=True)],
+            "smallest_reaching_best_single": next(
+                (m for m, (a, _, _) in zip(MARGINS, held, strict=True) if a >= best_acc - 1e-12), None),
+        }
         entry["mean_p_minus_accuracy"] = {n: round(float(p[:, i].mean() - acc[i]), 4) for i, n in enumerate(names)}
         result["policies"][router] = entry
     if out_dir is not None:

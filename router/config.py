@@ -160,6 +160,9 @@ class PolicyConfig(_Strict):
     fallback: str | None = Field(None, description="backend used when no estimate clears the threshold")
     mode: Literal["threshold", "utility"] = "threshold"
     cost_weight: float = Field(0.5, ge=0, description="λ of utility mode: argmax p − λ·cost/max cost")
+    margin: float = Field(
+        0.0, ge=0, le=1, description="utility mode: the fallback keeps a request unless another backend's utility "
+        "beats its own by more than this (against argmax's winner's curse; 0: plain argmax)")
     expected_output_tokens: int = Field(
         256, ge=1, description="output length assumed when a request sets no max_tokens, to rank backends by cost"
     )

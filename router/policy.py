@@ -63,10 +63,25 @@ def choose_by_threshold(options: Sequence[Option], threshold: float, fallback: s
     return Decision(order[0], Reason.BEST, tuple(order))
 
 
-def choose_by_utility(options: Sequence[Option], cost_weight: float) -> Decision:
-    """argmax p − λ·cost/max cost (the paper's utility router); ties go to the cheaper option."""
+def choose_by_utility(options: Sequence[Option], cost_weight: float, fallback: str | None = None,
+                      margin: float = 0.0) -> Decision:
+    """argmax p − λ·cost/max cost (the paper's utility router); ties go to the cheaper option.
+
+    With a ``margin``, the ``fallback`` option keeps the request unless another option's utility beats its own by
+    more than ``margin``. Estimates closer together than their error otherwise send requests to whichever
+    backend's estimate happens to be highest by chance (a winner's curse), which can cost accuracy even when
+    every estimate is calibrated on its own.
+    """
     if not options:
         raise ValueError("no backend to choose from")
     top = max(o.cost for o in options) or 1.0
-    ranked = sorted(options, key=lambda o: (-(o.p - cost_weight * o.cost / top), o.cost, o.name))
+
+    def utility(o: Option) -> float:
+        return o.p - cost_weight * o.cost / top
+
+    ranked = sorted(options, key=lambda o: (-utility(o), o.cost, o.name))
+    held = next((o for o in ranked if o.name == fallback), None)
+    if held is not None and margin > 0 and utility(ranked[0]) - utility(held) <= margin:
+        ranked.remove(held)
+        ranked.insert(0, held)
     return Decision(ranked[0].name, Reason.UTILITY, tuple(o.name for o in ranked))

@@ -125,7 +125,7 @@ class Router:
         output_tokens = request.output_tokens or self.policy.expected_output_tokens
         options = self._options(probabilities, scores[0].prompt_tokens, output_tokens)
         if self.policy.mode == "utility":
-            decision = choose_by_utility(options, self.policy.cost_weight)
+            decision = choose_by_utility(options, self.policy.cost_weight, self.policy.fallback, self.policy.margin)
         else:
             limit = self.policy.threshold if threshold is None else threshold
             decision = choose_by_threshold(options, limit, self.policy.fallback)

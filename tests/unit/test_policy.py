@@ -44,6 +44,16 @@ def test_utility_trades_estimate_against_normalised_cost() -> None:
     assert choose_by_utility([CHEAP, MID, DEAR], cost_weight=2.0).backend == "small"
 
 
+def test_a_margin_keeps_the_fallback_unless_another_utility_beats_it_by_more() -> None:
+    # λ=0: large 0.95 beats small 0.70 by 0.25 and mid 0.85 by 0.10
+    assert choose_by_utility([CHEAP, MID, DEAR], 0.0, fallback="mid", margin=0.1).backend == "mid"
+    d = choose_by_utility([CHEAP, MID, DEAR], 0.0, fallback="mid", margin=0.09)
+    assert (d.backend, d.order) == ("large", ("large", "mid", "small"))
+    d = choose_by_utility([CHEAP, MID, DEAR], 0.0, fallback="small", margin=0.3)
+    assert (d.backend, d.reason, d.order) == ("small", Reason.UTILITY, ("small", "large", "mid"))
+    assert choose_by_utility([CHEAP, MID, DEAR], 0.0, fallback="gone", margin=0.3).backend == "large"
+
+
 def test_request_cost_uses_per_million_token_prices() -> None:
     assert request_cost(0.10, 0.20, prompt_tokens=1000, output_tokens=500) == pytest.approx(0.0002)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from probes.pool import (
+    MARGINS,
     Points,
     cost_at,
     mix_cost_at,
@@ -50,6 +51,16 @@ def test_utility_choices_equal_the_gateway_policy(cost_weight: float) -> None:
         assert NAMES[got[i]] == choose_by_utility(options, cost_weight).backend
 
 
+@pytest.mark.parametrize("margin", [0.0, 0.05, 0.3])
+@pytest.mark.parametrize("cost_weight", [0.0, 0.5])
+def test_utility_choices_with_a_margin_equal_the_gateway_policy(cost_weight: float, margin: float) -> None:
+    p, _, cost = _random(seed=2)
+    got = utility_choices(p, cost, NAMES, cost_weight, fallback=1, margin=margin)
+    for i in range(len(p)):
+        options = [Option(n, float(cost[i, j]), float(p[i, j])) for j, n in enumerate(NAMES)]
+        assert NAMES[got[i]] == choose_by_utility(options, cost_weight, NAMES[1], margin).backend
+
+
 def test_oracle_takes_the_cheapest_right_backend() -> None:
     y = np.array([[0, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=float)
     cost = np.tile([2.0, 1.0, 3.0, 4.0], (3, 1))
@@ -74,3 +85,11 @@ def test_pool_report_with_perfect_estimates(tmp_path: Path) -> None:
     assert perfect["argmax_p"]["reaches_best_single"]
     assert perfect["threshold"]["cost_at_100pct_of_best"] < best["cost_per_request"]
     assert (tmp_path / report["plot"]).stat().st_size > 1000
+    held = report["policies"]["noise"]["argmax_p_margin"]
+    assert held["toward"] == best["backend"] and [m["margin"] for m in held["margins"]] == list(MARGINS)
+    best_index = NAMES.index(best["backend"])
+    for m in held["margins"]:  # each margin's accuracy is that of the gateway's own choices
+        choice = utility_choices(p, cost, NAMES, 0.0, best_index, m["margin"])
+        assert m["accuracy"] == pytest.approx(y[np.arange(len(y)), choice].mean(), abs=1e-4)
+    reached = [m["margin"] for m in held["margins"] if m["accuracy"] >= best["accuracy"] - 1e-12]
+    assert held["smallest_reaching_best_single"] == (reached[0] if reached else None)
