@@ -253,7 +253,9 @@ def _labels_opts(p: argparse.ArgumentParser) -> None:
                    help="read BACKEND's own labels from correct[KEY] (default: its served model name)")
     p.add_argument("--train-labels", action="append", default=[], metavar="BACKEND=KEY[+KEY...]",
                    help="train BACKEND's weights on these label sets, rows stacked once per set (C, Platt and "
-                   "metrics still use its own labels); e.g. a dear model's probe on the cheap model's labels")
+                   "metrics still use its own labels); e.g. a dear model's probe on the cheap model's labels. A "
+                   "KEY of the data's success_rate (k sampled answers, e.g. MODEL@k50_T0.6) is a graded label: "
+                   "the share right counts as that much of a success")
 
 
 def _sources_opts(p: argparse.ArgumentParser) -> None:

@@ -34,6 +34,20 @@ class Dataset:
             raise KeyError(f"{self.path}: no label for {model!r} on {len(missing)} of {len(self.records)} questions")
         return np.array([int(r["correct"][model]) for r in self.records], dtype=np.int64)
 
+    def training_labels(self, key: str) -> np.ndarray:
+        """A label set a probe may learn from: ``key``'s 0/1 correctness, or, where ``key`` names a run in
+        ``success_rate`` (k sampled answers a question, e.g. ``Qwen/Qwen2.5-Math-1.5B-Instruct@k50_T0.6``), the
+        fraction right, a graded label that trains as that share of a success and the rest of a failure. The
+        metrics, C and Platt always use 0/1 correctness (``labels``)."""
+        if all(key in (r.get("correct") or {}) for r in self.records):
+            return self.labels(key)
+        rates = [(r.get("success_rate") or {}).get(key) for r in self.records]
+        missing = sum(v is None for v in rates)
+        if missing:
+            raise KeyError(f"{self.path}: neither a label nor a success rate for {key!r} on {missing} of "
+                           f"{len(self.records)} questions")
+        return np.array(rates, dtype=np.float64)
+
     def reference(self, model: str) -> np.ndarray | None:
         """Reference probabilities (``paper_probe_p``) for ``model``, when every record has one."""
         values = [(r.get("paper_probe_p") or {}).get(model) for r in self.records]

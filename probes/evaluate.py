@@ -191,7 +191,7 @@ def evaluate(
     for b, y_train in usable:
         key = label_keys.get(b.name, b.model)
         y = scored.labels(key)
-        ys = [dataset.labels(k) for k in train_keys.get(b.name, [key])]
+        ys = [dataset.training_labels(k) for k in train_keys.get(b.name, [key])]
         common = {"folds": folds, "seed": seed}
         probe = held_out(x, ys, y_train, x_test=x_test, cs=grid, model=model, **common)
         bar.update()
@@ -524,7 +524,7 @@ def pool_estimates(
     names, ys, ps, costs = [], [], [], []
     for b, y_train in usable:
         key = label_keys.get(b.name, b.model)
-        train = [dataset.labels(k) for k in train_keys.get(b.name, [key])]
+        train = [dataset.training_labels(k) for k in train_keys.get(b.name, [key])]
         est = held_out(x, train, y_train, x_test=x_cal, cs=grid, folds=folds, seed=seed, model=model)
         names.append(b.name)
         ys.append(scored.labels(key))

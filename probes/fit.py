@@ -52,23 +52,24 @@ class LinearScorer:
 
 
 def _lr_path(xs: np.ndarray, ys: Sequence[np.ndarray], cs: Sequence[float]) -> list[tuple[np.ndarray, float]]:
-    """(weight, bias) of an L2 logistic regression (unpenalised bias) for each C, on rows stacked once per
-    label set. With more features than rows the fit runs in the rows' span (an exact rotation: the L2 optimum
-    lies there), so wide concatenations of layers cost no more than the number of questions."""
+    """(weight, bias) of an L2 logistic regression (unpenalised bias) for each C, on the label sets stacked
+    (as weights, ``_stack_as_weights``). With more features than rows the fit runs in the rows' span (an exact
+    rotation: the L2 optimum lies there), so wide concatenations of layers cost no more than the number of
+    questions."""
     basis = None
     if xs.shape[1] > xs.shape[0]:
         _, s, vt = np.linalg.svd(xs, full_matrices=False)
         keep = s > s[0] * 1e-10
         basis = vt[keep].T  # (d, r)
         xs = xs @ basis
-    x_all = np.vstack([xs] * len(ys)) if len(ys) > 1 else xs
-    y_all = np.concatenate(ys)
+    rows, y_all, w_all = _stack_as_weights(ys)
+    x_all = xs[rows]
     lr = LogisticRegression(C=cs[0], max_iter=1000, warm_start=True, solver="newton-cholesky")
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for c in cs:
-            lr.set_params(C=c).fit(x_all, y_all)
+            lr.set_params(C=c).fit(x_all, y_all, sample_weight=w_all)
             w = lr.coef_[0].astype(np.float64)
             out.append(((basis @ w) if basis is not None else w.copy(), float(lr.intercept_[0])))
     return out
@@ -101,16 +102,14 @@ class TfidfLogistic:
     def fit_path(self, x: Sequence[str], ys: Sequence[np.ndarray], cs: Sequence[float]) -> list[Scorer]:
         vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
         m = vectorizer.fit_transform(list(x))
-        from scipy.sparse import vstack
-
-        m_all = vstack([m] * len(ys)) if len(ys) > 1 else m
-        y_all = np.concatenate(ys)
+        rows, y_all, w_all = _stack_as_weights(ys)
+        m_all = m[rows]
         lr = LogisticRegression(C=cs[0], max_iter=5000, warm_start=True)
         out: list[Scorer] = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             for c in cs:
-                lr.set_params(C=c).fit(m_all, y_all)
+                lr.set_params(C=c).fit(m_all, y_all, sample_weight=w_all)
                 out.append(_TfidfScorer(vectorizer, lr.coef_[0].copy(), float(lr.intercept_[0])))
         return out
 
@@ -162,7 +161,9 @@ class JointScorer:
 
 def _stack_as_weights(ys: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows stacked once per label set, as (row index, label, weight): each row at most twice, with weights
-    counting its successes and failures, the same objective as stacking the rows ``len(ys)`` times."""
+    counting its successes and failures, the same objective as stacking the rows ``len(ys)`` times. A graded
+    label set (a success rate in [0, 1], ``Dataset.training_labels``) counts as that fraction of a success and
+    the rest of a failure."""
     pos = np.sum(ys, axis=0).astype(np.float64)
     neg = len(ys) - pos
     n = len(pos)

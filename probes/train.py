@@ -38,7 +38,7 @@ def backend_labels(
         try:
             y = dataset.labels(key)
             keys = train_keys.get(backend.name, [key])
-            ys = [dataset.labels(k) for k in keys]
+            ys = [dataset.training_labels(k) for k in keys]
         except KeyError as e:
             log.warning("skipping backend %s: %s", backend.name, e)
             continue

@@ -63,6 +63,36 @@ def test_fit_probe_matches_its_file_format_and_shares_labels() -> None:
         fit_probe(x, np.ones(len(y), dtype=np.int64), folds=3)
 
 
+def test_a_graded_label_trains_as_the_binary_label_sets_it_summarises() -> None:
+    """A success rate of k/4 trains exactly as four stacked 0/1 label sets with k successes: the same weighted
+    objective, so the same weights (what lets a probe learn from k sampled answers a question)."""
+    from probes.fit import _lr_path
+
+    x, y = synthetic(n=200, d=8)
+    rng = np.random.default_rng(4)
+    runs = [np.where(rng.random(len(y)) < 0.2, 1 - y, y) for _ in range(4)]  # four noisy samples a question
+    graded = np.mean(runs, axis=0)  # 0, 0.25, ..., 1
+    for (w_graded, b_graded), (w_runs, b_runs) in zip(_lr_path(x, [graded], [0.04, 4.0]),
+                                                      _lr_path(x, runs, [0.01, 1.0]), strict=True):
+        # four sets weigh each row four times where one graded set weighs it once: C × 4 matches them
+        np.testing.assert_allclose(w_graded, w_runs, rtol=1e-5, atol=1e-8)
+        assert b_graded == pytest.approx(b_runs, abs=1e-6)
+
+
+def test_training_labels_read_correctness_or_a_success_rate(tmp_path: Path) -> None:
+    from probes.data import load_dataset
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(
+        f'{{"question": "q{i}", "correct": {{"m": {i % 2}}}, "success_rate": {{"m@k4": {i / 4}}}}}'
+        for i in range(3)))
+    data = load_dataset(path)
+    np.testing.assert_array_equal(data.training_labels("m"), [0, 1, 0])
+    np.testing.assert_allclose(data.training_labels("m@k4"), [0.0, 0.25, 0.5])
+    with pytest.raises(KeyError, match="neither a label nor a success rate for 'other' on 3 of 3"):
+        data.training_labels("other")
+
+
 def test_recipe_columns() -> None:
     recipes = parse_recipes(["15", "12+18"], ["last", "last+mean"])
     assert recipes[1] == Recipe((15,), "last+mean") and recipes[2] == Recipe((12, 18), "last")

@@ -5,7 +5,9 @@ Usage, from the repository root:
         --recipe 15:last:none --recipe 4:mean:tfidf+length \
         --train-labels qwen2.5-math-7b=Qwen/Qwen2.5-Math-1.5B-Instruct [--share-labels] [--test TEST.jsonl] [--config C]
 
-Each recipe is LAYERS:POOLING:TEXT (LAYERS comma-separated). Every recipe gets the probe pipeline's own protocol
+Each recipe is LAYERS:POOLING:TEXT[:LABELS] (LAYERS comma-separated); LABELS names a set of training labels
+given by --labels LABELS:BACKEND=KEY[+KEY...] (repeatable; e.g. success rates of k sampled answers), in place of
+--train-labels / --share-labels for that recipe. Every recipe gets the probe pipeline's own protocol
 (``probes.evaluate.held_out``: nested cross-validation on --data, or trained on --data and scored on --test,
 same folds and seed), so each question has one held-out estimate per recipe. The report is each recipe's AUROC
 per backend and its difference from the first recipe with a 95% interval from a paired bootstrap (the same
@@ -33,6 +35,7 @@ parser.add_argument("--test")
 parser.add_argument("--recipe", action="append", required=True)
 parser.add_argument("--train-labels", action="append", default=[], metavar="BACKEND=KEY[+KEY...]")
 parser.add_argument("--share-labels", action="store_true")
+parser.add_argument("--labels", action="append", default=[], metavar="LABELS:BACKEND=KEY[+KEY...]")
 parser.add_argument("--folds", type=int, default=5)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--bootstrap", type=int, default=2000)
@@ -45,13 +48,18 @@ test = load_dataset(args.test) if args.test else None
 scored = test or data
 train_keys = shared_keys(settings, data, {}) if args.share_labels else {}
 train_keys |= {i.split("=", 1)[0]: i.split("=", 1)[1].split("+") for i in args.train_labels}
+label_sets: dict[str, dict[str, list[str]]] = {}
+for item in args.labels:
+    name, rest = item.split(":", 1)
+    label_sets.setdefault(name, {})[rest.split("=", 1)[0]] = rest.split("=", 1)[1].split("+")
 backends = labelled_backends(settings, data, {})
 rng = np.random.default_rng(args.seed)
 resamples = [rng.integers(0, len(scored.records), len(scored.records)) for _ in range(args.bootstrap)]
 
 first: dict[str, np.ndarray] = {}
 for spec in args.recipe:
-    layers, pooling, text = spec.split(":")
+    layers, pooling, text, *named = spec.split(":")
+    keys = label_sets[named[0]] if named else train_keys
     cfg = settings.scorer.model_copy(update={"layers": [int(v) for v in layers.split(",")], "pooling": pooling})
     start = time.time()
     x, scorer = probe_inputs(cfg, data, text, progress=False)
@@ -60,7 +68,7 @@ for spec in args.recipe:
     row: dict[str, object] = {"recipe": spec}
     for b, y_train in backends:
         y = scored.labels(b.model)
-        ys = [data.labels(k) for k in train_keys.get(b.name, [b.model])]
+        ys = [data.training_labels(k) for k in keys.get(b.name, [b.model])]
         p = held_out(x, ys, y_train, x_test=x_test, cs=grid, model=model, folds=args.folds, seed=args.seed).probability
         entry: dict[str, object] = {"auroc": round(roc_auc_score(y, p), 4)}
         if b.name not in first:
