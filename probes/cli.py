@@ -72,7 +72,7 @@ def _label(args: argparse.Namespace) -> int:
     summary = asyncio.run(label_dataset(
         settings, dataset, args.out, backends=args.backend or None, limit=args.limit, concurrency=args.concurrency,
         max_tokens=args.max_tokens, temperature=args.temperature, grader=args.grader, system=args.system,
-        progress=not args.no_progress,
+        progress=not args.no_progress, samples=args.samples,
     ))
     print(f"{summary.done_now} answered now, {summary.done_before} done before, {summary.failed} failed "
           f"(rerun to retry them); results log {summary.results}; dataset {summary.out}")
@@ -289,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--concurrency", type=int, default=8, help="requests in flight per backend (default: 8)")
     label.add_argument("--max-tokens", type=int, default=3000, help="default: %(default)s")
     label.add_argument("--temperature", type=float, default=0.0, help="default: %(default)s")
+    label.add_argument("--samples", type=int, default=1, metavar="K",
+                       help="answers a question (default: 1). With K > 1 (and a --temperature above 0) the share "
+                       "right is written as success_rate[MODEL@kK_TT], a graded label for train --train-labels; "
+                       "correct stays for a run of one answer a question")
     label.add_argument("--grader", default="math", help="how answers are graded: math (default) or exact")
     label.add_argument("--system", help="a system message to send before each question")
     label.set_defaults(run=_label)

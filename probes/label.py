@@ -5,6 +5,11 @@ Two files come out. ``OUT.results.jsonl`` is the append-only log, one line per (
 each answer arrives; a restarted run reads it and skips the pairs already there, so nothing finished is redone
 or lost. ``OUT`` is the dataset itself with ``correct`` / ``tokens`` / ``cost`` / ``latency_s`` as
 ``{model: value}`` (the layout ``train`` and ``eval`` read), rewritten from the log at the end of every run.
+
+With ``samples`` K > 1 each question is asked K times (at ``temperature``); each answer is a line of the log
+(``run`` ``kK_TT``, ``sample`` 0..K-1), and a question with all K answers gets ``success_rate`` as
+``{"MODEL@kK_TT": share right}``, the graded label ``train --train-labels BACKEND=MODEL@kK_TT`` learns from.
+Such a run leaves ``correct`` (one answer a question, the labels every metric reads) to a run without it.
 """
 
 from __future__ import annotations
@@ -101,6 +106,11 @@ def _client(backend: BackendConfig, retries: int) -> AsyncOpenAI:
                        max_retries=retries)
 
 
+def sampled_run(samples: int, temperature: float) -> str | None:
+    """The name of a run of ``samples`` answers a question (``k8_T0.7``); None for one answer a question."""
+    return None if samples == 1 else f"k{samples}_T{temperature:g}"
+
+
 async def _ask(
     client: AsyncOpenAI, backend: BackendConfig, record: dict[str, Any], idx: int, *, max_tokens: int,
     temperature: float, grader: str, system: str | None,
@@ -146,14 +156,23 @@ def merge(dataset: Dataset, rows: Sequence[dict[str, Any]], limit: int | None = 
         if not found:
             continue
         out = dict(record)
-        for name in ("correct", "tokens", "cost", "latency_s"):
+        for name in ("correct", "tokens", "cost", "latency_s", "success_rate"):
             out[name] = dict(out.get(name) or {})
+        sampled: dict[tuple[str, str], dict[int, int]] = {}
         for row in found:
             model = row["model"]
+            if row.get("run"):
+                sampled.setdefault((f"{model}@{row['run']}", row["run"]), {})[row["sample"]] = row["correct"]
+                continue
             out["correct"][model] = row["correct"]
             out["tokens"][model] = {"prompt": row["prompt_tokens"], "completion": row["completion_tokens"]}
             out["cost"][model] = row["cost"]
             out["latency_s"][model] = row["latency_s"]
+        for (name, run), answers in sampled.items():
+            if len(answers) == int(run.split("_")[0][1:]):  # all K answers in: a rate over fewer would be noisier
+                out["success_rate"][name] = sum(answers.values()) / len(answers)
+        if not out["success_rate"]:
+            del out["success_rate"]
         merged.append(out)
     return merged
 
@@ -169,31 +188,37 @@ def write_merged(path: Path, records: Sequence[dict[str, Any]]) -> None:
 async def label_dataset(
     settings: Settings, dataset: Dataset, out: Path, *, backends: Sequence[str] | None = None,
     limit: int | None = None, concurrency: int = 8, max_tokens: int = 3000, temperature: float = 0.0,
-    grader: str = "math", system: str | None = None, retries: int = 2, progress: bool = True,
+    grader: str = "math", system: str | None = None, retries: int = 2, progress: bool = True, samples: int = 1,
 ) -> LabelSummary:
-    """Label the first ``limit`` questions of ``dataset`` on ``backends`` (default: all), ``concurrency``
-    requests in flight per backend, resuming from ``out``'s results log."""
+    """Label the first ``limit`` questions of ``dataset`` on ``backends`` (default: all), ``samples`` answers
+    a question, ``concurrency`` requests in flight per backend, resuming from ``out``'s results log."""
     get_grader(grader)  # fail early on an unknown name
+    if samples < 1:
+        raise ValueError("samples must be at least 1")
+    run = sampled_run(samples, temperature)
     chosen = [b for b in settings.backends if backends is None or b.name in backends]
     if backends is not None and (unknown := set(backends) - {b.name for b in chosen}):
         raise ValueError(f"no backend named {', '.join(sorted(unknown))} in the config")
     log_path = results_path(out)
     previous = read_results(log_path)
-    done = {(r["key"], r["backend"]) for r in previous}
+    done = {(r["key"], r["backend"], r.get("run"), r.get("sample", 0)) for r in previous}
     records = dataset.records[:limit]
-    todo = [(i, r, b) for b in chosen for i, r in enumerate(records)
-            if (question_key(r["question"]), b.name) not in done]
-    summary = LabelSummary(done_before=len(records) * len(chosen) - len(todo), out=out, results=log_path)
+    todo = [(i, r, b, k) for b in chosen for i, r in enumerate(records) for k in range(samples)
+            if (question_key(r["question"]), b.name, run, k) not in done]
+    summary = LabelSummary(done_before=len(records) * len(chosen) * samples - len(todo), out=out,
+                           results=log_path)
     writer = _Log(log_path)
     clients = {b.name: _client(b, retries) for b in chosen}
     gates = {b.name: asyncio.Semaphore(concurrency) for b in chosen}
     bar = tqdm(total=len(todo), desc="label", unit="answer", disable=not progress)
 
-    async def one(i: int, record: dict[str, Any], backend: BackendConfig) -> None:
+    async def one(i: int, record: dict[str, Any], backend: BackendConfig, sample: int) -> None:
         async with gates[backend.name]:
             try:
                 row = await _ask(clients[backend.name], backend, record, i, max_tokens=max_tokens,
                                  temperature=temperature, grader=grader, system=system)
+                if run is not None:
+                    row |= {"run": run, "sample": sample}
             except Exception as e:  # one failed request must not stop the run; it is retried next time
                 summary.failed += 1
                 log.warning("%s, question %d: %s", backend.name, i, e)
@@ -204,7 +229,7 @@ async def label_dataset(
         summary.done_now += 1
 
     try:
-        await asyncio.gather(*(one(i, r, b) for i, r, b in todo))
+        await asyncio.gather(*(one(i, r, b, k) for i, r, b, k in todo))
     finally:
         bar.close()
         writer.close()
@@ -213,7 +238,7 @@ async def label_dataset(
         rows = read_results(log_path)
         write_merged(out, merge(dataset, rows, limit))
         for b in chosen:
-            mine = [r for r in rows if r["backend"] == b.name]
+            mine = [r for r in rows if r["backend"] == b.name and r.get("run") == run]
             if mine:
                 summary.per_backend[b.name] = {
                     "answered": len(mine),

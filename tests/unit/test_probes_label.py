@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 
 from probes.data import load_dataset
-from probes.label import label_dataset, question_key, read_results, results_path
+from probes.label import label_dataset, merge, question_key, read_results, results_path
 from router.config import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,3 +185,34 @@ def test_failed_requests_are_retried_next_run(tmp_path: Path) -> None:
     summary = asyncio.run(label_dataset(settings, load_dataset(data), out, limit=2, retries=0, progress=False))
     assert (summary.done_now, summary.failed) == (0, 4)
     assert read_results(results_path(out)) == []
+
+
+def test_sampled_answers_become_a_graded_label(tmp_path: Path, server) -> None:
+    """--samples K: K answers a question, each a line of the log, resumable like the rest; a question with all K
+    in gets success_rate[MODEL@kK_TT], which training reads; a run of one answer a question keeps `correct`."""
+    fake, port = server
+    data, config = write_inputs(tmp_path, port)
+    out = tmp_path / "labels.jsonl"
+    settings, dataset = load_settings(config), load_dataset(data)
+    greedy = asyncio.run(label_dataset(settings, dataset, out, backends=["small-one"], limit=4, progress=False))
+    assert greedy.done_now == 4
+    sampled = asyncio.run(label_dataset(settings, dataset, out, backends=["small-one"], limit=4, samples=3,
+                                        temperature=0.7, progress=False))
+    assert (sampled.done_now, sampled.done_before, sampled.failed) == (12, 0, 0)
+    assert fake.requests == Counter({("small", f"Q{i}: what is {i} plus one?"): 4 for i in range(4)})
+    again = asyncio.run(label_dataset(settings, dataset, out, backends=["small-one"], limit=4, samples=3,
+                                      temperature=0.7, progress=False))
+    assert (again.done_now, again.done_before) == (0, 12)
+    rows = [r for r in read_results(results_path(out)) if r.get("run")]
+    assert sorted((r["idx"], r["sample"]) for r in rows) == [(i, k) for i in range(4) for k in range(3)]
+    assert {r["run"] for r in rows} == {"k3_T0.7"}
+    merged = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["success_rate"] for r in merged] == [{"small@k3_T0.7": float(i % 2 == 0)} for i in range(4)]
+    assert [r["correct"] for r in merged] == [{"small": int(i % 2 == 0)} for i in range(4)]
+    labelled = load_dataset(out)
+    assert labelled.training_labels("small@k3_T0.7").tolist() == [1.0, 0.0, 1.0, 0.0]
+    # a question with fewer than K answers logged gets no rate yet (it would be a noisier one under the same name)
+    partial = [r for r in read_results(results_path(out)) if not (r.get("run") and r["idx"] == 3 and r["sample"] == 2)]
+    folded = merge(dataset, partial, limit=4)
+    assert [("success_rate" in r) for r in folded] == [True, True, True, False]
+    assert folded[3]["correct"] == {"small": 0}
