@@ -89,7 +89,7 @@ def _extract(args: argparse.Namespace) -> int:
     settings = _settings(args)
     dataset = load_dataset(args.data)
     features, scorer = extract_features(settings.scorer, dataset, progress=not args.no_progress)
-    path = cache_path(settings.scorer.cache_dir, scorer.info.fingerprint, dataset, settings.scorer.max_prompt_tokens)
+    path = cache_path(settings.scorer, scorer.info.fingerprint, dataset)
     print(f"{features.shape[0]} × {features.shape[1]} features ({scorer.info.recipe()}) in {path}")
     return 0
 

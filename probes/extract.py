@@ -3,7 +3,8 @@
 The same ``Scorer`` the gateway routes with (``scorer.kind`` local or vllm) scores every question, so a probe is
 trained on exactly the features it will see. The cache key is the scorer's fingerprint (weights, recipe, chat
 template) and the dataset's questions, so a change to any of them computes afresh; the local and vLLM scorers
-of one recipe share a fingerprint, and so a cache.
+of one recipe share a fingerprint, and so a cache. The dtype the pass runs in (``scorer.dtype``, 'auto' resolved
+for this machine) is in the file name: probes hold across dtypes, but a cache holds what this machine computes.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from tqdm import tqdm
 from probes.data import Dataset
 from probes.fit import Inputs
 from router.config import ScorerConfig
+from router.scorer.cpu import compute_dtype
 from router.scorer.interface import Scorer, open_scorer
 from router.text_features import prompt_text
 
 log = logging.getLogger(__name__)
 
 
-def cache_path(cache_dir: Path, fingerprint: str, dataset: Dataset, max_prompt_tokens: int) -> Path:
-    return Path(cache_dir) / "features" / fingerprint / f"{dataset.digest()}-t{max_prompt_tokens}.npy"
+def cache_path(cfg: ScorerConfig, fingerprint: str, dataset: Dataset) -> Path:
+    name = f"{dataset.digest()}-t{cfg.max_prompt_tokens}-{compute_dtype(cfg)}.npy"
+    return Path(cfg.cache_dir) / "features" / fingerprint / name
 
 
 async def _score_all(scorer: Scorer, conversations: list, concurrency: int, progress: bool) -> np.ndarray:
@@ -56,7 +59,7 @@ def extract_features(
 ) -> tuple[np.ndarray, Scorer]:
     """Features of every question of ``dataset`` (one row each) and the scorer that made them."""
     scorer = scorer or open_scorer(cfg)
-    path = cache_path(cfg.cache_dir, scorer.info.fingerprint, dataset, cfg.max_prompt_tokens)
+    path = cache_path(cfg, scorer.info.fingerprint, dataset)
     if path.is_file():
         log.info("features from cache %s", path)
         return np.load(path), scorer

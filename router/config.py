@@ -61,7 +61,11 @@ class ScorerConfig(_Strict):
         "model cut after that layer does (part of the feature recipe: probes record it)",
     )
     max_prompt_tokens: int = Field(1024, ge=8)
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "auto", description="the forward pass's dtype; 'auto' is bfloat16 where the hardware multiplies it "
+        "natively (a CPU with AVX-512 bf16 or AMX, a GPU) and float32 on other CPUs, where bfloat16 is emulated "
+        "and several times slower (router.scorer.cpu.compute_dtype)",
+    )
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, description="torch threads for the forward pass; None keeps torch's")
     omp_wait_policy: Literal["brief", "passive", "active"] = Field(

@@ -3,7 +3,8 @@
 Each server runs in a process group of its own (stopped with its engine process by pid), waits passively for
 work (OMP_WAIT_POLICY=PASSIVE: its OpenMP threads sleep instead of spinning on cores they share with the
 gateway's scorer and the other servers), and is told by the kernel to stop if the process that started it dies
-(PR_SET_PDEATHSIG), so a demo or test killed outright leaves no server behind.
+(PR_SET_PDEATHSIG), so a demo or test killed outright leaves no server behind. It computes in the CPU's native
+dtype (``router.scorer.cpu.native_cpu_dtype``: bfloat16 only where the CPU multiplies it natively).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from router.scorer.cpu import native_cpu_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -78,7 +81,7 @@ def start_vllm(
         str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir),
         "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--dtype", "bfloat16",
+        "--enforce-eager", "--dtype", native_cpu_dtype(),
         "--kv-cache-memory-bytes", str(kv_cache_bytes), "--max-model-len", str(max_model_len),
         "--max-num-seqs", "32", "--disable-log-stats",
     ]

@@ -14,6 +14,10 @@ the model runs parallel regions, so the local scorer loads it on a thread of its
 whose team goes when the thread ends, not on the event loop's thread, whose team would outlive the load: on
 2 cores a lone routed request's scoring went from 1.45× the pass to 1.02× (docs/benchmarks.md). torch's
 thread count (``scorer.threads``) is process-wide, so the worker still gets it.
+
+The dtype: bfloat16 halves the bytes and, where the CPU multiplies it natively (AVX-512 bf16, AMX), runs the pass
+about 1.7× faster than float32; where it does not (AVX2 only), torch emulates it, and the same pass was 6.5×
+slower than float32 (docs/benchmarks.md). ``scorer.dtype: auto`` picks by the CPU's flags.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from router.config import ScorerConfig
@@ -30,6 +35,37 @@ from router.config import ScorerConfig
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+
+
+# CPU flags of a native bf16 matrix product: AVX-512 BF16 (dot products) and AMX (tiles)
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags, from /proc/cpuinfo (or the given text); empty where there is none (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def compute_dtype(cfg: ScorerConfig, flags: frozenset[str] | None = None) -> str:
+    """The dtype the scorer's pass runs in: the configured one, or for ``auto`` bfloat16 where the hardware
+    multiplies it natively (any non-CPU device; a CPU with ``NATIVE_BF16_FLAGS``) and float32 otherwise."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return native_cpu_dtype(flags) if cfg.device == "cpu" else "bfloat16"
+
+
+def native_cpu_dtype(flags: frozenset[str] | None = None) -> str:
+    """bfloat16 where this CPU (or one with ``flags``) multiplies it natively, float32 where it would be emulated."""
+    return "bfloat16" if NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags) else "float32"
 
 
 # 'brief': the spin count of GNU OpenMP (torch's CPU wheels: roughly a tenth of a millisecond) and the block

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from router.config import ScorerConfig
+from router.scorer.cpu import compute_dtype
 from router.scorer.packed import SUPPORTED_MODEL_TYPES, PackedDecoder
 from router.scorer.prompt import PromptEncoder
 from router.scorer.recipe import Message, ScorerInfo, describe
@@ -31,6 +32,9 @@ class FeatureExtractor:
         from transformers.utils import logging as hf_logging
 
         self.cfg = cfg
+        self.dtype = compute_dtype(cfg)  # 'auto' resolved for this machine
+        log.info("scorer pass in %s%s", self.dtype,
+                 " (dtype auto: bf16 only where the CPU multiplies it natively)" if cfg.dtype == "auto" else "")
         folder = resolve_model(cfg.model, cfg.cache_dir)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -45,7 +49,7 @@ class FeatureExtractor:
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # unused-weight warnings for the dropped blocks are expected
         try:
-            model = AutoModel.from_pretrained(folder.path, config=model_cfg, dtype=getattr(torch, cfg.dtype))
+            model = AutoModel.from_pretrained(folder.path, config=model_cfg, dtype=getattr(torch, self.dtype))
         finally:
             hf_logging.set_verbosity(verbosity)
         # hidden_states[layer] must be the raw residual stream after that block; the final norm, when the recipe

@@ -28,6 +28,7 @@ import orjson
 
 from router.breaker import Breaker
 from router.config import ScorerConfig
+from router.scorer.cpu import compute_dtype
 from router.scorer.interface import BatchStats, Scored, ScorerUnavailable
 from router.scorer.prompt import PromptEncoder
 from router.scorer.recipe import Message, ScorerInfo, describe
@@ -48,7 +49,7 @@ def vllm_pooling_args(cfg: ScorerConfig) -> list[str]:
     """The vLLM server arguments that make it return this recipe's features (the model folder aside)."""
     pooler = POOLERS[cfg.pooling]
     return ["--runner", "pooling", "--convert", "embed", "--pooler-config", json.dumps(pooler),
-            "--served-model-name", cfg.served_model, "--dtype", cfg.dtype]
+            "--served-model-name", cfg.served_model, "--dtype", compute_dtype(cfg)]
 
 
 class VllmScorer:

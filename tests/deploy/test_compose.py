@@ -106,7 +106,7 @@ def test_replicas_without_a_gpu_behind_the_one_published_port(resolved: dict[str
 def test_the_scorer_serves_the_configured_recipe_on_a_gpu(resolved: dict[str, Any]) -> None:
     """The scorer service's vLLM arguments are those `python -m router prepare --vllm` prints for config.yaml."""
     scorer = resolved["services"]["scorer"]
-    cfg = load_settings(ROOT / "config.yaml").scorer.model_copy(update={"kind": "vllm"})
+    cfg = load_settings(ROOT / "config.yaml").scorer.model_copy(update={"kind": "vllm", "device": "cuda"})
     command = scorer["command"]
     expected = vllm_pooling_args(cfg)
     assert all(command[command.index(flag) + 1] == value for flag, value in zip(expected[::2], expected[1::2],
