@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from router.scorer.features import FeatureExtractor
+from router.scorer.packed import PrepackedLinear
 
 
 class Shapes:
@@ -63,16 +64,21 @@ def padded_flops(shapes: Shapes, batches: Sequence[Sequence[Sequence[int]]]) -> 
     return 2.0 * macs
 
 
-def matmul_gflops(shapes: Shapes, rows: int, dtype: torch.dtype, repeats: int = 20) -> float:
-    """This machine's rate for the blocks' projections at ``rows`` tokens (torch's threads, ``dtype``)."""
-    weights = [torch.randn(n, k, dtype=dtype) for k, n in shapes.projections]
+def matmul_gflops(shapes: Shapes, rows: int, dtype: torch.dtype, prepacked: bool = False,
+                  repeats: int = 20) -> float:
+    """This machine's rate for the blocks' projections at ``rows`` tokens (torch's threads, ``dtype``), through
+    ``F.linear`` (transformers' kernel) or, with ``prepacked``, the packed pass's ``PrepackedLinear``."""
+    linears = []
+    for k, n in shapes.projections:
+        linear = torch.nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False)
+        linears.append(PrepackedLinear(linear) if prepacked else (lambda x, w=linear.weight: F.linear(x, w)))
     inputs = [torch.randn(rows, k, dtype=dtype) for k, _ in shapes.projections]
-    for x, w in zip(inputs, weights, strict=True):
-        F.linear(x, w)
+    for x, linear in zip(inputs, linears, strict=True):
+        linear(x)
     start = time.perf_counter()
     for _ in range(repeats):
-        for x, w in zip(inputs, weights, strict=True):
-            F.linear(x, w)
+        for x, linear in zip(inputs, linears, strict=True):
+            linear(x)
     elapsed = time.perf_counter() - start
     return 2.0 * repeats * shapes.block_macs(rows) / elapsed / 1e9
 
@@ -92,8 +98,9 @@ def roofline(extractor: FeatureExtractor, reference: FeatureExtractor, ids: Sequ
               else padded_flops(shapes, batches)) / prompts
     reference_flops = padded_flops(Shapes(reference), batches) / prompts
     rows = round(sum(len(p) - (prefix if len(p) > prefix else 0) for p in flat) / len(batches))
-    dtype = getattr(torch, extractor.cfg.dtype)
-    limit = matmul_gflops(shapes, rows, dtype)
+    dtype = getattr(torch, extractor.dtype)
+    prepacked = packed is not None and isinstance(packed.qkv[0], PrepackedLinear)
+    limit = matmul_gflops(shapes, rows, dtype, prepacked=prepacked)
     threads = torch.get_num_threads()
     torch.set_num_threads(reference_threads)
     padded_rows = round(sum(len(b) * max(map(len, b)) for b in batches) / len(batches))
@@ -104,7 +111,7 @@ def roofline(extractor: FeatureExtractor, reference: FeatureExtractor, ids: Sequ
     return {"gflop_per_prompt": round(scorer / 1e9, 3),
             "transformers_gflop_per_prompt": round(reference_flops / 1e9, 3),
             "prefix_tokens": prefix, "mean_prompt_tokens": round(sum(map(len, flat)) / prompts, 1),
-            "threads": threads, "matmul_rows": rows, "matmul_gflops": round(limit, 1),
+            "threads": threads, "matmul_rows": rows, "matmul_gflops": round(limit, 1), "matmul_prepacked": prepacked,
             "scorer_gflops": round(scorer_rate, 1), "scorer_vs_limit": round(scorer_rate / limit, 3),
             "reference_threads": reference_threads, "transformers_matmul_rows": padded_rows,
             "transformers_matmul_gflops": round(reference_limit, 1), "transformers_gflops": round(reference_rate, 1),

@@ -5,7 +5,8 @@ rounds (the median round counts), prompts per second of:
 
 - transformers' padded pass at batch 1 and batch 8 (the reference of the benchmark's ratio);
 - the packed pass without the shared prefix, then with it (the shipped pass), at batch 8 and 16;
-- the shipped pass with one torch thread instead of all;
+- the shipped pass with one torch thread instead of all, and (in float32, where its projections run on weights
+  oneDNN prepacked at load) with ``F.linear`` on the plain weights instead;
 - the packed pass of shallower recipes (``--fewer-blocks``, default layer 6 and layer 8 with last+mean pooling):
   what reading an earlier block would buy, measured and not taken (docs/benchmarks.md gives their AUROC);
 - int8 projections (weights per output channel, activations per token, ``torch._int_mm``) over the packed pass:
@@ -22,16 +23,19 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from loadtest.prompts import questions
 from router.config import load_settings
 from router.probe import load_probe
 from router.scorer.features import FeatureExtractor
+from router.scorer.packed import PrepackedLinear
 
 Features = Callable[[Sequence[Sequence[int]]], Any]
 
@@ -73,11 +77,22 @@ def quantise(extractor: FeatureExtractor) -> None:
     assert decoder is not None
     decoder.qkv = [Int8Linear(lin) for lin in decoder.qkv]
     decoder.gate_up = [Int8Linear(lin) for lin in decoder.gate_up]
-    for block in decoder.blocks:
-        block.self_attn.o_proj = Int8Linear(block.self_attn.o_proj)
-        block.mlp.down_proj = Int8Linear(block.mlp.down_proj)
+    decoder.o = [Int8Linear(block.self_attn.o_proj) for block in decoder.blocks]
+    decoder.down = [Int8Linear(block.mlp.down_proj) for block in decoder.blocks]
     if decoder.prefix is not None:
         decoder.prefix = decoder.prefix_state(decoder.prefix.ids)
+
+
+def unpack(extractor: FeatureExtractor) -> bool:
+    """The packed pass's projections through ``F.linear`` on the plain weights instead of oneDNN's prepacked
+    ones (what the pass did before ``PrepackedLinear``); False where they were not prepacked."""
+    decoder = extractor.packed
+    assert decoder is not None
+    if not isinstance(decoder.qkv[0], PrepackedLinear):
+        return False
+    for name in ("qkv", "gate_up", "o", "down"):
+        setattr(decoder, name, [partial(F.linear, weight=p.weight, bias=p.bias) for p in getattr(decoder, name)])
+    return True
 
 
 def deviation(config: Path, features: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -104,6 +119,8 @@ def main() -> None:
     no_prefix.packed.prefix = None
     int8 = FeatureExtractor(cfg)
     quantise(int8)
+    unpacked = FeatureExtractor(cfg)
+    prepacked = unpack(unpacked)
     all_threads = torch.get_num_threads()
     ids = [shipped.encoder.encode([{"role": "user", "content": q}]) for q in questions(args.prompts)]
     variants: dict[str, tuple[Features, int, int]] = {
@@ -116,6 +133,8 @@ def main() -> None:
         "shipped, batch 8, one torch thread": (shipped.features_from_ids, 8, 1),
         "shipped + int8 projections, batch 8": (int8.features_from_ids, 8, all_threads),
     }
+    if prepacked:
+        variants["shipped, weights not prepacked, batch 8"] = (unpacked.features_from_ids, 8, all_threads)
     for spec in filter(None, args.fewer_blocks.split(",")):
         layer, pooling = spec.split(":")
         shallow = FeatureExtractor(cfg.model_copy(update={"layers": [int(layer)], "pooling": pooling}))
@@ -131,12 +150,12 @@ def main() -> None:
         torch.set_num_threads(all_threads)
     reference = FeatureExtractor(cfg.model_copy(update={"dtype": "float32"})).padded_features(ids)
     result = {
-        "threads": all_threads, "dtype": cfg.dtype, "layers": list(cfg.layers), "prompts": len(ids),
+        "threads": all_threads, "dtype": shipped.dtype, "layers": list(cfg.layers), "prompts": len(ids),
         "prompts_per_s": {name: round(statistics.median(r), 1) for name, r in rounds.items()},
         "rounds": {name: [round(x, 1) for x in r] for name, r in rounds.items()},
         "vs_float32": {
-            "shipped (bf16)": deviation(args.config, shipped.features_from_ids(ids), reference),
-            "transformers padded (bf16)": deviation(args.config, shipped.padded_features(ids), reference),
+            f"shipped ({shipped.dtype})": deviation(args.config, shipped.features_from_ids(ids), reference),
+            f"transformers padded ({shipped.dtype})": deviation(args.config, shipped.padded_features(ids), reference),
             "int8 projections": deviation(args.config, int8.features_from_ids(ids), reference),
         },
     }

@@ -103,7 +103,8 @@ def test_extract_train_eval_calibrate(workspace, tmp_path: Path, capsys) -> None
     printed = capsys.readouterr().out
     chosen = json.JSONDecoder().raw_decode(printed[printed.index("{"):])[0]
     assert chosen["cheap"] == "small" and chosen["expected_dear_share"] <= 0.3
-    assert chosen["expected_share"]["big"] == pytest.approx(chosen["expected_dear_share"])
+    # the share per backend is rounded to 4 places, the dear share is not
+    assert chosen["expected_share"]["big"] == pytest.approx(chosen["expected_dear_share"], abs=1e-4)
     text = config.read_text()
     assert "# keep me" in text
     assert yaml.safe_load(text)["policy"]["threshold"] == pytest.approx(chosen["threshold"], abs=1e-4)

@@ -7,6 +7,7 @@ import pytest
 
 from router.config import ScorerConfig
 from router.scorer.features import FeatureExtractor
+from router.scorer.packed import PrepackedLinear
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2 + 2?"}],
@@ -33,6 +34,17 @@ def test_packed_features_are_transformers_padded_features(tiny_scorer_cfg: Score
     np.testing.assert_allclose(packed, padded, rtol=1e-4, atol=1e-5)
     one_at_a_time = np.concatenate([extractor.features_from_ids([i]) for i in ids])
     np.testing.assert_allclose(one_at_a_time, padded, rtol=1e-4, atol=1e-5)
+
+
+def test_float32_projections_run_on_weights_prepacked_once_and_bf16_ones_as_they_are(
+        tiny_scorer_cfg: ScorerConfig) -> None:
+    fp32 = FeatureExtractor(tiny_scorer_cfg)
+    bf16 = FeatureExtractor(tiny_scorer_cfg.model_copy(update={"dtype": "bfloat16"}))
+    assert fp32.packed is not None and bf16.packed is not None
+    assert all(isinstance(p, PrepackedLinear) for p in [*fp32.packed.qkv, *fp32.packed.o, *fp32.packed.down])
+    assert not any(isinstance(p, PrepackedLinear) for p in [*bf16.packed.qkv, *bf16.packed.gate_up])
+    ids = [fp32.encoder.encode(c) for c in CONVERSATIONS]  # the test above: prepacked float32 = transformers
+    np.testing.assert_allclose(bf16.features_from_ids(ids), fp32.features_from_ids(ids), rtol=0.1, atol=0.1)
 
 
 def test_a_prompt_cut_from_the_left_runs_without_the_prefix(tiny_scorer_cfg: ScorerConfig) -> None:

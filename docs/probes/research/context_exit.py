@@ -72,9 +72,9 @@ class ContextExitDecoder(PackedDecoder):
                 out = F.scaled_dot_product_attention(qk[i, :self.heads, None][None], keys[None], values[None],
                                                      enable_gqa=True)
                 outputs.append(out[0].transpose(0, 1).reshape(-1, q_width))
-            h = h + block.self_attn.o_proj(torch.cat(outputs))
+            h = h + self.o[index](torch.cat(outputs))
             gate, up = self.gate_up[index](block.post_attention_layernorm(h)).chunk(2, dim=-1)
-            h = h + block.mlp.down_proj(block.mlp.act_fn(gate).mul_(up))
+            h = h + self.down[index](block.mlp.act_fn(gate).mul_(up))
         if sums_only:
             return {}
         states = self.final_norm(h) if self.final_norm is not None else h
