@@ -5,7 +5,9 @@ gateway runs it), transformers' padded pass at batch 8 on all cores (the referen
 The reference is the pass issue 14 set its target against: transformers' padded pass over the blocks the shipped
 recipe read then (``REFERENCE_RECIPE``: layer 15, last token), so that reading fewer blocks counts, as the issue
 asks. When the config reads another recipe, transformers' padded pass over the config's own blocks is measured
-beside it (``transformers-recipe``).
+beside it (``transformers-recipe``). It runs in the scorer's dtype (``scorer.dtype: auto``: float32 on a CPU
+without native bf16); the issue measured it in bf16, so where the scorer's dtype is another, transformers' bf16
+pass is measured too (``transformers-bf16``, one repeat: emulated bf16 is slow).
 
 Run as its own process (``python -m loadtest.forward --config CFG --prompts N``) so that its torch threads
 match the gateway's; prints one JSON object.
@@ -64,8 +66,11 @@ def main() -> None:
     batches.append(measure(reference.padded_features, ids, 8, args.repeats, "transformers"))
     if not same:
         batches.append(measure(extractor.padded_features, ids, 8, args.repeats, "transformers-recipe"))
+    if extractor.dtype != "bfloat16":  # the issue's reference ran in bf16: beside it where bf16 is emulated
+        emulated = FeatureExtractor(cfg.model_copy(update={**REFERENCE_RECIPE, "dtype": "bfloat16"}))
+        batches.append(measure(emulated.padded_features, ids, 8, 1, "transformers-bf16"))
     torch.set_num_threads(threads)
-    result = {"threads": threads, "reference_threads": os.cpu_count() or 1, "dtype": extractor.cfg.dtype,
+    result = {"threads": threads, "reference_threads": os.cpu_count() or 1, "dtype": extractor.dtype,
               "layers": list(extractor.cfg.layers), "pooling": extractor.cfg.pooling,
               "reference_recipe": REFERENCE_RECIPE, "prompts": len(ids), "packed": extractor.packed is not None,
               "batches": batches,

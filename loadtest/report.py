@@ -17,7 +17,8 @@ LABELS = {"direct": "direct to backend", "floor": "bare FastAPI + aiohttp pass-t
           "routed-vllm": "probe-router, routed (scorer on a vLLM CPU pooling server)"}
 
 PASSES = {"scorer": "the scorer's pass", "transformers": "transformers' padded pass (the reference: blocks 1-15)",
-          "transformers-recipe": "transformers' padded pass over the config's blocks"}
+          "transformers-recipe": "transformers' padded pass over the config's blocks",
+          "transformers-bf16": "transformers' padded pass in bf16 (blocks 1-15; emulated on this CPU)"}
 
 # (key, what, target, met(value))
 TARGETS = (

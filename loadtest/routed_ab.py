@@ -7,7 +7,8 @@ round with the order rotating, loads each with routed requests: 40 at c=1 (media
 (requests a second, and the scorer's mean batch from the gateway's /metrics). Only one gateway is loaded at a
 time. Each round also measures the benchmark's reference (``loadtest.forward``: transformers' padded pass over
 blocks 1-15 at batch 8, all cores, in its own process while the gateways idle), so every variant's c=16 rate is
-also a ratio to it, measured in the same run. Prints one JSON object: per variant, each figure's rounds and
+also a ratio to it, measured in the same run (and, where the scorer's dtype is not bf16, to transformers' bf16
+pass, the issue's literal reference). Prints one JSON object: per variant, each figure's rounds and
 median, and the reference's. Used for the scorer's batching
 settings in docs/benchmarks.md, e.g.::
 
@@ -64,10 +65,13 @@ def main() -> None:
             n: {"c1_p50_ms": [], "c16_rps": [], "c16_mean_batch": []} for n in variants}
         names = list(variants)
         reference: list[float] = []
+        emulated: list[float] = []  # transformers in bf16 where the scorer's dtype is another (loadtest.forward)
         for r in range(args.rounds):
             forward = _measure("loadtest.forward", ROOT / "config.yaml")
-            reference.append(round(1000 / next(b["ms_per_prompt"] for b in forward["batches"]
-                                               if b["pass"] == "transformers"), 1))
+            rates = {b["pass"]: round(1000 / b["ms_per_prompt"], 2) for b in forward["batches"] if b["batch"] == 8}
+            reference.append(rates["transformers"])
+            if "transformers-bf16" in rates:
+                emulated.append(rates["transformers-bf16"])
             for name in names[r % len(names):] + names[:r % len(names)]:
                 url = f"{urls[name]}/v1/chat/completions"
                 async_load(url, bodies, 8, 1, False)  # warm
@@ -82,10 +86,15 @@ def main() -> None:
                 figures[name]["c16_mean_batch"].append(
                     round((prompts_after - prompts) / max(passes_after - passes, 1), 2))
         ref = statistics.median(reference)
-        print(json.dumps({"reference_prompts_per_s": {"rounds": reference, "median": ref}} | {
+        ref_bf16 = statistics.median(emulated) if emulated else None
+        head = {"reference_prompts_per_s": {"rounds": reference, "median": ref}}
+        if ref_bf16:
+            head["bf16_reference_prompts_per_s"] = {"rounds": emulated, "median": ref_bf16}
+        print(json.dumps(head | {
             name: {"config": str(variants[name][0]), "env": variants[name][1], "rounds": f,
                    "median": {k: statistics.median(v) for k, v in f.items()},
                    "c16_vs_reference": round(statistics.median(f["c16_rps"]) / ref, 2)}
+            | ({"c16_vs_bf16_reference": round(statistics.median(f["c16_rps"]) / ref_bf16, 2)} if ref_bf16 else {})
             for name, f in figures.items()}))
     finally:
         for service in reversed(services):

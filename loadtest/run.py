@@ -393,6 +393,9 @@ def derive(results: dict[str, Any], forward: dict[str, Any],
                            None)
         if same_blocks:
             out["routed_c16_vs_transformers_recipe_b8"] = round(rps16 / (1000 / same_blocks), 2)
+        bf16 = next((b["ms_per_prompt"] for b in forward["batches"] if b.get("pass") == "transformers-bf16"), None)
+        if bf16:
+            out["routed_c16_vs_transformers_bf16_b8"] = round(rps16 / (1000 / bf16), 2)
         scored = _get(results, "routed c=16", "routed", "scored_share")
         if scored is not None:
             out["routed_c16_scored_share"] = scored

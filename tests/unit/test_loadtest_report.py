@@ -56,6 +56,14 @@ def test_a_recipe_of_fewer_blocks_is_also_set_against_transformers_over_its_own_
     assert t["routed_c16_vs_transformers_recipe_b8"] == 1.0
 
 
+def test_where_bf16_is_emulated_the_issues_bf16_reference_is_set_beside_the_scorers_dtype() -> None:
+    emulated = {"pass": "transformers-bf16", "batch": 8, "ms_per_batch": 12000.0, "ms_per_prompt": 1500.0}
+    t = derive(SCENARIOS, {**FORWARD, "dtype": "float32", "batches": [*FORWARD["batches"], emulated]})
+    assert t["routed_c16_vs_transformers_b8"] == 2.5  # the target's reference: transformers in the scorer's dtype
+    assert t["routed_c16_vs_transformers_bf16_b8"] == 15.0
+    assert "routed_c16_vs_transformers_bf16_b8" not in derive(SCENARIOS, FORWARD)
+
+
 def test_the_table_replaces_only_the_text_between_the_markers(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
     doc.write_text(f"# Benchmarks\n\nintro\n\n{START}\nold table\n{END}\n\nprose after\n")
