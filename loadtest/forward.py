@@ -36,7 +36,8 @@ REFERENCE_RECIPE = {"layers": [15], "pooling": "last"}
 
 def measure(features: Features, ids: list[list[int]], batch: int, repeats: int, name: str) -> dict[str, object]:
     batches = [ids[i:i + batch] for i in range(0, len(ids) - batch + 1, batch)]
-    features(batches[0])  # warm-up
+    for b in batches:  # warm-up on every batch: oneDNN builds a kernel for each shape it meets, once
+        features(b)
     start = time.perf_counter()
     for _ in range(repeats):
         for b in batches:

@@ -5,7 +5,10 @@
 after the shared prefix), GFLOP/s of:
 
 - ``F.linear`` in float32 (MKL) and bf16 (oneDNN; emulated where the CPU lacks AVX-512 bf16 and AMX);
-- oneDNN on a weight it prepacked once (``router.scorer.packed.PrepackedLinear``, the float32 pass's kernel);
+- oneDNN on a weight it prepacked once (``router.scorer.packed.PrepackedLinear``, the pass's kernel), in float32
+  and, where the CPU multiplies bf16 natively, in bf16;
+- int8 through ``torch._int_mm`` (VNNI, AMX), activations quantised per call (``loadtest.scorer_passes``'s
+  ``Int8Linear``, the int8 candidate the pass was measured with);
 - ONNX Runtime's ``MatMul`` in float32, and dynamically quantised to int8 (``quantize_dynamic``: int8 weights,
   uint8 activations quantised per call);
 - OpenVINO compiled for f32 and for bf16, and with int8 weights (``nncf.compress_weights``).
@@ -29,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from router.scorer.cpu import cpu_flags
+from loadtest.scorer_passes import Int8Linear
+from router.scorer.cpu import cpu_flags, native_cpu_dtype
 from router.scorer.packed import PrepackedLinear
 
 PROJECTIONS = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}
@@ -68,6 +72,13 @@ def kernels(x: torch.Tensor, w: torch.Tensor, threads: int, tmp: str) -> dict[st
     linear.weight.copy_(w)
     prepacked = PrepackedLinear(linear)
     out["oneDNN prepacked float32 (shipped)"] = lambda: prepacked(x).numpy()
+    if native_cpu_dtype() == "bfloat16":  # oneDNN cannot prepack bf16 for a CPU that emulates it
+        linear_bf16 = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16).requires_grad_(False)
+        linear_bf16.weight.copy_(wb)
+        prepacked_bf16 = PrepackedLinear(linear_bf16)
+        out["oneDNN prepacked bf16 (shipped where bf16 is native)"] = lambda: prepacked_bf16(xb).float().numpy()
+    int8 = Int8Linear(linear)
+    out["torch._int_mm int8, activations quantised per call"] = lambda: int8(x).numpy()
     xn = x.numpy()
     try:
         model = _onnx_matmul(w.t().contiguous().numpy())

@@ -5,10 +5,14 @@ rounds (the median round counts), prompts per second of:
 
 - transformers' padded pass at batch 1 and batch 8 (the reference of the benchmark's ratio);
 - the packed pass without the shared prefix, then with it (the shipped pass), at batch 8 and 16;
+- the shipped pass on batches it has not met before (drawn anew for every call), with its packed rows rounded
+  (``router.scorer.packed.padded_rows``) and without: every other variant repeats the same batches;
 - the shipped pass with one torch thread instead of all, and (in float32, where its projections run on weights
   oneDNN prepacked at load) with ``F.linear`` on the plain weights instead;
 - the packed pass of shallower recipes (``--fewer-blocks``, default layer 6 and layer 8 with last+mean pooling):
   what reading an earlier block would buy, measured and not taken (docs/benchmarks.md gives their AUROC);
+- the shipped pass with its element-wise work fused by ``torch.compile`` (``--no-compiled`` to skip; inductor
+  needs a C++ compiler): measured, not taken (docs/benchmarks.md says why);
 - int8 projections (weights per output channel, activations per token, ``torch._int_mm``) over the packed pass:
   the candidate that was measured and dropped; it also prints how far its features and the shipped probes'
   estimates move from the float32 reference.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -39,8 +44,14 @@ from router.scorer.packed import PrepackedLinear
 
 Features = Callable[[Sequence[Sequence[int]]], Any]
 
+FRESH = "shipped, batch 8, batches not seen before, "  # variants timed on batches drawn anew (``rate``)
 
-def rate(features: Features, ids: list[list[int]], batch: int) -> float:
+
+def rate(features: Features, ids: list[list[int]], batch: int, shuffle: random.Random | None = None) -> float:
+    """Prompts a second over ``ids`` in batches; with ``shuffle``, in batches drawn anew for every call, whose
+    packed row counts the pass has mostly not met before (as in live traffic)."""
+    if shuffle is not None:
+        ids = shuffle.sample(ids, len(ids))
     batches = [ids[i:i + batch] for i in range(0, len(ids) - batch + 1, batch)]
     features(batches[0])
     start = time.perf_counter()
@@ -95,6 +106,23 @@ def unpack(extractor: FeatureExtractor) -> bool:
     return True
 
 
+def compile_elementwise(extractor: FeatureExtractor, ids: list[list[int]]) -> float:
+    """The packed pass with its element-wise work (norms, rotary embedding, activation, residuals) fused by
+    ``torch.compile`` (inductor's C++ kernels): each block's attention inputs and its residual + MLP compiled
+    for any number of rows, the projections through ``F.linear`` on the plain weights (oneDNN's prepacked op
+    cannot be traced), attention left as it is. Returns the seconds compiling took (on ``ids``)."""
+    unpack(extractor)
+    decoder = extractor.packed
+    assert decoder is not None
+    torch._dynamo.config.recompile_limit = 4 * len(decoder.blocks)  # a graph per block: its index is a constant
+    decoder._attention_inputs = torch.compile(decoder._attention_inputs, dynamic=True)  # type: ignore[method-assign]
+    decoder._residual_and_mlp = torch.compile(decoder._residual_and_mlp, dynamic=True)  # type: ignore[method-assign]
+    start = time.perf_counter()
+    for size in (8, 3, 1):  # every block, several row counts
+        extractor.features_from_ids(ids[:size])
+    return time.perf_counter() - start
+
+
 def deviation(config: Path, features: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """How far features move from the float32 reference: cosine, and the shipped probes' estimates."""
     cos = (features * reference).sum(1) / np.linalg.norm(features, axis=1) / np.linalg.norm(reference, axis=1)
@@ -110,6 +138,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("config.yaml"))
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the pass with torch.compile's fused element-wise kernels (needs a C++ compiler)")
     parser.add_argument("--fewer-blocks", default="6:last+mean,8:last+mean", help="LAYER:POOLING,... ('' for none)")
     args = parser.parse_args()
     cfg = load_settings(args.config).scorer
@@ -123,6 +153,11 @@ def main() -> None:
     prepacked = unpack(unpacked)
     all_threads = torch.get_num_threads()
     ids = [shipped.encoder.encode([{"role": "user", "content": q}]) for q in questions(args.prompts)]
+    compiled = FeatureExtractor(cfg) if args.compiled else None
+    compile_s = compile_elementwise(compiled, ids) if compiled is not None else None
+    unrounded = FeatureExtractor(cfg)
+    assert unrounded.packed is not None
+    unrounded.packed.round_rows = False
     variants: dict[str, tuple[Features, int, int]] = {
         "transformers padded, batch 1": (shipped.padded_features, 1, all_threads),
         "transformers padded, batch 8": (shipped.padded_features, 8, all_threads),
@@ -131,22 +166,28 @@ def main() -> None:
         "packed + shared prefix (shipped), batch 8": (shipped.features_from_ids, 8, all_threads),
         "packed + shared prefix (shipped), batch 16": (shipped.features_from_ids, 16, all_threads),
         "shipped, batch 8, one torch thread": (shipped.features_from_ids, 8, 1),
+        FRESH + "rows rounded (shipped)": (shipped.features_from_ids, 8, all_threads),
+        FRESH + "rows not rounded": (unrounded.features_from_ids, 8, all_threads),
         "shipped + int8 projections, batch 8": (int8.features_from_ids, 8, all_threads),
     }
     if prepacked:
         variants["shipped, weights not prepacked, batch 8"] = (unpacked.features_from_ids, 8, all_threads)
+    if compiled is not None:
+        variants["shipped, element-wise fused by torch.compile, batch 8"] = (compiled.features_from_ids, 8,
+                                                                             all_threads)
     for spec in filter(None, args.fewer_blocks.split(",")):
         layer, pooling = spec.split(":")
         shallow = FeatureExtractor(cfg.model_copy(update={"layers": [int(layer)], "pooling": pooling}))
         variants[f"packed, layer {layer} {pooling}, batch 8"] = (shallow.features_from_ids, 8, all_threads)
     rounds: dict[str, list[float]] = {name: [] for name in variants}
+    shuffle = random.Random(0)
     for r in range(args.rounds):
         names = list(variants)
         names = names[r % len(names):] + names[:r % len(names)]
         for name in names:
             features, batch, threads = variants[name]
             torch.set_num_threads(threads)
-            rounds[name].append(rate(features, ids, batch))
+            rounds[name].append(rate(features, ids, batch, shuffle if name.startswith(FRESH) else None))
         torch.set_num_threads(all_threads)
     reference = FeatureExtractor(cfg.model_copy(update={"dtype": "float32"})).padded_features(ids)
     result = {
@@ -159,6 +200,10 @@ def main() -> None:
             "int8 projections": deviation(args.config, int8.features_from_ids(ids), reference),
         },
     }
+    if compiled is not None:
+        result["compile_s"] = round(compile_s, 1)
+        result["vs_float32"]["element-wise fused by torch.compile"] = deviation(
+            args.config, compiled.features_from_ids(ids), reference)
     print(json.dumps(result))
 
 

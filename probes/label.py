@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, Timeout
 from tqdm import tqdm
 
 from probes.data import Dataset
@@ -101,7 +100,7 @@ class _Log:
 
 
 def _client(backend: BackendConfig, retries: int) -> AsyncOpenAI:
-    timeout = httpx.Timeout(backend.read_timeout_s, connect=backend.connect_timeout_s)
+    timeout = Timeout(backend.read_timeout_s, connect=backend.connect_timeout_s)  # openai's own (httpx or httpx2)
     return AsyncOpenAI(base_url=str(backend.base_url), api_key=backend.api_key() or "none", timeout=timeout,
                        max_retries=retries)
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from router.scorer.cpu import native_cpu_dtype
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
 
@@ -40,6 +42,7 @@ class _Packing:
     ends: list[int]
     prefixed: list[bool]
     shared: int = 0  # length of the shared prefix the prefixed prompts continue
+    padding: int = 0  # rows after the last prompt's, in no prompt (``padded_rows``)
 
     @property
     def last_rows(self) -> torch.Tensor:
@@ -82,8 +85,8 @@ class PackedDecoder:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         # One matrix product for q, k and v, and one for the gate and up projections: the modules' parameters
-        # become views of the fused ones, so the weights are held once (float32 on a CPU: and once more in
-        # oneDNN's layout, ``PrepackedLinear``).
+        # become views of the fused ones, so the weights are held once (on a CPU: and once more in oneDNN's
+        # layout, ``PrepackedLinear``).
         prepack = PrepackedLinear.suits(model)
         project = PrepackedLinear if prepack else (lambda linear: linear)
         self.qkv = [project(_fuse(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj)) for b in self.blocks]
@@ -91,6 +94,7 @@ class PackedDecoder:
         self.o = [project(b.self_attn.o_proj) for b in self.blocks]
         self.down = [project(b.mlp.down_proj) for b in self.blocks]
         self.prefix = self.prefix_state(list(prefix)) if prefix else None
+        self.round_rows = True  # pad the packed rows to ``padded_rows`` (few distinct matrix shapes)
 
     @torch.inference_mode()
     def features(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -103,11 +107,13 @@ class PackedDecoder:
         for tail in tails:
             total += len(tail)
             ends.append(total)
+        padding = padded_rows(total) - total if self.round_rows else 0
         packing = _Packing(starts=[e - len(t) for e, t in zip(ends, tails, strict=True)], ends=ends,
-                           prefixed=prefixed, shared=skip)
-        token_ids = torch.tensor([t for tail in tails for t in tail], dtype=torch.long)
+                           prefixed=prefixed, shared=skip, padding=padding)
+        token_ids = torch.tensor([t for tail in tails for t in tail] + [0] * padding, dtype=torch.long)
         positions = torch.cat([torch.arange(skip if pre else 0, (skip if pre else 0) + len(tail))
-                               for tail, pre in zip(tails, prefixed, strict=True)])
+                               for tail, pre in zip(tails, prefixed, strict=True)]
+                              + [torch.zeros(padding, dtype=torch.long)])
         pooled = self._run(token_ids, positions, packing, prefix=p)
         return torch.cat([pooled[layer] for layer in self.layers], dim=-1)
 
@@ -130,25 +136,18 @@ class PackedDecoder:
         masks = packing.masks() if prefix is not None else [None] * len(packing.starts)
         pooled: dict[int, torch.Tensor] = {}
         last_only = self.pooling == "last" and keep_kv is None
-        for index, block in enumerate(self.blocks):
+        for index in range(len(self.blocks)):
             depth = index + 1
             trimmed = last_only and depth == self.depth
-            x = self._block(index, block, x, cos, sin, packing, masks, prefix, trimmed, keep_kv)
+            x = self._block(index, x, cos, sin, packing, masks, prefix, trimmed, keep_kv)
             if depth in self.layers:
                 pooled[depth] = self._pool(depth, x, packing, prefix, trimmed, sums_only)
         return pooled
 
-    def _block(self, index: int, block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _block(self, index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                packing: _Packing, masks: list[torch.Tensor | None], prefix: _Prefix | None, trimmed: bool,
                keep_kv: tuple[list[torch.Tensor], list[torch.Tensor]] | None) -> torch.Tensor:
-        rows = x.shape[0]
-        qkv = self.qkv[index](block.input_layernorm(x))
-        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        # the rotary embedding of q and k in one go: (rows, heads + kv_heads, head_dim)
-        qk = _rotate(qkv[:, :q_width + kv_width].view(rows, self.heads + self.kv_heads, self.head_dim), cos, sin)
-        q = qk[:, :self.heads].transpose(0, 1)[None]
-        k = qk[:, self.heads:].transpose(0, 1)[None]
-        v = qkv[:, q_width + kv_width:].view(rows, self.kv_heads, self.head_dim).transpose(0, 1)[None]
+        q, k, v = self._attention_inputs(index, x, cos, sin)
         if keep_kv is not None:
             keep_kv[0].append(k[0])
             keep_kv[1].append(v[0])
@@ -167,10 +166,28 @@ class PackedDecoder:
                 out = F.scaled_dot_product_attention(q[:, :, start:end], keys, values, attn_mask=mask,
                                                      enable_gqa=True)
             outputs.append(out[0].transpose(0, 1).reshape(-1, self.heads * self.head_dim))
-        attended = self.o[index](torch.cat(outputs))
-        x = (x[packing.last_rows] if trimmed else x) + attended
-        gate, up = self.gate_up[index](block.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down[index](block.mlp.act_fn(gate).mul_(up))
+        if packing.padding and not trimmed:  # padding rows attend to nothing
+            outputs.append(x.new_zeros(packing.padding, self.heads * self.head_dim))
+        return self._residual_and_mlp(index, x[packing.last_rows] if trimmed else x, torch.cat(outputs))
+
+    def _attention_inputs(self, index: int, x: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A block's q, k (rotary applied) and v for every row, each (1, heads, rows, head_dim)."""
+        rows = x.shape[0]
+        qkv = self.qkv[index](self.blocks[index].input_layernorm(x))
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        # the rotary embedding of q and k in one go: (rows, heads + kv_heads, head_dim)
+        qk = _rotate(qkv[:, :q_width + kv_width].view(rows, self.heads + self.kv_heads, self.head_dim), cos, sin)
+        q = qk[:, :self.heads].transpose(0, 1)[None]
+        k = qk[:, self.heads:].transpose(0, 1)[None]
+        v = qkv[:, q_width + kv_width:].view(rows, self.kv_heads, self.head_dim).transpose(0, 1)[None]
+        return q, k, v
+
+    def _residual_and_mlp(self, index: int, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of a block after attention: output projection, residual, MLP, residual."""
+        x = x + self.o[index](attended)
+        gate, up = self.gate_up[index](self.blocks[index].post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down[index](self.blocks[index].mlp.act_fn(gate).mul_(up))
 
     def _pool(self, depth: int, x: torch.Tensor, packing: _Packing, prefix: _Prefix | None, trimmed: bool,
               sums_only: bool) -> torch.Tensor:
@@ -191,6 +208,18 @@ class PackedDecoder:
         return torch.cat(parts, dim=-1)
 
 
+def padded_rows(rows: int) -> int:
+    """``rows`` rounded up to a multiple of 16, or of a 32nd of the power of two below it (at most 1/16 more rows).
+
+    oneDNN builds a kernel (a "primitive") for every shape of a matrix product it meets and caches it; packed
+    rows are the sum of a batch's prompt lengths, so nearly every batch of live traffic has a new shape, and on a
+    2-core CPU with AMX a new shape cost about 3 ms per projection (1.19× the pass over batches it had not seen,
+    docs/benchmarks.md). Rounded, the pass meets at most about 16 shapes per doubling of the row count, which
+    oneDNN's cache (1,024 kernels) keeps."""
+    step = max(16, 1 << max(0, rows.bit_length() - 5))
+    return -(-rows // step) * step
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The rotary position embedding, as transformers' ``apply_rotary_pos_emb`` computes it (same operations, same
     order), on (rows, heads, head_dim) with cos and sin of shape (rows, 1, head_dim)."""
@@ -199,18 +228,23 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class PrepackedLinear:
-    """A linear layer whose weight oneDNN reorders once, at load, into its own blocked layout, instead of MKL
-    reading the plain matrix at every call (what torch's compiler does when it freezes a model). In float32 on a
-    2-core AVX2 CPU, 1.45× the rate of ``F.linear`` at the pass's shapes and 1.31× the whole pass, with features
-    equal to 6e-7 relative (docs/benchmarks.md). bf16 goes through oneDNN already: left as it is, unmeasured."""
+    """A linear layer whose weight oneDNN reorders once, at load, into its own blocked layout, instead of the
+    kernel reordering (bf16) or reading (MKL, float32) the plain matrix at every call (what torch's compiler does
+    when it freezes a model). Same products: float32 to 6e-7 relative, bf16 bit for bit (tests). Measured at the
+    pass's shapes (docs/benchmarks.md): float32 on a 2-core AVX2 CPU 1.45× ``F.linear`` and 1.31× the whole
+    pass; bf16 on a 2-core CPU with AMX 1.1× ``F.linear`` and 1.08× the whole pass."""
 
     ROWS_HINT = 512  # the rows of a typical call (8 prompts of ~80 tokens after the prefix): oneDNN's layout hint
 
     @staticmethod
-    def suits(model: torch.nn.Module) -> bool:
+    def suits(model: torch.nn.Module, flags: frozenset[str] | None = None) -> bool:
+        """float32 on a CPU; bfloat16 on a CPU that multiplies it natively (``flags``: this CPU's by default)."""
         parameter = next(model.parameters())
-        return (parameter.dtype == torch.float32 and parameter.device.type == "cpu"
-                and torch.backends.mkldnn.is_available())
+        if parameter.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return False
+        if parameter.dtype == torch.bfloat16:
+            return native_cpu_dtype(flags) == "bfloat16"
+        return parameter.dtype == torch.float32
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         self.weight = linear.weight.detach()  # the plain weight stays readable (and shared with the model's)
