@@ -82,8 +82,12 @@ class ScorerConfig(_Strict):
     )
     max_batch_size: int = Field(8, ge=1, le=256, description="most prompts one forward pass scores")
     max_wait_ms: float = Field(
-        2.0, ge=0, le=1000, description="how long a pass waits for more prompts to join the first; longer fills "
-        "batches under load (more routed requests a second) and delays a lone request by up to this much",
+        2.0, ge=0, le=1000, description="how long a batch waits for its next prompt: it starts when it is full, "
+        "or when no prompt has joined it for this long, or at max_batch_wait_ms; a lone request waits this much",
+    )
+    max_batch_wait_ms: float = Field(
+        10.0, ge=0, le=1000, description="the longest a batch's first prompt waits while others keep joining "
+        "(never less than max_wait_ms); under load batches fill, while a lone request still waits max_wait_ms",
     )
     max_queue: int = Field(256, ge=1)
     max_in_flight_per_key: int = Field(

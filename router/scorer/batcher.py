@@ -1,7 +1,9 @@
 """Micro-batching: one worker thread runs the local scorer's forward pass for requests that arrive close together.
 
-Async callers ``await batcher.run(token_ids)``; the worker takes the first waiting request, gathers more
-until the batch is full or ``max_wait`` has passed, runs one forward pass and hands each caller its row.
+Async callers ``await batcher.run(token_ids)``; the worker takes the first waiting request and gathers more
+until the batch is full, or no request has joined for ``max_wait`` (a lone request waits only that long), or
+``max_batch_wait`` has passed since the first (requests that keep arriving fill the batch, up to that), then runs
+one forward pass and hands each caller its row.
 The event loop only enqueues and awaits; the forward pass happens in the thread.
 
 When the queue ahead of a request would take longer to score than the request may wait, the request is refused
@@ -53,12 +55,14 @@ class MicroBatcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
+        max_batch_wait_s: float | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         warmup: TokenIds | None = None,
     ) -> None:
         self._features = features
         self._max_batch = max_batch_size
         self._max_wait = max_wait_s
+        self._max_batch_wait = max(max_wait_s, max_batch_wait_s if max_batch_wait_s is not None else max_wait_s)
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._on_batch = on_batch
         self._thread = threading.Thread(target=self._run, name="scorer", daemon=True)
@@ -104,9 +108,11 @@ class MicroBatcher:
 
     def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
         batch = [first]
-        deadline = time.perf_counter() + self._max_wait
+        joined = time.perf_counter()
+        cap = joined + self._max_batch_wait
         while len(batch) < self._max_batch:
-            remaining = deadline - time.perf_counter()
+            now = time.perf_counter()
+            remaining = min(joined + self._max_wait, cap) - now
             try:
                 job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
@@ -114,6 +120,7 @@ class MicroBatcher:
             if job is None:
                 return batch, True
             batch.append(job)
+            joined = time.perf_counter()
         return batch, False
 
     def _warm_up(self, ids: TokenIds) -> None:

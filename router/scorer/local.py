@@ -41,6 +41,7 @@ class LocalScorer:
             self.extractor.features_from_ids,
             max_batch_size=self.cfg.max_batch_size,
             max_wait_s=self.cfg.max_wait_ms / 1000,
+            max_batch_wait_s=self.cfg.max_batch_wait_ms / 1000,
             max_queue=self.cfg.max_queue,
             on_batch=on_batch,
             warmup=self.encoder.encode([{"role": "user", "content": WARMUP_QUESTION}]),
