@@ -182,51 +182,38 @@ async def test_micro_batcher_warms_up_and_times_a_pass_before_the_first_request(
         batcher.close()
 
 
-def _recording_batcher(sizes: list[int], **kwargs: float) -> MicroBatcher:
+async def _batch_sizes(count: int, every_s: float, **batching: float) -> list[int]:
+    """The batch sizes a batcher forms for ``count`` requests arriving ``every_s`` apart."""
+    sizes: list[int] = []
+
     def features(batch: Sequence[object]) -> np.ndarray:
         sizes.append(len(batch))
         return np.zeros((len(batch), 2), dtype=np.float32)
 
-    return MicroBatcher(features, max_queue=64, **kwargs)  # type: ignore[arg-type]
-
-
-async def _arriving(batcher: MicroBatcher, count: int, every_s: float) -> None:
-    tasks = []
-    for i in range(count):
-        tasks.append(asyncio.create_task(batcher.run([i], timeout_s=30)))
-        await asyncio.sleep(every_s)
-    await asyncio.gather(*tasks)
+    batcher = MicroBatcher(features, max_queue=64, **batching)  # type: ignore[arg-type]
+    try:
+        tasks = []
+        for i in range(count):
+            tasks.append(asyncio.create_task(batcher.run([i], timeout_s=30)))
+            await asyncio.sleep(every_s)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=20)  # a lone request: long before max_batch_wait
+    finally:
+        batcher.close()
+    return sizes
 
 
 async def test_a_batch_waits_as_long_as_requests_keep_joining_it() -> None:
-    sizes: list[int] = []
     # each request comes 20 ms after the one before: more than max_wait would allow counted from the first
-    batcher = _recording_batcher(sizes, max_batch_size=4, max_wait_s=0.5, max_batch_wait_s=30.0)
-    try:
-        await _arriving(batcher, 4, every_s=0.02)
-    finally:
-        batcher.close()
-    assert sizes == [4]
+    assert await _batch_sizes(4, 0.02, max_batch_size=4, max_wait_s=0.5, max_batch_wait_s=30.0) == [4]
 
 
 async def test_a_batch_starts_at_max_batch_wait_however_many_keep_coming() -> None:
-    sizes: list[int] = []
-    batcher = _recording_batcher(sizes, max_batch_size=8, max_wait_s=0.1, max_batch_wait_s=0.15)
-    try:
-        await _arriving(batcher, 6, every_s=0.05)
-    finally:
-        batcher.close()
+    sizes = await _batch_sizes(6, 0.05, max_batch_size=8, max_wait_s=0.1, max_batch_wait_s=0.15)
     assert sum(sizes) == 6 and sizes[0] < 6
 
 
 async def test_a_lone_request_waits_max_wait_not_max_batch_wait() -> None:
-    sizes: list[int] = []
-    batcher = _recording_batcher(sizes, max_batch_size=8, max_wait_s=0.01, max_batch_wait_s=60.0)
-    try:
-        await asyncio.wait_for(batcher.run([1]), timeout=20)  # long before max_batch_wait
-    finally:
-        batcher.close()
-    assert sizes == [1]
+    assert await _batch_sizes(1, 0.0, max_batch_size=8, max_wait_s=0.01, max_batch_wait_s=60.0) == [1]
 
 
 def _full_render(fx: FeatureExtractor, messages: list[dict[str, str]]) -> str:
