@@ -44,7 +44,8 @@ LABELS = {
     "plus": [*SHARED_GRADED, "Qwen/Qwen2-1.5B-Instruct@k50_T0.6", "Qwen/Qwen2-1.5B-Instruct@k50_T1.0",
              "Qwen/Qwen2-1.5B-Instruct", "Qwen/Qwen3-4B-Instruct-2507", "openai/gpt-oss-20b@k8_T1.0"],
 }
-CS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+# the activation probe's C grid (env CS overrides it)
+CS = tuple(float(c) for c in os.environ.get("CS", "1e-4,3e-4,1e-3,3e-3,1e-2,3e-2").split(","))
 TEXT_CS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
