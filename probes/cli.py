@@ -11,9 +11,13 @@ import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from router.config import ConfigError, Settings, load_settings
 from router.scorer.cpu import configure_openmp
+
+if TYPE_CHECKING:
+    from probes.data import Dataset
 
 DEFAULT_SWEEP_LAYERS = "3,6,9,12,15,18,21,24,27,30"
 
@@ -38,14 +42,18 @@ def _train_keys(items: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _all_train_keys(args: argparse.Namespace, settings: Settings, dataset: object) -> dict[str, list[str]]:
-    """--train-labels, or with --share-labels every backend on all backends' labels (explicit ones win)."""
+def _all_train_keys(args: argparse.Namespace, settings: Settings, dataset: Dataset) -> dict[str, list[str]]:
+    """--train-labels, or with --share-labels every backend on all backends' labels, or with --share-labels all on
+    every label set the data has (explicit ones win)."""
     from probes.evaluate import shared_keys
 
     explicit = _train_keys(args.train_labels)
-    if not getattr(args, "share_labels", False):
+    share = getattr(args, "share_labels", None)
+    if share is None:
         return explicit
-    return shared_keys(settings, dataset, _label_keys(args.label)) | explicit  # type: ignore[arg-type]
+    if share == "all":
+        return {b.name: dataset.label_sets() for b in settings.backends} | explicit
+    return shared_keys(settings, dataset, _label_keys(args.label)) | explicit
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -263,9 +271,10 @@ def _sources_opts(p: argparse.ArgumentParser) -> None:
                    help="text features of the prompt beside the scorer's activations, in one linear model "
                    "(TF-IDF of word 1-2-grams, log word count; computed by the gateway, saved in the probe file; "
                    "default: %(default)s)")
-    p.add_argument("--share-labels", action="store_true",
+    p.add_argument("--share-labels", nargs="?", const="backends", choices=["backends", "all"],
                    help="train every backend's weights on all labelled backends' labels stacked (a shared "
-                   "difficulty direction); C, Platt and the metrics stay per backend")
+                   "difficulty direction), or with 'all' on every label set the data has (every model's "
+                   "correctness and success rate); C, Platt and the metrics stay per backend")
 
 
 def _cv_opts(p: argparse.ArgumentParser) -> None:

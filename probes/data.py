@@ -48,6 +48,15 @@ class Dataset:
                            f"{len(self.records)} questions")
         return np.array(rates, dtype=np.float64)
 
+    def label_sets(self) -> list[str]:
+        """Every label set a probe may learn from that all questions have: each model's 0/1 correctness, then
+        each success rate (``training_labels``), sorted within each."""
+        def common(field: str) -> list[str]:
+            return sorted(set.intersection(*(set(r.get(field) or {}) for r in self.records)))
+
+        correct = common("correct")
+        return [*correct, *(k for k in common("success_rate") if k not in correct)]
+
     def reference(self, model: str) -> np.ndarray | None:
         """Reference probabilities (``paper_probe_p``) for ``model``, when every record has one."""
         values = [(r.get("paper_probe_p") or {}).get(model) for r in self.records]

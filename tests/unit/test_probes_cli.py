@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from probes.cli import build_parser, main
+from probes.data import load_dataset
 from router.config import load_settings
 from router.probe import load_probe
 
@@ -134,9 +135,12 @@ def test_train_on_one_file_report_on_another_with_text_features(workspace, tmp_p
 
     out = tmp_path / "probes"
     assert main(["train", *common, "--data", str(train), "--calibration", str(test), "--folds", "2",
-                 "--text-features", "tfidf+length", "--out", str(out)]) == 0
+                 "--text-features", "tfidf+length", "--share-labels", "all", "--out", str(out)]) == 0
     small, big = load_probe(out / "small.json"), load_probe(out / "big.json")
     assert small.text is not None and small.text.digest == big.text.digest
+    # --share-labels all: both trained on every label set the file has, each still judged on its own labels
+    assert small.training["trained_on"] == big.training["trained_on"] == load_dataset(train).label_sets()
+    assert {SMALL, BIG} <= set(small.training["trained_on"]) and big.training["label"] == BIG
     assert small.metrics["calibration"]["n"] == len(lines[1::2])
     p = ProbeSet(["small", "big"], [small, big]).predict(np.zeros(576), [{"role": "user", "content": "2+2?"}])
     assert set(p) == {"small", "big"} and all(0 < v < 1 for v in p.values())

@@ -93,6 +93,15 @@ def test_training_labels_read_correctness_or_a_success_rate(tmp_path: Path) -> N
         data.training_labels("other")
 
 
+def test_label_sets_are_those_every_question_has(tmp_path: Path) -> None:
+    from probes.data import load_dataset
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "a", "correct": {"m": 1, "k": 0, "x": 1}, "success_rate": {"m@k4": 0.5}}\n'
+                    '{"question": "b", "correct": {"m": 0, "k": 1}, "success_rate": {"m@k4": 0.25, "y@k2": 1}}\n')
+    assert load_dataset(path).label_sets() == ["k", "m", "m@k4"]  # "x" and "y@k2" miss a question
+
+
 def test_recipe_columns() -> None:
     recipes = parse_recipes(["15", "12+18"], ["last", "last+mean"])
     assert recipes[1] == Recipe((15,), "last+mean") and recipes[2] == Recipe((12, 18), "last")
