@@ -67,7 +67,14 @@ class ScorerConfig(_Strict):
         "and several times slower (router.scorer.cpu.compute_dtype)",
     )
     device: str = "cpu"
-    threads: int | None = Field(None, ge=1, description="torch threads for the forward pass; None keeps torch's")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads for each forward pass; None: torch's default (one per core) shared "
+        "among the workers",
+    )
+    workers: int = Field(
+        1, ge=1, le=64, description="forward passes the local scorer runs side by side, each on its own batch and "
+        "worker thread with `threads` torch threads; keep workers × threads at most the cores the scorer may use",
+    )
     omp_wait_policy: Literal["brief", "passive", "active"] = Field(
         "brief", description="how the forward pass's OpenMP threads wait for work: 'brief' spins for about a "
         "tenth of a millisecond, enough to bridge the gaps between the operations of one pass, then sleeps, so "

@@ -1,14 +1,16 @@
-"""Micro-batching: one worker thread runs the local scorer's forward pass for requests that arrive close together.
+"""Micro-batching: worker threads run the local scorer's forward pass for requests that arrive close together.
 
-Async callers ``await batcher.run(token_ids)``; the worker takes the first waiting request and gathers more
+Async callers ``await batcher.run(token_ids)``; a worker takes the first waiting request and gathers more
 until the batch is full, or no request has joined for ``max_wait`` (a lone request waits only that long), or
 ``max_batch_wait`` has passed since the first (requests that keep arriving fill the batch, up to that), then runs
 one forward pass and hands each caller its row.
-The event loop only enqueues and awaits; the forward pass happens in the thread.
+The event loop only enqueues and awaits; the forward pass happens in a worker. With several workers, passes run
+side by side, each on its own batch (torch releases the GIL inside its operations): on a CPU, two passes of one
+thread each score more prompts a second than one pass on two threads (docs/benchmarks.md).
 
 When the queue ahead of a request would take longer to score than the request may wait, the request is refused
 at once (``overloaded``) instead of queueing only to time out: the caller routes it unscored straight away.
-The estimate is the queue length times the recent forward-pass time per prompt.
+The estimate is the queue length times the recent forward-pass time per prompt, shared among the workers.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class BatchResult:
 
 
 class MicroBatcher:
-    """Runs ``features(list_of_token_id_lists)`` in one daemon thread, batching concurrent calls."""
+    """Runs ``features(list_of_token_id_lists)`` in ``workers`` daemon threads, batching concurrent calls;
+    ``worker_setup`` runs first in each (e.g. to set that thread's torch threads)."""
 
     def __init__(
         self,
@@ -58,6 +61,8 @@ class MicroBatcher:
         max_batch_wait_s: float | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         warmup: TokenIds | None = None,
+        workers: int = 1,
+        worker_setup: Callable[[], None] | None = None,
     ) -> None:
         self._features = features
         self._max_batch = max_batch_size
@@ -65,11 +70,13 @@ class MicroBatcher:
         self._max_batch_wait = max(max_wait_s, max_batch_wait_s if max_batch_wait_s is not None else max_wait_s)
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._on_batch = on_batch
-        self._thread = threading.Thread(target=self._run, name="scorer", daemon=True)
         self._stopped = False
-        self._prompt_s: float | None = None  # recent forward-pass seconds per prompt (moving average)
+        self._prompt_s: float | None = None  # recent forward-pass seconds per prompt in one worker (moving average)
         self._warmup = warmup
-        self._thread.start()
+        self._worker_setup = worker_setup
+        self._threads = [threading.Thread(target=self._run, name=f"scorer-{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     async def run(self, ids: TokenIds, timeout_s: float | None = None) -> BatchResult:
         if self._stopped:
@@ -93,18 +100,35 @@ class MicroBatcher:
     def expected_wait_s(self) -> float:
         """About how long a request queued now would wait for its score (0 until a pass has been timed)."""
         per_prompt = self._prompt_s
-        return 0.0 if per_prompt is None else (self._queue.qsize() + 1) * per_prompt
+        return 0.0 if per_prompt is None else (self._queue.qsize() + 1) * per_prompt / len(self._threads)
 
     @property
     def alive(self) -> bool:
-        return not self._stopped and self._thread.is_alive()
+        return not self._stopped and all(thread.is_alive() for thread in self._threads)
 
     def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the workers (each finishes its batch and takes one stop mark), then answer whatever is still
+        queued with a clear error instead of leaving it waiting for ever."""
         if self._stopped:
             return
         self._stopped = True
-        self._queue.put(None)
-        self._thread.join(timeout_s)
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        marks = 0  # stop marks of workers still in a pass: put back for them
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                marks += 1
+            elif job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ScorerUnavailable("stopped", "scorer is stopped"))
+        for _ in range(marks):
+            self._queue.put_nowait(None)
 
     def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
         batch = [first]
@@ -135,6 +159,8 @@ class MicroBatcher:
             log.exception("scorer warm-up failed")
 
     def _run(self) -> None:
+        if self._worker_setup is not None:
+            self._worker_setup()
         if self._warmup is not None:
             self._warm_up(self._warmup)
         stop = False
@@ -163,11 +189,3 @@ class MicroBatcher:
                 self._on_batch(BatchStats(len(batch), elapsed))
             for job, row in zip(batch, rows, strict=True):
                 job.future.set_result(row)
-        # Whatever is still queued when we stop gets a clear answer instead of waiting for ever.
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(ScorerUnavailable("stopped", "scorer is stopped"))

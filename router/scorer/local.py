@@ -1,9 +1,11 @@
-"""The ``local`` scorer: the feature function in this process, micro-batched on one worker thread."""
+"""The ``local`` scorer: the feature function in this process, micro-batched on ``scorer.workers`` worker threads."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+
+import torch
 
 from router.config import ScorerConfig
 from router.scorer.batcher import MicroBatcher
@@ -32,11 +34,12 @@ class LocalScorer:
 
     @classmethod
     def load(cls, cfg: ScorerConfig) -> LocalScorer:
-        """Loads the model off the calling thread: the batcher's worker must be OpenMP's only master
+        """Loads the model off the calling thread: the batcher's workers must be OpenMP's only masters
         (``router.scorer.cpu``)."""
         return cls(call_in_own_thread(lambda: FeatureExtractor(cfg)), cfg)
 
     async def start(self, on_batch: Callable[[BatchStats], None] | None = None) -> None:
+        threads = self.threads_per_worker()
         self._batcher = MicroBatcher(
             self.extractor.features_from_ids,
             max_batch_size=self.cfg.max_batch_size,
@@ -45,7 +48,13 @@ class LocalScorer:
             max_queue=self.cfg.max_queue,
             on_batch=on_batch,
             warmup=self.encoder.encode([{"role": "user", "content": WARMUP_QUESTION}]),
+            workers=self.cfg.workers,
+            worker_setup=lambda: torch.set_num_threads(threads),
         )
+
+    def threads_per_worker(self) -> int:
+        """``scorer.threads``, or torch's thread count (one per core unless set) shared among the workers."""
+        return self.cfg.threads or max(1, torch.get_num_threads() // self.cfg.workers)
 
     async def score(self, messages: Sequence[Message], timeout_s: float | None = None) -> Scored:
         if self._batcher is None:

@@ -182,6 +182,77 @@ async def test_micro_batcher_warms_up_and_times_a_pass_before_the_first_request(
         batcher.close()
 
 
+async def test_several_workers_run_passes_side_by_side_each_set_up_first() -> None:
+    both_in_a_pass = threading.Barrier(2, timeout=10)  # passes only get past it two at a time
+    set_up: list[str] = []
+
+    def features(batch: Sequence[object]) -> np.ndarray:
+        assert threading.current_thread().name in set_up  # the worker's set-up ran before its first pass
+        both_in_a_pass.wait()
+        return np.zeros((len(batch), 2), dtype=np.float32)
+
+    batcher = MicroBatcher(features, max_batch_size=1, max_wait_s=0.0, max_queue=8, workers=2,
+                           worker_setup=lambda: set_up.append(threading.current_thread().name))
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(batcher.run([i]) for i in range(4))), timeout=20)
+        assert len(results) == 4 and sorted(set_up) == ["scorer-0", "scorer-1"]
+        assert batcher.alive
+    finally:
+        batcher.close()
+    assert not batcher.alive
+
+
+async def test_the_wait_estimate_shares_the_queue_among_the_workers() -> None:
+    estimates = []
+    for workers in (1, 2):
+        batcher = MicroBatcher(lambda b: np.zeros((len(b), 2), dtype=np.float32), max_batch_size=1, max_wait_s=0.0,
+                               max_queue=8, workers=workers)
+        try:
+            batcher._prompt_s = 0.4  # as if timed: one prompt takes 0.4 s in one worker
+            estimates.append(batcher.expected_wait_s())
+        finally:
+            batcher.close()
+    assert estimates == [pytest.approx(0.4), pytest.approx(0.2)]
+
+
+async def test_closing_answers_what_is_still_queued_and_lets_running_passes_finish() -> None:
+    release = threading.Event()
+
+    def held(batch: Sequence[object]) -> np.ndarray:
+        release.wait(10)
+        return np.zeros((len(batch), 2), dtype=np.float32)
+
+    batcher = MicroBatcher(held, max_batch_size=1, max_wait_s=0.0, max_queue=8, workers=2)
+    running = [asyncio.create_task(batcher.run([i], timeout_s=20)) for i in range(2)]
+    await asyncio.sleep(0.2)  # both workers hold a request
+    queued = asyncio.create_task(batcher.run([9], timeout_s=20))
+    await asyncio.sleep(0.05)
+    batcher.close(timeout_s=0.1)  # the workers are still in their passes
+    with pytest.raises(ScorerUnavailable, match="stopped"):
+        await queued
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*running), timeout=10)  # the passes under way finish
+    for thread in batcher._threads:  # ... and each worker then takes its stop mark
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+async def test_local_scorer_shares_the_cores_among_its_workers(tiny_extractor: FeatureExtractor) -> None:
+    cores = torch.get_num_threads()
+    two = LocalScorer(tiny_extractor, tiny_extractor.cfg.model_copy(update={"workers": 2, "threads": None}))
+    assert two.threads_per_worker() == max(1, cores // 2)
+    pinned = LocalScorer(tiny_extractor, tiny_extractor.cfg.model_copy(update={"workers": 2, "threads": 3}))
+    assert pinned.threads_per_worker() == 3
+    await two.start()
+    try:
+        rows = await asyncio.gather(*(two.score(conv(q)) for q in QUESTIONS))
+    finally:
+        await two.aclose()
+        torch.set_num_threads(cores)  # torch's count is process-wide: the workers set it
+    direct = tiny_extractor.features([conv(q) for q in QUESTIONS])
+    np.testing.assert_allclose(np.stack([r.features for r in rows]), direct, atol=1e-5)
+
+
 async def _batch_sizes(count: int, every_s: float, **batching: float) -> list[int]:
     """The batch sizes a batcher forms for ``count`` requests arriving ``every_s`` apart."""
     sizes: list[int] = []
