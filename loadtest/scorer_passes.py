@@ -7,7 +7,8 @@ rounds (the median round counts), prompts per second of:
 - the packed pass without the shared prefix, then with it (the shipped pass), at batch 8 and 16;
 - the shipped pass on batches it has not met before (drawn anew for every call), with its packed rows rounded
   (``router.scorer.packed.padded_rows``) and without: every other variant repeats the same batches;
-- the shipped pass with one torch thread instead of all, and (in float32, where its projections run on weights
+- the shipped pass with one torch thread instead of all, and two such passes side by side on two worker threads
+  (``scorer.workers: 2``), each on its own batches; and (in float32, where its projections run on weights
   oneDNN prepacked at load) with ``F.linear`` on the plain weights instead;
 - the packed pass of shallower recipes (``--fewer-blocks``, default layer 6 and layer 8 with last+mean pooling):
   what reading an earlier block would buy, measured and not taken (docs/benchmarks.md gives their AUROC);
@@ -26,6 +27,7 @@ import argparse
 import json
 import random
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -45,6 +47,7 @@ from router.scorer.packed import PrepackedLinear
 Features = Callable[[Sequence[Sequence[int]]], Any]
 
 FRESH = "shipped, batch 8, batches not seen before, "  # variants timed on batches drawn anew (``rate``)
+WORKERS = "shipped, batch 8, two workers of one torch thread"  # timed by ``rate_in_workers``
 
 
 def rate(features: Features, ids: list[list[int]], batch: int, shuffle: random.Random | None = None) -> float:
@@ -80,6 +83,32 @@ class Int8Linear(torch.nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.to(self.dtype).reshape(*x.shape[:-1], -1)
+
+
+def rate_in_workers(features: Features, ids: list[list[int]], batch: int, workers: int) -> float:
+    """Prompts a second over ``ids`` in batches taken in turn by ``workers`` threads of one torch thread each, as
+    the local scorer's batcher runs them with ``scorer.workers`` (each warms up on its own thread first)."""
+    batches = [ids[i:i + batch] for i in range(0, len(ids) - batch + 1, batch)]
+    todo = iter(batches)  # next() on a shared iterator: each batch to exactly one worker (GIL-atomic)
+    ready = threading.Barrier(workers + 1)
+    finished: list[float] = []
+
+    def work() -> None:
+        torch.set_num_threads(1)
+        features(batches[0])
+        ready.wait()
+        for b in todo:
+            features(b)
+        finished.append(time.perf_counter())
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return sum(map(len, batches)) / (max(finished) - start)
 
 
 def quantise(extractor: FeatureExtractor) -> None:
@@ -166,6 +195,7 @@ def main() -> None:
         "packed + shared prefix (shipped), batch 8": (shipped.features_from_ids, 8, all_threads),
         "packed + shared prefix (shipped), batch 16": (shipped.features_from_ids, 16, all_threads),
         "shipped, batch 8, one torch thread": (shipped.features_from_ids, 8, 1),
+        WORKERS: (shipped.features_from_ids, 8, 1),
         FRESH + "rows rounded (shipped)": (shipped.features_from_ids, 8, all_threads),
         FRESH + "rows not rounded": (unrounded.features_from_ids, 8, all_threads),
         "shipped + int8 projections, batch 8": (int8.features_from_ids, 8, all_threads),
@@ -187,7 +217,10 @@ def main() -> None:
         for name in names:
             features, batch, threads = variants[name]
             torch.set_num_threads(threads)
-            rounds[name].append(rate(features, ids, batch, shuffle if name.startswith(FRESH) else None))
+            if name == WORKERS:
+                rounds[name].append(rate_in_workers(features, ids, batch, 2))
+            else:
+                rounds[name].append(rate(features, ids, batch, shuffle if name.startswith(FRESH) else None))
         torch.set_num_threads(all_threads)
     reference = FeatureExtractor(cfg.model_copy(update={"dtype": "float32"})).padded_features(ids)
     result = {

@@ -73,7 +73,8 @@ class ScorerConfig(_Strict):
     )
     workers: int = Field(
         1, ge=1, le=64, description="forward passes the local scorer runs side by side, each on its own batch and "
-        "worker thread with `threads` torch threads; keep workers × threads at most the cores the scorer may use",
+        "worker thread with `threads` torch threads; keep workers × threads at most the cores the scorer may use, and "
+        "raise max_in_flight_per_key to max_batch_size × workers if one key should fill every worker (docs/deploy.md)",
     )
     omp_wait_policy: Literal["brief", "passive", "active"] = Field(
         "brief", description="how the forward pass's OpenMP threads wait for work: 'brief' spins for about a "
