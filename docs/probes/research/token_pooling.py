@@ -38,11 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from paired import per_backend  # this folder's paired.py (the script's folder is on sys.path)
 from sklearn.metrics import roc_auc_score
 
 from probes.data import load_dataset
-from probes.evaluate import held_out, labelled_backends, shared_keys
-from probes.fit import Inputs, probe_model
+from probes.evaluate import labelled_backends, shared_keys
+from probes.fit import Inputs
 from router.config import load_settings
 from router.scorer.cpu import configure_openmp
 from router.text_features import prompt_text
@@ -170,24 +171,10 @@ def paired(argv: list[str]) -> None:
         if text != "none":
             x = Inputs(x, texts)
             x_test = None if test is None else Inputs(x_test, test_texts)
-        model, grid = probe_model(text)
         start = time.time()
         row: dict[str, object] = {"recipe": name, "reads": rest}
-        for b, y_train in backends:
-            y = scored.labels(b.model)
-            ys = [data.training_labels(k) for k in keys.get(b.name, [b.model])]
-            prob = held_out(x, ys, y_train, x_test=x_test, cs=grid, model=model, folds=args.folds,
-                            seed=args.seed).probability
-            entry: dict[str, object] = {"auroc": round(roc_auc_score(y, prob), 4)}
-            if b.name not in first:
-                first[b.name] = prob
-            else:
-                q = first[b.name]
-                diffs = [roc_auc_score(y[i], prob[i]) - roc_auc_score(y[i], q[i])
-                         for i in resamples if 0 < y[i].sum() < len(i)]
-                entry["minus_first"] = round(roc_auc_score(y, prob) - roc_auc_score(y, q), 4)
-                entry["minus_first_ci95"] = [round(float(v), 4) for v in np.percentile(diffs, [2.5, 97.5])]
-            row[b.name] = entry
+        row |= per_backend(x, x_test, text, data=data, scored=scored, backends=backends, keys=keys,
+                           folds=args.folds, seed=args.seed, first=first, resamples=resamples)
         row["s"] = round(time.time() - start)
         print(json.dumps(row), flush=True)
 
