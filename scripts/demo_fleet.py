@@ -17,7 +17,6 @@ Redis and the vLLM servers; later signals are ignored; killed outright, the demo
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -27,12 +26,12 @@ from router.config import Settings, load_settings
 from router.scorer.source import resolve_model
 from scripts.demo import (
     CONFIG,
-    Stopping,
     banner,
     start_scorer,
     start_standins,
     stop_all,
     stop_once_on_signals,
+    supervise,
     wait_for_gateway,
 )
 from scripts.nginx_balancer import nginx_conf, start_nginx, stop_balancer
@@ -65,10 +64,11 @@ def run(say: Callable[[str], None]) -> int:
     cores = os.cpu_count() or 1
     vllm: list[VllmServer] = []
     replicas: list[subprocess.Popen[bytes]] = []
-    nginx: subprocess.Popen[bytes] | None = None
+    balancer: list[subprocess.Popen[bytes]] = []
     redis = RedisServer(work, REDIS_PORT)
-    try:
-        vllm += start_standins(settings, folder, work, say)
+
+    def start_and_wait() -> int:
+        vllm.extend(start_standins(settings, folder, work, say))
         scorer, scorer_url = start_scorer(settings, folder, work, len(vllm) % cores, say)
         vllm.append(scorer)
         say(f"starting redis-server on {redis.url} ...")
@@ -82,26 +82,22 @@ def run(say: Callable[[str], None]) -> int:
             wait_for_gateway(replica, f"http://127.0.0.1:{port}")
         listen = f"{settings.server.host}:{settings.server.port}"
         say(f"replicas ready; starting nginx on {listen} ...")
-        nginx = start_nginx(work / "nginx", nginx_conf(work / "nginx", listen, REPLICA_PORTS,
-                                                      settings.server.max_body_bytes))
-        wait_for_gateway(nginx, f"http://{listen}")
+        balancer.append(start_nginx(work / "nginx", nginx_conf(work / "nginx", listen, REPLICA_PORTS,
+                                                               settings.server.max_body_bytes)))
+        wait_for_gateway(balancer[0], f"http://{listen}")
         more = [f"  gateway replica      http://127.0.0.1:{port}/v1  (scorer.kind vllm, state in Redis)"
                 for port in REPLICA_PORTS]
         more += [f"  redis                {redis.url}  (rate limits, feedback ids: any replica answers)",
                  f"  balancer             nginx on {listen}  (round robin; config {work / 'nginx' / 'nginx.conf'})"]
         say(banner(settings, scorer_url, more))
-        return nginx.wait()
-    except Stopping as e:
-        say(f"{e}: stopping the balancer, the replicas, Redis and the vLLM servers ...")
-        return 0
-    except (RuntimeError, TimeoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # whatever ended the demo, the clean-up runs to its end
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        stop_balancer(nginx)
+        return balancer[0].wait()
+
+    def clean_up() -> None:
+        for nginx in balancer:
+            stop_balancer(nginx)
         stop_all(replicas, [redis, *vllm])
+
+    return supervise(start_and_wait, clean_up, "the balancer, the replicas, Redis and the vLLM servers", say)
 
 
 def main() -> int:

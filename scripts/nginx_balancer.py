@@ -60,9 +60,9 @@ def start_nginx(folder: Path, conf: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(nginx_command(folder, conf), start_new_session=True, preexec_fn=stop_with_parent)
 
 
-def stop_balancer(nginx: subprocess.Popen[bytes] | None) -> None:
+def stop_balancer(nginx: subprocess.Popen[bytes]) -> None:
     """SIGQUIT: nginx stops accepting, lets the requests in flight finish, then exits."""
-    if nginx is None or nginx.poll() is not None:
+    if nginx.poll() is not None:
         return
     nginx.send_signal(signal.SIGQUIT)
     try:
