@@ -17,6 +17,7 @@ from router.config import ConfigError, Settings, load_settings
 from router.scorer.cpu import configure_openmp
 
 if TYPE_CHECKING:
+    from probes.cascade import CascadeTraining
     from probes.data import Dataset
 
 DEFAULT_SWEEP_LAYERS = "3,6,9,12,15,18,21,24,27,30"
@@ -69,6 +70,15 @@ def _settings(args: argparse.Namespace) -> Settings:
         scorer = type(settings.scorer).model_validate(settings.scorer.model_dump() | update)
         settings = settings.model_copy(update={"scorer": scorer})
     return settings
+
+
+def _cascade(args: argparse.Namespace, settings: Settings) -> CascadeTraining | None:
+    """What train fits for the cascade (None: --no-cascade)."""
+    from probes.cascade import CascadeTraining, early_layer_for
+
+    if not args.cascade:
+        return None
+    return CascadeTraining(early_layer_for(settings, args.early_layer), args.cascade_agreement)
 
 
 def _label(args: argparse.Namespace) -> int:
@@ -131,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
     calibration = load_dataset(args.calibration) if args.calibration else None
     written = train_probes(settings, dataset, out_dir=args.out, folds=args.folds, seed=args.seed, label_keys=labels,
                            train_keys=train_keys, extra_training=extra, text=args.text_features,
-                           calibration=calibration, progress=not args.no_progress)
+                           calibration=calibration, progress=not args.no_progress, cascade=_cascade(args, settings))
     if not written:
         print("error: no backend of the config has labels in the data", file=sys.stderr)
         return 1
@@ -277,6 +287,20 @@ def _sources_opts(p: argparse.ArgumentParser) -> None:
                    "correctness and success rate); C, Platt and the metrics stay per backend")
 
 
+def _cascade_opts(p: argparse.ArgumentParser, *, switch: bool = True) -> None:
+    if switch:
+        p.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=True,
+                       help="also fit each backend's cascade stages (a text-only model; an early model at "
+                       "--early-layer) and choose the margins they decide with (policy.cascade; default: on)")
+    p.add_argument("--early-layer", type=int, metavar="BLOCK",
+                   help="the scorer block the early stage reads (default: the config's policy.cascade.early_layer; "
+                   "none unless it comes before the scorer's deepest block)")
+    p.add_argument("--cascade-agreement", type=float, default=0.99, metavar="SHARE",
+                   help="the margins are the smallest with which the cascade's decisions agree with the full "
+                   "probes' on at least this share of held-out estimates, for the config's policy "
+                   "(default: %(default)s)")
+
+
 def _cv_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds, outer and inner (default: 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -325,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cv_opts(train)
     _labels_opts(train)
     _sources_opts(train)
+    _cascade_opts(train)
     train.add_argument("--sweep", action="store_true", help="choose scorer layers × pooling by inner CV")
     train.add_argument("--sweep-layers", default=DEFAULT_SWEEP_LAYERS,
                        help="candidate layer groups, comma-separated; '+' joins layers into one recipe, e.g. "
