@@ -103,14 +103,14 @@ def _outcome(full: np.ndarray, stages: Mapping[str, tuple[np.ndarray, np.ndarray
 def choose_margins(full: np.ndarray, stages: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
                    agreement: float = DEFAULT_AGREEMENT, cost: Mapping[str, float] | None = None) -> MarginChoice:
     """The stages' margins for rows whose full-probe decisions are ``full``: the cascade agrees with them on at
-    least ``agreement`` of the rows, at the least expected ``cost`` (per stage, as a share of the full pass; the
-    full probes cost 1), ties going to the smaller first margin. One or two stages (``stages``: decision and
-    radius per row, in the order asked)."""
+    least ``agreement`` of the rows, at the least expected ``cost`` (per stage, as a share of the full pass: by
+    default text 0, the full probes 1, any other stage 1), ties going to the smaller first margin. One or two
+    stages (``stages``: decision and radius per row, in the order asked)."""
     if not 0 < agreement <= 1:
         raise ValueError("agreement must be in (0, 1]")
     if len(stages) > 2:
         raise ValueError("at most two stages before the full probes")
-    cost = dict(cost or {})
+    cost = {"text": 0.0, "full": 1.0, **(cost or {})}  # another stage not costed: as the full pass
     n = len(full)
     budget = math.floor((1.0 - agreement) * n + 1e-9)
     items = list(stages.items())

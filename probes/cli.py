@@ -162,7 +162,7 @@ def _eval(args: argparse.Namespace) -> int:
         folds=args.folds, seed=args.seed, rounds=args.bootstrap,
         label_keys=_label_keys(args.label), train_keys=_all_train_keys(args, settings, dataset),
         command="python -m probes " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
-        progress=not args.no_progress,
+        progress=not args.no_progress, cascade=_cascade(args, settings),
     )
     for name, entry in report["backends"].items():
         lo, hi = entry["auroc_ci95"]
@@ -176,6 +176,13 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"pool, {router}: argmax-p accuracy {entry['argmax_p']['accuracy']:.3f} (best single "
               f"{best['accuracy']:.3f}); threshold policy max accuracy {entry['threshold']['max_accuracy']:.3f}, "
               f"utility {entry['utility']['max_accuracy']:.3f}")
+    if "cascade" in report:
+        at = report["cascade"]["at_policy"]
+        print("cascade: decided by " + ", ".join(f"{s} {v:.1%}" for s, v in at["decided"].items())
+              + f"; agreement {at['agreement']:.4f}; accuracy {at['cascade']['accuracy']:.4f} (full probes "
+              f"{at['full']['accuracy']:.4f})" + "".join(f"; APGR {v:.4f} ({k})" for k, v in
+                                                         report["cascade"]["frontier"].get("apgr", {}).items()
+                                                         if k != "note"))
     print(f"report: {args.out / 'report.md'}")
     return 0
 
@@ -372,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     _labels_opts(ev)
     _sources_opts(ev)
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default: 1000)")
+    ev.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=False,
+                    help="also route the held-out questions by the cascade (text-only models, then an early block, "
+                    "then the full probes; margins chosen inside each training fold) against the full probes "
+                    "(default: off)")
+    _cascade_opts(ev, switch=False)
     ev.set_defaults(run=_eval, argv=None)
 
     cal = sub.add_parser("calibrate", help="choose policy.threshold for a target and write it into the config",

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from probes.cascade import CascadeTraining
+from probes.cascade_eval import evaluate_cascade
 from probes.data import Dataset
 from probes.extract import probe_inputs
 from probes.fit import DEFAULT_CS, TfidfLogistic, fit_calibrated, nested_oof, probe_model
@@ -140,12 +142,13 @@ def evaluate(
     settings: Settings, dataset: Dataset, out_dir: Path, *, test: Dataset | None = None, text: str = "none",
     folds: int = 5, seed: int = 0, rounds: int = 1000, cs: Sequence[Any] | None = None,
     label_keys: dict[str, str] | None = None, train_keys: dict[str, list[str]] | None = None, command: str = "",
-    progress: bool = True,
+    progress: bool = True, cascade: CascadeTraining | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dir/report.json``, ``report.md`` and the plots; return the report.
 
     Without ``test``: nested cross-validation on ``dataset``. With it: every estimator trained on ``dataset``
-    and scored on ``test``, whose labels, costs and reference probabilities the report uses."""
+    and scored on ``test``, whose labels, costs and reference probabilities the report uses. With ``cascade``,
+    the report also routes the held-out rows by a cascade of cheaper stages (``probes.cascade_eval``)."""
     label_keys, train_keys = label_keys or {}, train_keys or {}
     model, grid = probe_model(text, cs)
     x, extractor = probe_inputs(settings.scorer, dataset, text, progress=progress)
@@ -235,6 +238,16 @@ def evaluate(
         report["routing"] = _routing(settings, scored, scored_usable, estimates, lengths_scored, out_dir, rounds,
                                      seed)
         report["pool"] = _pool(settings, scored, scored_usable, estimates, lengths_scored, out_dir)
+        if cascade is not None:
+            def cost_of(d: Dataset, tokens: np.ndarray) -> np.ndarray:
+                return np.stack([estimate_costs(d, b, tokens, settings.policy.expected_output_tokens)[0]
+                                 for b, _ in usable], axis=1)
+
+            report["cascade"] = evaluate_cascade(
+                settings, dataset, usable, np.stack([y for _, y in scored_usable], axis=1).astype(np.float64),
+                cost_of(dataset, lengths), cost_of(scored, lengths_scored), test=test, text=text,
+                early_layer=cascade.early_layer, agreement=cascade.agreement, folds=folds, seed=seed,
+                label_keys=label_keys, train_keys=train_keys, out_dir=out_dir, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(render_markdown(report))
@@ -383,6 +396,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"![frontier]({routing['plot']})", ""]
     if report.get("pool"):
         lines += render_pool(report["pool"])
+    if report.get("cascade"):
+        from probes.cascade_eval import render_cascade
+
+        lines += render_cascade(report["cascade"])
     return "\n".join(lines) + "\n"
 
 

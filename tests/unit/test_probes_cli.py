@@ -199,3 +199,20 @@ def test_train_fits_the_cascade_stages_and_their_margins(workspace, tmp_path: Pa
     # the stage's own file round trip gives the same estimates as the fitted text model
     assert small.stages["text"].predict(small.stages["text"].text.dense([messages[0]["content"]]))[0] == \
         pytest.approx(text["small"], abs=1e-6)
+
+
+def test_eval_routes_held_out_questions_by_the_cascade(workspace, tmp_path: Path, capsys) -> None:
+    data, config = workspace
+    report_dir = tmp_path / "report"
+    assert main(["eval", "--config", str(config), "--data", str(data), "--no-progress", "--folds", "2",
+                 "--bootstrap", "20", "--cascade", "--early-layer", "1", "--out", str(report_dir)]) == 0
+    assert "cascade: decided by text" in capsys.readouterr().out
+    cascade = json.loads((report_dir / "report.json").read_text())["cascade"]
+    at = cascade["at_policy"]
+    assert set(at["decided"]) == {"text", "early", "full"} and sum(at["decided"].values()) == pytest.approx(1, abs=1e-3)
+    assert len(at["margins_per_fold"]) == 2 and 0 <= at["agreement"] <= 1
+    assert {"cascade", "full", "text_alone", "early_alone"} <= set(at)
+    assert set(cascade["frontier"]["apgr"]) >= {"cascade", "full", "full_every_threshold"}
+    assert cascade["held_out_auroc"]["small"].keys() == {"text", "early", "full"}
+    assert (report_dir / "cascade_frontier.png").stat().st_size > 1000
+    assert "## Cascade" in (report_dir / "report.md").read_text()
