@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from probes.fit import Calibrated, TextOnly, fit_calibrated
+from probes.fit import Calibrated, TextOnly, fit_calibrated, probe_model
 from probes.pool import threshold_radius, utility_radius
 from router.config import PolicyConfig, ScorerConfig, Settings
 from router.policy import Rule
@@ -334,10 +334,6 @@ def add_margins(settings: Settings, written: Mapping[str, Any], held: Mapping[st
                 costs: Mapping[str, np.ndarray], cascade: CascadeTraining, *, data: str = "") -> dict[str, Any]:
     """Choose the margins on every trained backend's held-out estimates (per backend: per stage and "full") for
     the config's policy, and write the cascade block into each probe file of ``written``; return it."""
-    from dataclasses import replace
-
-    from router.probe import load_probe, save_probe
-
     names = list(held)
     stages = [s for s in ("text", "early") if all(s in held[n] for n in names)]
     p = {s: np.column_stack([held[n][s] for n in names]) for s in [*stages, "full"]}
@@ -346,9 +342,66 @@ def add_margins(settings: Settings, written: Mapping[str, Any], held: Mapping[st
     block = {"backends": names, **cascade_block(
         p, cost, names, rule, agreement=cascade.agreement,
         compute=stage_costs(settings.scorer, cascade.early_layer if "early" in stages else None), data=data)}
-    for name in names:
-        path = written[name]
-        save_probe(replace(load_probe(path), cascade=block), path)
+    write_cascade([written[n] for n in names], block)
     log.info("cascade margins %s for %s: decided %s, agreement %.4f on %s", block["margins"], rule.as_dict(),
              block["decided"], block["agreement"], data)
     return block
+
+
+def recalibrate_margins(
+    settings: Settings, dataset: Any, estimates: Any, threshold: float, *, calibration: Any = None,
+    text: str = "none", folds: int = 5, seed: int = 0, label_keys: dict[str, str] | None = None,
+    train_keys: dict[str, list[str]] | None = None, agreement: float = DEFAULT_AGREEMENT, progress: bool = True,
+) -> tuple[dict[str, Any], list[Any]] | None:
+    """After ``probes calibrate`` chose ``threshold``: the margins for it, chosen on the same held-out estimates
+    the threshold was (``estimates``: ``probes.evaluate.PoolEstimates``, nested out-of-fold on ``dataset`` or
+    probes trained on it applied to ``calibration``), with every stage's estimated the same way. None when the
+    config's probe files carry no stages. Returns the cascade block and the probe paths to write it into."""
+    from probes.evaluate import held_out
+    from router.probe import load_probe
+
+    label_keys, train_keys = label_keys or {}, train_keys or {}
+    backends = [settings.backend(n) for n in estimates.names]
+    paths = [b.probe for b in backends if b.probe is not None]
+    probes = [load_probe(path) for path in paths]
+    if len(probes) < len(backends) or not all(p.stages for p in probes):
+        return None
+    layers = {p.early_layer for p in probes}
+    early_layer = layers.pop() if len(layers) == 1 else None
+    model, grid = probe_model(text)
+    train = {"text": text_inputs(dataset)}
+    held: dict[str, Any] = {"text": None if calibration is None else text_inputs(calibration)}
+    if early_layer is not None and early_layer < max(settings.scorer.layers):
+        from probes.extract import probe_inputs
+
+        cfg = early_scorer(settings.scorer, early_layer)
+        train["early"], scorer = probe_inputs(cfg, dataset, text, progress=progress)
+        held["early"] = None if calibration is None else probe_inputs(cfg, calibration, text, scorer=scorer,
+                                                                      progress=progress)[0]
+    p: dict[str, np.ndarray] = {"full": estimates.p}
+    for stage, x in train.items():
+        columns = []
+        for b in backends:
+            key = label_keys.get(b.name, b.model)
+            ys = [dataset.training_labels(k) for k in train_keys.get(b.name, [key])]
+            columns.append(held_out(x, ys, dataset.labels(key), x_test=held[stage], cs=grid, folds=folds, seed=seed,
+                                    model=stage_model(stage, text, model)).probability)
+        p[stage] = np.column_stack(columns)
+    rule = policy_rule(settings.policy, threshold)
+    data = (calibration or dataset).path.name
+    block = {"backends": list(estimates.names), **cascade_block(
+        p, estimates.cost, estimates.names, rule, agreement=agreement,
+        compute=stage_costs(settings.scorer, early_layer if "early" in p else None), data=data)}
+    block["chosen_on"] = (f"held-out estimates of {data} (" + ("nested out-of-fold" if calibration is None else
+                          "trained on " + dataset.path.name) + ", as `probes calibrate` chose the threshold)")
+    return block, paths
+
+
+def write_cascade(paths: Sequence[Any], block: dict[str, Any]) -> None:
+    """Write ``block`` as the cascade of each probe file of ``paths`` (the models unchanged)."""
+    from dataclasses import replace
+
+    from router.probe import load_probe, save_probe
+
+    for path in paths:
+        save_probe(replace(load_probe(path), cascade=block), path)

@@ -211,10 +211,31 @@ def _calibrate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if not choice.met:
         print("warning: no threshold meets the target; chose the closest operating point", file=sys.stderr)
+    cascade = None
+    if args.cascade and settings.policy.mode == "threshold":
+        from probes.cascade import recalibrate_margins
+
+        cascade = recalibrate_margins(
+            settings, dataset, estimates, choice.threshold, calibration=load_dataset(args.calibration)
+            if args.calibration else None, text=args.text_features, folds=args.folds, seed=args.seed,
+            label_keys=_label_keys(args.label), train_keys=_all_train_keys(args, settings, dataset),
+            agreement=args.cascade_agreement, progress=not args.no_progress)
+        if cascade is not None:
+            block = cascade[0]
+            print(f"cascade margins for threshold {choice.threshold:.4f}: "
+                  + ", ".join(f"{s} {m:.4f}" for s, m in block["margins"].items())
+                  + " (decided by " + ", ".join(f"{s} {v:.1%}" for s, v in block["decided"].items())
+                  + f"; agreement {block['agreement']:.4f})")
     if args.dry_run:
         return 0 if choice.met else 1
     write_threshold(args.config, choice.threshold)
     print(f"wrote policy.threshold: {choice.threshold:.4f} to {args.config}")
+    if cascade is not None:
+        from probes.cascade import write_cascade
+
+        block, paths = cascade
+        write_cascade(paths, block)
+        print(f"wrote the cascade margins into {', '.join(str(p) for p in paths)}")
     return 0 if choice.met else 1
 
 
@@ -294,14 +315,13 @@ def _sources_opts(p: argparse.ArgumentParser) -> None:
                    "correctness and success rate); C, Platt and the metrics stay per backend")
 
 
-def _cascade_opts(p: argparse.ArgumentParser, *, switch: bool = True) -> None:
+def _cascade_opts(p: argparse.ArgumentParser, *, switch: str | None = None, early: bool = True) -> None:
     if switch:
-        p.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=True,
-                       help="also fit each backend's cascade stages (a text-only model; an early model at "
-                       "--early-layer) and choose the margins they decide with (policy.cascade; default: on)")
-    p.add_argument("--early-layer", type=int, metavar="BLOCK",
-                   help="the scorer block the early stage reads (default: the config's policy.cascade.early_layer; "
-                   "none unless it comes before the scorer's deepest block)")
+        p.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=True, help=switch)
+    if early:
+        p.add_argument("--early-layer", type=int, metavar="BLOCK",
+                       help="the scorer block the early stage reads (default: the config's "
+                       "policy.cascade.early_layer; none unless it comes before the scorer's deepest block)")
     p.add_argument("--cascade-agreement", type=float, default=0.99, metavar="SHARE",
                    help="the margins are the smallest with which the cascade's decisions agree with the full "
                    "probes' on at least this share of held-out estimates, for the config's policy "
@@ -356,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cv_opts(train)
     _labels_opts(train)
     _sources_opts(train)
-    _cascade_opts(train)
+    _cascade_opts(train, switch="also fit each backend's cascade stages (a text-only model; an early model at "
+                  "--early-layer) and choose the margins they decide with (policy.cascade; default: on)")
     train.add_argument("--sweep", action="store_true", help="choose scorer layers × pooling by inner CV")
     train.add_argument("--sweep-layers", default=DEFAULT_SWEEP_LAYERS,
                        help="candidate layer groups, comma-separated; '+' joins layers into one recipe, e.g. "
@@ -383,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also route the held-out questions by the cascade (text-only models, then an early block, "
                     "then the full probes; margins chosen inside each training fold) against the full probes "
                     "(default: off)")
-    _cascade_opts(ev, switch=False)
+    _cascade_opts(ev)
     ev.set_defaults(run=_eval, argv=None)
 
     cal = sub.add_parser("calibrate", help="choose policy.threshold for a target and write it into the config",
@@ -406,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--max-dear-share", type=float, help="most accurate threshold sending at most this share "
                         "of requests to the dearest backend")
     cal.add_argument("--dry-run", action="store_true", help="report the choice, leave the config alone")
+    _cascade_opts(cal, early=False, switch="where the config's probe files carry cascade stages, choose their "
+                  "margins for the new threshold on held-out estimates made the same way, and write them into the "
+                  "probe files (default: on; threshold mode)")
     cal.set_defaults(run=_calibrate)
 
     recal = sub.add_parser("recalibrate", help="re-fit only the probes' calibration on a labelled sample",

@@ -109,6 +109,12 @@ def test_extract_train_eval_calibrate(workspace, tmp_path: Path, capsys) -> None
     text = config.read_text()
     assert "# keep me" in text
     assert yaml.safe_load(text)["policy"]["threshold"] == pytest.approx(chosen["threshold"], abs=1e-4)
+    # the probes trained above carry a text stage (the scorer has no block before 2 to stop at: no early stage);
+    # calibrate chose its margin for the new threshold on the same held-out estimates, and wrote it
+    assert "cascade margins for threshold" in printed
+    cascade = load_probe(settings.backend("small").probe).cascade
+    assert cascade["policy"]["threshold"] == pytest.approx(chosen["threshold"]) and set(cascade["margins"]) == {"text"}
+    assert "nested out-of-fold" in cascade["chosen_on"]
 
 
 def test_train_on_one_file_report_on_another_with_text_features(workspace, tmp_path: Path, capsys) -> None:
