@@ -264,14 +264,14 @@ class _Folded:
         self.width = width
         self._w = w[:, :width].T.astype(np.float32)
         self._w_text = w[:, width:].T.astype(np.float64)  # (text dim, k)
-        self._reads_text = any(p.text is not None for p in probes)
+        self.reads_text = any(p.text is not None for p in probes)
         self._b = np.array([p.bias - float(p.mean @ (p.weight / p.scale)) for p in probes])
         self._a = np.array([p.platt_a for p in probes])
         self._c = np.array([p.platt_b for p in probes])
 
     def predict(self, x: np.ndarray | None, row: TextRow | None) -> np.ndarray:
         z = self._b if x is None or not self.width else np.asarray(x, dtype=np.float32) @ self._w + self._b
-        if self._reads_text and row is not None:
+        if self.reads_text and row is not None:
             cols, vals = row
             z = z + vals @ self._w_text[cols]
         return _sigmoid(self._a * z + self._c)
@@ -309,16 +309,18 @@ class ProbeSet:
                 ) -> dict[str, float]:
         """Features of one request (and its messages, or their ``text_row``, for probes that read text features)
         → {backend: p}."""
-        return self._named(self._full.predict(x, self._row(messages, row)))
+        return self._named(self._full.predict(x, self._row(self._full, messages, row)))
 
     def predict_text(self, messages: Sequence[Message] = (), *, row: TextRow | None = None) -> dict[str, float]:
         """Every backend's estimate from the text of its messages alone (stage ``text``; microseconds)."""
-        return self._named(self._stage("text").predict(None, self._row(messages, row)))
+        stage = self._stage("text")
+        return self._named(stage.predict(None, self._row(stage, messages, row)))
 
     def predict_early(self, x: np.ndarray, messages: Sequence[Message] = (), *, row: TextRow | None = None
                       ) -> dict[str, float]:
         """Every backend's estimate from the scorer's features at block ``early_layer`` (stage ``early``)."""
-        return self._named(self._stage("early").predict(x, self._row(messages, row)))
+        stage = self._stage("early")
+        return self._named(stage.predict(x, self._row(stage, messages, row)))
 
     def margins(self, threshold: float | None = None) -> dict[str, float]:
         """The margin each stage decides with (``router.policy.clear_decision``'s error): the probes' own, chosen
@@ -336,8 +338,11 @@ class ProbeSet:
             raise ProbeError(f"not every probe of {', '.join(self.names)} has a {name} stage")
         return self._stages[name]
 
-    def _row(self, messages: Sequence[Message], row: TextRow | None) -> TextRow | None:
-        return row if row is not None or self.text is None else self.text.sparse_row(prompt_text(messages))
+    def _row(self, models: _Folded, messages: Sequence[Message], row: TextRow | None) -> TextRow | None:
+        """The text row ``models`` read (computed here unless given; None if they read none)."""
+        if row is not None or self.text is None or not models.reads_text:
+            return row
+        return self.text.sparse_row(prompt_text(messages))
 
     def _named(self, p: np.ndarray) -> dict[str, float]:
         return dict(zip(self.names, p.tolist(), strict=True))
