@@ -292,3 +292,18 @@ def test_decisions_are_the_policy_per_row() -> None:
             options = [Option(n, float(cost[i, j]), float(p[i, j])) for j, n in enumerate(["cheap", "dear"])]
             assert ["cheap", "dear"][choice[i]] == choose(options, rule).backend
             assert math.isfinite(radius[i])
+
+
+def test_accuracy_at_equal_cost_reads_the_full_probes_upper_envelope() -> None:
+    from probes.cascade_eval import accuracy_at_equal_cost
+    from probes.pool import Points
+
+    def pts(cost: list[float], acc: list[float]) -> Points:
+        return Points(np.arange(len(cost), dtype=float), np.array(acc), np.array(cost), np.zeros((len(cost), 2)))
+
+    full = pts([1.0, 2.0, 3.0, 2.5], [0.80, 0.90, 0.95, 0.85])  # (2.5, 0.85) lies under the envelope
+    cascade = pts([1.5, 2.5, 4.0], [0.84, 0.92, 0.99])  # the last costs more than any full point: left out
+    got = accuracy_at_equal_cost(cascade, full)
+    # envelope at 1.5: 0.85; at 2.5: between (2.0, 0.90) and (2.5, 0.90) → 0.90
+    assert got == {"mean": pytest.approx((-0.01 + 0.02) / 2), "worst": pytest.approx(-0.01), "points": 2}
+    assert accuracy_at_equal_cost(pts([9.0], [1.0]), full)["points"] == 0
