@@ -74,7 +74,8 @@ def _smallest_margin(disagreeing: np.ndarray, budget: int) -> float:
     """The smallest margin that lets at most ``budget`` of the rows whose radii are ``disagreeing`` through."""
     if len(disagreeing) <= budget:
         return 0.0
-    return max(float(np.sort(disagreeing)[::-1][budget]), _SMALLEST)
+    k = len(disagreeing) - 1 - budget  # the (budget + 1)-th largest
+    return max(float(np.partition(disagreeing, k)[k]), _SMALLEST)
 
 
 @dataclass(frozen=True)
@@ -127,18 +128,20 @@ def choose_margins(full: np.ndarray, stages: Mapping[str, tuple[np.ndarray, np.n
     above = above[np.isfinite(above)]
     if len(above) > MAX_CANDIDATES:
         above = np.unique(np.quantile(above, np.linspace(0, 1, MAX_CANDIDATES), method="nearest"))
-    best: MarginChoice | None = None
+    best: tuple[float, float, float] | None = None  # (compute, m1, m2)
     for m1 in sorted({least, *(max(float(v), _SMALLEST) for v in above)}):
         left = (r1 <= m1) if m1 > 0 else np.zeros(n, dtype=bool)  # rows the first stage leaves
         spent = int(np.sum(~left & wrong1))
         if spent > budget:
             continue
         m2 = _smallest_margin(r2[left & wrong2], budget - spent)
-        got = _outcome(full, stages, {first: m1, second: m2}, cost)
-        if best is None or got.compute < best.compute - 1e-12:
-            best = got
+        second_takes = left & (r2 > m2) if m2 > 0 else left
+        compute = (cost.get(first, 1.0) * (n - left.sum()) + cost.get(second, 1.0) * second_takes.sum()
+                   + cost["full"] * (left & ~second_takes).sum()) / n
+        if best is None or compute < best[0] - 1e-12:
+            best = (compute, m1, m2)
     assert best is not None  # the least first margin always fits the budget
-    return best
+    return _outcome(full, stages, {first: best[1], second: best[2]}, cost)
 
 
 def stage_curve(full: np.ndarray, decision: np.ndarray, radius: np.ndarray,
