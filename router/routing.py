@@ -79,10 +79,21 @@ class ScorerShares:
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """Each candidate's estimated chance of success for one request, and what it was estimated from."""
+
+    probabilities: dict[str, float]
+    prompt_tokens: int  # as the scorer's tokenizer counts them
+    scorer_ms: float
+    scored: tuple[Scored, ...]  # per probe group: the features its probes read
+
+
+@dataclass(frozen=True)
 class Routed:
     decision: Decision
     probabilities: dict[str, float] = field(default_factory=dict)
     scorer_ms: float | None = None
+    estimate: Estimate | None = None  # None: not scored (a named backend, an unreadable prompt, the scorer down)
 
 
 class Router:
@@ -109,21 +120,28 @@ class Router:
         if not request.messages:
             return Routed(self._unscored(candidates, available, request))
         try:
-            scores = await self._score(request.messages, request.client)
+            estimate = await self._estimate(request, candidates)
         except ScorerUnavailable as e:
             log.warning("routing without a score: %s", e)
             self.metrics.scorer_errors.labels(e.kind).inc()
             return Routed(self._unscored(candidates, available, request))
+        return Routed(self._decide(estimate, request), estimate.probabilities, estimate.scorer_ms, estimate)
+
+    async def _estimate(self, request: Routable, candidates: list[str]) -> Estimate:
+        """Every candidate's estimate for ``request``: its scorers' features through their probes."""
+        scores = await self._score(request.messages, request.client)
         probabilities = {}
         for group, scored in zip(self.groups, scores, strict=True):
             predicted = group.probes.predict(scored.features, request.messages)
             probabilities.update({n: p for n, p in predicted.items() if n in candidates})
-        options = self._options(probabilities, scores[0].prompt_tokens, request.output_tokens)
+        return Estimate(probabilities, scores[0].prompt_tokens, max(s.total_s for s in scores) * 1000, tuple(scores))
+
+    def _decide(self, estimate: Estimate, request: Routable) -> Decision:
+        """The policy's choice among the estimated candidates, at the request's threshold."""
+        options = self._options(estimate.probabilities, estimate.prompt_tokens, request.output_tokens)
         if self.policy.mode == "utility":
-            decision = choose_by_utility(options, self.policy.cost_weight, self.policy.fallback, self.policy.margin)
-        else:
-            decision = choose_by_threshold(options, request.threshold, self.policy.fallback)
-        return Routed(decision, probabilities, max(s.total_s for s in scores) * 1000)
+            return choose_by_utility(options, self.policy.cost_weight, self.policy.fallback, self.policy.margin)
+        return choose_by_threshold(options, request.threshold, self.policy.fallback)
 
     async def _score(self, messages: Sequence[Message], client: str) -> list[Scored]:
         timeout = self.settings.scorer.timeout_s
