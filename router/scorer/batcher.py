@@ -115,11 +115,7 @@ class MicroBatcher:
         """``ids``' features (and early features, for ``early``), in ``key``'s share of the scorer."""
         job = _Job(np.asarray(ids, dtype=np.int32), key, early, Future())
         with self._lock:
-            if self._stopped:
-                raise ScorerUnavailable("stopped", "scorer is stopped")
-            if timeout_s is not None and (expected := self._expected(key, job.tokens)) > timeout_s:
-                raise ScorerUnavailable("overloaded", f"the scorer's queue would take about {expected:.1f}s, "
-                                        f"more than the {timeout_s:g}s a request may wait")
+            self._admit(key, job.tokens, timeout_s)
             if not self._queue.push(key, job, job.tokens):
                 raise ScorerUnavailable("queue_full", "scorer queue is full")
             self._lock.notify()
@@ -132,6 +128,20 @@ class MicroBatcher:
             raise ScorerUnavailable("timeout", f"scorer took longer than {timeout_s:.1f}s") from e
         started = job.started if job.started is not None else time.perf_counter()
         return BatchResult(row, queue_s=started - job.enqueued, early=early_row)
+
+    def admit(self, key: str, tokens: int, timeout_s: float | None) -> None:
+        """Raise ScorerUnavailable at once where a request of ``key`` with ``tokens`` would not be scored within
+        ``timeout_s`` (or the batcher is stopped). ``run`` checks it; a caller may check it before it tokenises,
+        with ``tokens=1``, so that a key refused for its own backlog costs no rendering."""
+        with self._lock:
+            self._admit(key, tokens, timeout_s)
+
+    def _admit(self, key: str, tokens: int, timeout_s: float | None) -> None:
+        if self._stopped:
+            raise ScorerUnavailable("stopped", "scorer is stopped")
+        if timeout_s is not None and (expected := self._expected(key, tokens)) > timeout_s:
+            raise ScorerUnavailable("overloaded", f"the scorer's queue would take about {expected:.1f}s, "
+                                    f"more than the {timeout_s:g}s a request may wait")
 
     def expected_wait_s(self, key: str = "", tokens: int = 1) -> float:
         """About how long a request of ``key`` with ``tokens`` queued now would wait for its score (0 until a pass

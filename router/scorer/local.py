@@ -66,7 +66,8 @@ class LocalScorer:
             raise ScorerUnavailable("stopped", "scorer is not started")
         start = time.perf_counter()
         if ids is None:
-            ids = self.encoder.encode(messages)
+            self._batcher.admit(key, 1, timeout_s)  # refused for the key's own backlog: no need to tokenise
+            ids = await self.encoder.encode_async(messages)
         if early is not None and self.early_exit_info(early.layer) is None:
             early = None  # not a layer this pass can stop at: scored in full, as the protocol says
         result = await self._batcher.run(ids, timeout_s=timeout_s, key=key, early=early)

@@ -97,7 +97,7 @@ class VllmScorer:
                                     f"{self.cfg.cooldown_s:g}s")
         start = time.perf_counter()
         if ids is None:
-            ids = self.encoder.encode(messages)
+            ids = await self.encoder.encode_async(messages)
         ids = list(ids)
         deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
         try:

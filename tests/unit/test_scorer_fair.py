@@ -281,3 +281,38 @@ async def test_a_prompt_larger_than_the_budget_goes_alone_and_a_cancelled_wait_l
     assert budget.in_flight("a") == 10
     budget.release("a", 10)
     assert budget.in_flight("a") == 0 and not budget._waiting and not budget._in_flight
+
+
+async def test_a_key_refused_for_its_own_backlog_costs_no_tokenising(tiny_extractor: FeatureExtractor) -> None:
+    scorer = LocalScorer(tiny_extractor, tiny_extractor.cfg)
+    await scorer.start()
+    await scorer.score([{"role": "user", "content": "Hi"}])  # after the warm-up, which times a pass
+    calls = []
+    encode = scorer.encoder.encode
+    scorer.encoder.encode = lambda messages: calls.append(1) or encode(messages)  # type: ignore[method-assign]
+    try:
+        assert scorer._batcher is not None
+        scorer._batcher._token_s = 1.0  # as if timed: a token takes 1 s, so any prompt takes more than 0.5 s
+        with pytest.raises(ScorerUnavailable, match="would take about") as refused:
+            await scorer.score([{"role": "user", "content": "x" * 100_000}], 0.5, key="a")
+        assert refused.value.kind == "overloaded" and calls == []
+    finally:
+        del scorer.encoder.encode
+        await scorer.aclose()
+
+
+async def test_long_messages_are_tokenised_off_the_event_loop(tiny_extractor: FeatureExtractor) -> None:
+    encoder = tiny_extractor.encoder
+    threads: list[str] = []
+    encode = encoder.encode
+    encoder.encode = lambda m: threads.append(threading.current_thread().name) or encode(m)  # type: ignore[method-assign]
+    try:
+        short = [{"role": "user", "content": "What is 2 + 2?"}]
+        long = [{"role": "user", "content": [{"type": "text", "text": "eggs " * 10_000}]}]
+        many = [{"role": "user", "content": "x"}] * 100
+        for messages in (short, long, many):
+            assert await encoder.encode_async(messages) == encode(messages)
+    finally:
+        del encoder.encode
+    main = threading.current_thread().name
+    assert threads[0] == main and threads[1] != main and threads[2] != main
