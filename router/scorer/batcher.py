@@ -132,7 +132,7 @@ class MicroBatcher:
     def admit(self, key: str, tokens: int, timeout_s: float | None) -> None:
         """Raise ScorerUnavailable at once where a request of ``key`` with ``tokens`` would not be scored within
         ``timeout_s`` (or the batcher is stopped). ``run`` checks it; a caller may check it before it tokenises,
-        with ``tokens=1``, so that a key refused for its own backlog costs no rendering."""
+        with a lower bound of the tokens, so that a request refused for its key's backlog costs no rendering."""
         with self._lock:
             self._admit(key, tokens, timeout_s)
 

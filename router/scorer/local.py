@@ -66,7 +66,8 @@ class LocalScorer:
             raise ScorerUnavailable("stopped", "scorer is not started")
         start = time.perf_counter()
         if ids is None:
-            self._batcher.admit(key, 1, timeout_s)  # refused for the key's own backlog: no need to tokenise
+            # a request refused for the key's backlog costs no tokenising: its tokens are at least ``min_tokens``
+            self._batcher.admit(key, self.encoder.min_tokens(messages), timeout_s)
             ids = await self.encoder.encode_async(messages)
         if early is not None and self.early_exit_info(early.layer) is None:
             early = None  # not a layer this pass can stop at: scored in full, as the protocol says

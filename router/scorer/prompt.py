@@ -35,11 +35,9 @@ def _token_text(value: Any) -> str | None:
     return None
 
 
-def _longer_than(messages: Sequence[Message], chars: int, count: int) -> bool:
-    """Whether the messages hold more than ``chars`` characters of content, or more than ``count`` messages
-    (counted without copying anything, stopping as soon as it is known)."""
-    if len(messages) > count:
-        return True
+def _content_chars(messages: Sequence[Message], enough: int) -> int:
+    """The characters of the messages' text content, counted without copying anything; the count stops once it
+    passes ``enough``."""
     total = 0
     for m in messages:
         content = m.get("content")
@@ -47,9 +45,9 @@ def _longer_than(messages: Sequence[Message], chars: int, count: int) -> bool:
             text = part.get("text") if isinstance(part, Mapping) else part
             if isinstance(text, str):
                 total += len(text)
-        if total > chars:
-            return True
-    return False
+        if total > enough:
+            break
+    return total
 
 
 class PromptEncoder:
@@ -111,9 +109,17 @@ class PromptEncoder:
 
     async def encode_async(self, messages: Sequence[Message]) -> list[int]:
         """``encode`` for the event loop: long messages on a worker thread, short ones at once."""
-        if _longer_than(messages, OFF_LOOP_CHARS, OFF_LOOP_MESSAGES):
+        if len(messages) > OFF_LOOP_MESSAGES or _content_chars(messages, OFF_LOOP_CHARS) > OFF_LOOP_CHARS:
             return await asyncio.to_thread(self.encode, messages)
         return self.encode(messages)
+
+    def min_tokens(self, messages: Sequence[Message]) -> int:
+        """A lower bound on the tokens ``encode(messages)`` gives, found without rendering: each message renders
+        to one token at least, and a token covers ``max_token_chars`` characters at most (a scorer's queue can
+        refuse a request by it before tokenising it)."""
+        enough = self.max_prompt_tokens * self.max_token_chars
+        chars = _content_chars(messages, enough)
+        return max(1, min(self.max_prompt_tokens, max(len(messages), -(-chars // self.max_token_chars))))
 
     def shared_prefix(self) -> list[int]:
         """The token ids that every one-message conversation starts with (the template's opening, and its default

@@ -316,3 +316,13 @@ async def test_long_messages_are_tokenised_off_the_event_loop(tiny_extractor: Fe
         del encoder.encode
     main = threading.current_thread().name
     assert threads[0] == main and threads[1] != main and threads[2] != main
+
+
+def test_the_token_count_known_before_tokenising_never_exceeds_the_real_one(tiny_extractor: FeatureExtractor) -> None:
+    encoder = tiny_extractor.encoder
+    limit = encoder.max_prompt_tokens
+    for messages in ([{"role": "user", "content": "Hi"}], [{"role": "user", "content": "eggs " * 5000}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"text": "a b c"}]}],
+                     [{"role": "user", "content": "x"}] * 200, [{"role": "user", "content": None}]):
+        assert 1 <= encoder.min_tokens(messages) <= len(encoder.encode(messages))
+    assert encoder.min_tokens([{"role": "user", "content": "y" * 10**6}]) == limit  # a huge prompt: the limit
