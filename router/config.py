@@ -37,6 +37,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ScoreCacheConfig(_Strict):
+    """Estimates already made, kept for a prompt sent again (stage 0 of a decision, router/scorer/cache.py)."""
+
+    entries: int = Field(
+        4096, ge=0, description="estimates kept in this replica's memory, the least recently used dropped first "
+        "(each holds a 32-byte digest and the estimates, under 1 KB); 0 turns the cache off",
+    )
+    ttl_s: float = Field(
+        600.0, gt=0, description="seconds an estimate is used after it was made, in memory and in Redis; a new "
+        "probe-set version misses at once, whatever the age",
+    )
+    shared: bool = Field(
+        True, description="with state.redis_url, keep estimates in Redis too, so a prompt scored by one replica is "
+        "a hit on any; Redis unreachable: this replica's memory only, no request fails",
+    )
+
+
 class ScorerConfig(_Strict):
     kind: Literal["local", "vllm"] = Field(
         "local", description="'local': the model runs in the gateway's process; 'vllm': a vLLM server runs it with "
@@ -45,6 +62,11 @@ class ScorerConfig(_Strict):
     url: HttpUrl | None = Field(None, description="kind 'vllm': the server's OpenAI base URL, e.g. http://scorer:8000/v1")
     served_model: str = Field("scorer", min_length=1, description="kind 'vllm': the model name the server serves")
     max_in_flight: int = Field(64, ge=1, description="kind 'vllm': requests sent to the server at once")
+    max_key_tokens_in_flight: int = Field(
+        2048, ge=1, description="kind 'vllm': prompt tokens of one API key at the server at once (a longer prompt "
+        "goes alone); the key's further requests wait for its own to come back, within timeout_s, so a key that "
+        "floods the server with long prompts delays itself, and others' requests by at most this much work",
+    )
     connect_timeout_s: float = Field(2.0, gt=0, description="kind 'vllm'")
     failure_threshold: int = Field(3, ge=1, description="kind 'vllm': consecutive failures that stop asking the "
                                    "server (requests go unscored at once) until cooldown_s has passed")
@@ -97,7 +119,16 @@ class ScorerConfig(_Strict):
         10.0, ge=0, le=1000, description="the longest a batch's first prompt waits while others keep joining "
         "(never less than max_wait_ms); under load batches fill, while a lone request still waits max_wait_ms",
     )
-    max_queue: int = Field(256, ge=1)
+    max_batch_tokens: int | None = Field(
+        None, ge=1, description="most prompt tokens one forward pass of the local scorer reads (a longer prompt "
+        "runs alone): the pass another key's request waits behind stays about this short; None: max_prompt_tokens. "
+        "Keys share the passes by tokens, in deficit round robin (router/scorer/batcher.py)",
+    )
+    max_queue: int = Field(
+        256, ge=1, description="requests of one API key waiting for the local scorer (all anonymous requests count "
+        "as one key); more are refused at once (queue_full) and routed unscored. A waiting request holds its token "
+        "ids only",
+    )
     max_in_flight_per_key: int = Field(
         8, ge=1, description="requests of one API key (all anonymous requests count as one key) in the scorer at "
         "once; a key's further requests wait for its own turn, within timeout_s, so a key that floods the scorer "
@@ -110,6 +141,10 @@ class ScorerConfig(_Strict):
     cache_dir: Path = Field(
         default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "probe-router",
         description="where a packaged model is converted to safetensors, once",
+    )
+    cache: ScoreCacheConfig = Field(
+        default_factory=ScoreCacheConfig, description="estimates kept for prompts sent again, per API key (the "
+        "top-level scorer's section; a backend's own scorer ignores it)",
     )
 
     @field_validator("layers")

@@ -8,8 +8,9 @@ scorer is a remote server renders and tokenises exactly as the in-process one do
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,11 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from router.scorer.recipe import Message, normalise_messages
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Messages longer than this (characters, or messages) are rendered and tokenised on a worker thread by
+# ``encode_async``: a prompt of megabytes takes tens of milliseconds (the event loop would stall for them), a
+# question some hundreds of microseconds (less than the hop to a thread and back)
+OFF_LOOP_CHARS = 32_768
+OFF_LOOP_MESSAGES = 64
 
 
 def _token_text(value: Any) -> str | None:
@@ -27,6 +33,21 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     return None
+
+
+def _content_chars(messages: Sequence[Message], enough: int) -> int:
+    """The characters of the messages' text content, counted without copying anything; the count stops once it
+    passes ``enough``."""
+    total = 0
+    for m in messages:
+        content = m.get("content")
+        for part in [content] if isinstance(content, str) else content if isinstance(content, list) else []:
+            text = part.get("text") if isinstance(part, Mapping) else part
+            if isinstance(text, str):
+                total += len(text)
+        if total > enough:
+            break
+    return total
 
 
 class PromptEncoder:
@@ -85,6 +106,20 @@ class PromptEncoder:
 
     def encode(self, messages: Sequence[Message]) -> list[int]:
         return self.encode_prompts([self.render(messages)])[0]
+
+    async def encode_async(self, messages: Sequence[Message]) -> list[int]:
+        """``encode`` for the event loop: long messages on a worker thread, short ones at once."""
+        if len(messages) > OFF_LOOP_MESSAGES or _content_chars(messages, OFF_LOOP_CHARS) > OFF_LOOP_CHARS:
+            return await asyncio.to_thread(self.encode, messages)
+        return self.encode(messages)
+
+    def min_tokens(self, messages: Sequence[Message]) -> int:
+        """A lower bound on the tokens ``encode(messages)`` gives, found without rendering: each message renders
+        to one token at least, and a token covers ``max_token_chars`` characters at most (a scorer's queue can
+        refuse a request by it before tokenising it)."""
+        enough = self.max_prompt_tokens * self.max_token_chars
+        chars = _content_chars(messages, enough)
+        return max(1, min(self.max_prompt_tokens, max(len(messages), -(-chars // self.max_token_chars))))
 
     def shared_prefix(self) -> list[int]:
         """The token ids that every one-message conversation starts with (the template's opening, and its default
