@@ -16,10 +16,10 @@ One key alone is served first come, first served, as before.
 
 When the work ahead of a request would take longer to score than the request may wait, the request is refused
 at once (``overloaded``) instead of queueing only to time out: the caller routes it unscored straight away. The
-work ahead is the key's own backlog and, from each other key, as much as that at most (``FairQueue.ahead``), in
-tokens, times the recent forward-pass time per token, shared among the workers: a key that floods the scorer is
-refused for its own backlog, never for another key's. A queued request holds its token ids only (4 bytes each), at
-most ``max_queue`` per key.
+work ahead is the passes under way, the key's own backlog and, from each other key, as much as that at most
+(``FairQueue.ahead``), in tokens, times the recent forward-pass time per token, shared among the workers: a key
+that floods the scorer is refused for its own backlog, never for another key's. A queued request holds its token
+ids only (4 bytes each), at most ``max_queue`` per key.
 
 An early exit (``router.scorer.interface.EarlyExit``) travels with its request: a batch with one runs
 ``staged_features``, which may stop some prompts' passes at a shallower block.
@@ -104,6 +104,7 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._stopped = False
         self._token_s: float | None = None  # recent forward-pass seconds per token in one worker (moving average)
+        self._running = 0  # tokens in the passes under way (counted whole: how far they are is not known)
         self._warmup = warmup
         self._worker_setup = worker_setup
         self._threads = [threading.Thread(target=self._run, name=f"scorer-{i}", daemon=True) for i in range(workers)]
@@ -151,7 +152,9 @@ class MicroBatcher:
 
     def _expected(self, key: str, tokens: int) -> float:
         per_token = self._token_s
-        return 0.0 if per_token is None else self._queue.ahead(key, tokens) * per_token / len(self._threads)
+        if per_token is None:
+            return 0.0
+        return (self._running + self._queue.ahead(key, tokens)) * per_token / len(self._threads)
 
     @property
     def alive(self) -> bool:
@@ -229,6 +232,9 @@ class MicroBatcher:
             batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
             if not batch:
                 continue
+            tokens = sum(job.tokens for job in batch)
+            with self._lock:
+                self._running += tokens
             started = time.perf_counter()
             for job in batch:
                 job.started = started
@@ -239,8 +245,10 @@ class MicroBatcher:
                 for job in batch:
                     job.future.set_exception(ScorerUnavailable("failed", f"scorer failed: {e}"))
                 continue
+            finally:
+                with self._lock:
+                    self._running -= tokens
             elapsed = time.perf_counter() - started
-            tokens = sum(job.tokens for job in batch)
             per_token = elapsed / max(1, tokens)
             self._token_s = per_token if self._token_s is None else 0.8 * self._token_s + 0.2 * per_token
             if self._on_batch is not None:

@@ -157,8 +157,10 @@ async def test_a_flooding_key_is_refused_for_its_own_backlog_not_another_keys() 
     try:
         tasks = await _queued(batcher, passes, *[("a", A, 1000)] * 8)
         batcher._token_s = 0.001  # as if timed: a token takes 1 ms
-        assert batcher.expected_wait_s("a", 1000) == pytest.approx(9.0)  # a's 8000 queued and its own 1000
-        assert batcher.expected_wait_s("b", 100) == pytest.approx(0.2)  # its own 100, and a's next 100 at most
+        # the pass under way (1 token), a's 8000 queued and its own 1000
+        assert batcher.expected_wait_s("a", 1000) == pytest.approx(9.001)
+        # the pass under way, its own 100, and a's next 100 at most
+        assert batcher.expected_wait_s("b", 100) == pytest.approx(0.201)
         with pytest.raises(ScorerUnavailable, match=r"queue would take about 9\.0s") as refused:
             await batcher.run([A] * 1000, key="a", timeout_s=5)
         assert refused.value.kind == "overloaded"
