@@ -16,9 +16,10 @@ One key alone is served first come, first served, as before.
 
 When the work ahead of a request would take longer to score than the request may wait, the request is refused
 at once (``overloaded``) instead of queueing only to time out: the caller routes it unscored straight away. The
-work ahead is the passes under way, the key's own backlog and, from each other key, as much as that at most
-(``FairQueue.ahead``), in tokens, times the recent forward-pass time per token, shared among the workers: a key
-that floods the scorer is refused for its own backlog, never for another key's. A queued request holds its token
+work ahead is what the passes under way still have to do (by their tokens and how long they have run), and the
+key's own backlog and, from each other key, as much as that at most (``FairQueue.ahead``), in tokens, times the
+recent forward-pass time per token; shared among the workers. A key that floods the scorer is refused for its own
+backlog, never for another key's. A queued request holds its token
 ids only (4 bytes each), at most ``max_queue`` per key.
 
 An early exit (``router.scorer.interface.EarlyExit``) travels with its request: a batch with one runs
@@ -104,7 +105,7 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._stopped = False
         self._token_s: float | None = None  # recent forward-pass seconds per token in one worker (moving average)
-        self._running = 0  # tokens in the passes under way (counted whole: how far they are is not known)
+        self._running: dict[int, tuple[float, int]] = {}  # worker -> (start, tokens) of its pass under way
         self._warmup = warmup
         self._worker_setup = worker_setup
         self._threads = [threading.Thread(target=self._run, name=f"scorer-{i}", daemon=True) for i in range(workers)]
@@ -154,7 +155,9 @@ class MicroBatcher:
         per_token = self._token_s
         if per_token is None:
             return 0.0
-        return (self._running + self._queue.ahead(key, tokens)) * per_token / len(self._threads)
+        now = time.perf_counter()
+        running = sum(max(0.0, tokens * per_token - (now - started)) for started, tokens in self._running.values())
+        return (running + self._queue.ahead(key, tokens) * per_token) / len(self._threads)
 
     @property
     def alive(self) -> bool:
@@ -233,9 +236,9 @@ class MicroBatcher:
             if not batch:
                 continue
             tokens = sum(job.tokens for job in batch)
-            with self._lock:
-                self._running += tokens
             started = time.perf_counter()
+            with self._lock:
+                self._running[threading.get_ident()] = (started, tokens)
             for job in batch:
                 job.started = started
             try:
@@ -247,7 +250,7 @@ class MicroBatcher:
                 continue
             finally:
                 with self._lock:
-                    self._running -= tokens
+                    del self._running[threading.get_ident()]
             elapsed = time.perf_counter() - started
             per_token = elapsed / max(1, tokens)
             self._token_s = per_token if self._token_s is None else 0.8 * self._token_s + 0.2 * per_token
