@@ -157,8 +157,10 @@ async def test_a_flooding_key_is_refused_for_its_own_backlog_not_another_keys() 
     try:
         tasks = await _queued(batcher, passes, *[("a", A, 1000)] * 8)
         batcher._token_s = 0.001  # as if timed: a token takes 1 ms
-        assert batcher.expected_wait_s("a", 1000) == pytest.approx(9.0)  # a's 8000 queued and its own 1000
-        assert batcher.expected_wait_s("b", 100) == pytest.approx(0.2)  # its own 100, and a's next 100 at most
+        # what is left of the pass under way (at most its 1 token), a's 8000 queued and its own 1000
+        assert batcher.expected_wait_s("a", 1000) == pytest.approx(9.0, abs=0.0011)
+        # what is left of the pass under way, its own 100, and a's next 100 at most
+        assert batcher.expected_wait_s("b", 100) == pytest.approx(0.2, abs=0.0011)
         with pytest.raises(ScorerUnavailable, match=r"queue would take about 9\.0s") as refused:
             await batcher.run([A] * 1000, key="a", timeout_s=5)
         assert refused.value.kind == "overloaded"
@@ -170,6 +172,22 @@ async def test_a_flooding_key_is_refused_for_its_own_backlog_not_another_keys() 
         passes.release.set()
         batcher.close()
     assert passes.batches[1] == [A] and passes.batches[2] == [B]  # b's came next, after the pass under way
+
+
+async def test_the_estimate_counts_what_the_pass_under_way_has_left() -> None:
+    passes = HeldPasses()
+    batcher = MicroBatcher(passes, max_batch_size=1, max_wait_s=0.0, max_queue=8)
+    try:
+        tasks = await _queued(batcher, passes)
+        batcher._token_s = 1000.0  # as if timed: the held pass (1 token) takes 1000 s, and has just begun
+        assert 999 < batcher.expected_wait_s("b", 1) - 1000.0 <= 1000
+        batcher._token_s = 1e-6  # ... it should have ended long ago: nothing left of it
+        assert batcher.expected_wait_s("b", 1) == pytest.approx(1e-6)
+        passes.release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    finally:
+        passes.release.set()
+        batcher.close()
 
 
 async def test_each_key_has_its_own_queue_bound() -> None:
