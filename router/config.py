@@ -95,8 +95,8 @@ class ScorerConfig(_Strict):
     )
     workers: int = Field(
         1, ge=1, le=64, description="forward passes the local scorer runs side by side, each on its own batch and "
-        "worker thread with `threads` torch threads; keep workers × threads at most the cores the scorer may use, and "
-        "raise max_in_flight_per_key to max_batch_size × workers if one key should fill every worker (docs/deploy.md)",
+        "worker thread with `threads` torch threads; keep workers × threads at most the cores the scorer may use "
+        "(docs/deploy.md)",
     )
     omp_wait_policy: Literal["brief", "passive", "active"] = Field(
         "brief", description="how the forward pass's OpenMP threads wait for work: 'brief' spins for about a "
@@ -129,10 +129,9 @@ class ScorerConfig(_Strict):
         "as one key); more are refused at once (queue_full) and routed unscored. A waiting request holds its token "
         "ids only",
     )
-    max_in_flight_per_key: int = Field(
-        8, ge=1, description="requests of one API key (all anonymous requests count as one key) in the scorer at "
-        "once; a key's further requests wait for its own turn, within timeout_s, so a key that floods the scorer "
-        "with prompts delays itself, not other keys",
+    max_in_flight_per_key: int | None = Field(
+        None, ge=1, description="deprecated and ignored (accepted so older config files still load): keys now share "
+        "the scorer by tokens (max_batch_tokens, max_queue per key; max_key_tokens_in_flight for kind 'vllm')",
     )
     timeout_s: float = Field(
         10.0, gt=0, description="longest a request waits for its score; one that would wait longer (the queue "

@@ -8,10 +8,8 @@ the policy picks among the backends that are up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from router.config import Settings
@@ -54,30 +52,6 @@ def load_probe_groups(settings: Settings) -> tuple[ProbeGroup, ...]:
     return tuple(ProbeGroup(scorer, ProbeSet(names, probes)) for scorer, names, probes in by_scorer.values())
 
 
-class ScorerShares:
-    """Each key's share of the scorers: at most ``per_key`` of its requests being scored at once. A key that sends
-    many (or huge) prompts at once queues behind its own, and the others' requests behind at most ``per_key`` of
-    them. Keys are the configured ones (one for all anonymous requests), so the table stays small."""
-
-    def __init__(self, per_key: int) -> None:
-        self.per_key = per_key
-        self._turns: dict[str, asyncio.Semaphore] = {}
-
-    @contextlib.asynccontextmanager
-    async def turn(self, client: str, timeout_s: float) -> AsyncIterator[None]:
-        slots = self._turns.setdefault(client, asyncio.Semaphore(self.per_key))
-        try:
-            async with asyncio.timeout(timeout_s):
-                await slots.acquire()
-        except TimeoutError as e:
-            raise ScorerUnavailable("key_share", f"this key already has {self.per_key} requests being scored; "
-                                    f"none finished within {timeout_s:g}s") from e
-        try:
-            yield
-        finally:
-            slots.release()
-
-
 @dataclass(frozen=True)
 class Estimate:
     """Each candidate's estimated chance of success for one request, and what it was estimated from."""
@@ -104,7 +78,6 @@ class Router:
         self.metrics = metrics
         self.backends = {b.name: b for b in settings.backends}
         self.probed = [name for g in self.groups for name in g.probes.names]
-        self._shares = ScorerShares(settings.scorer.max_in_flight_per_key)
         self._by_model = {b.model: b.name for b in settings.backends}
 
     async def route(self, request: Routable, *, available: set[str]) -> Routed:
@@ -144,19 +117,18 @@ class Router:
         return choose_by_threshold(options, request.threshold, self.policy.fallback)
 
     async def _score(self, messages: Sequence[Message], client: str) -> list[Scored]:
+        """Every group's scorer's features for ``messages``, scored as ``client``'s (each scorer shares itself
+        among keys by tokens: router/scorer/fair.py)."""
         timeout = self.settings.scorer.timeout_s
-        started = time.monotonic()
-        async with self._shares.turn(client, timeout):
-            timeout = max(timeout - (time.monotonic() - started), 0.001)
-            if len(self.groups) == 1:
-                scores = [await self.groups[0].scorer.score(messages, timeout)]
-            else:
-                results = await asyncio.gather(*(g.scorer.score(messages, timeout) for g in self.groups),
-                                               return_exceptions=True)
-                for result in results:
-                    if isinstance(result, BaseException):
-                        raise result
-                scores = list(results)  # type: ignore[arg-type]
+        if len(self.groups) == 1:
+            scores = [await self.groups[0].scorer.score(messages, timeout, key=client)]
+        else:
+            results = await asyncio.gather(*(g.scorer.score(messages, timeout, key=client) for g in self.groups),
+                                           return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            scores = list(results)  # type: ignore[arg-type]
         for scored in scores:
             self.metrics.scorer_seconds.observe(scored.total_s)
             self.metrics.scorer_queue_seconds.observe(scored.queue_s)

@@ -74,7 +74,7 @@ class _Scorer:
     info = INFO
     encoder = None
 
-    async def score(self, messages: object, timeout_s: float | None = None) -> Scored:
+    async def score(self, messages: object, timeout_s: float | None = None, **_: object) -> Scored:
         return Scored(np.zeros(4, dtype=np.float32), prompt_tokens=3, queue_s=0.0, total_s=0.001)
 
 
