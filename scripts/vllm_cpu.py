@@ -25,6 +25,17 @@ from router.scorer.cpu import native_cpu_dtype
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 PR_SET_PDEATHSIG = 1
+STANDIN_TEMPLATE = ROOT / "deploy" / "vllm" / "smollm2-tools.jinja"
+
+
+def standin_args() -> list[str]:
+    """What a stand-in (SmolLM2-135M-Instruct serving a pool model's name) needs beyond ``start_vllm``'s defaults:
+    tool calling. SmolLM2's own chat template ignores ``tools`` and cannot render an assistant turn whose content
+    is null, so the stand-in renders with ``STANDIN_TEMPLATE`` (SmolLM2's template plus Hermes-style tools, the
+    format Qwen2.5's template uses; byte for byte SmolLM2's rendering without tools) and parses calls with vLLM's
+    ``hermes`` parser, as the Qwen2.5 models it stands in for are served (docker-compose.yml). Without
+    ``--enable-auto-tool-choice`` vLLM answers a request with tools and ``tool_choice: auto`` (the default) 400."""
+    return ["--chat-template", str(STANDIN_TEMPLATE), "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 
 
 def stop_with_parent() -> None:
