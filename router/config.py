@@ -61,6 +61,16 @@ class ScorerConfig(_Strict):
         "model cut after that layer does (part of the feature recipe: probes record it)",
     )
     max_prompt_tokens: int = Field(1024, ge=8)
+    conversation: Literal["whole", "last_turn", "last_turn_with_context"] = Field(
+        "whole", description="what of a multi-turn conversation the scorer (and the text features) read: 'whole' "
+        "(every message, the start cut off beyond max_prompt_tokens), 'last_turn' (the opening system messages and "
+        "the last user message), 'last_turn_with_context' (those and the end of the turns before it, up to "
+        "context_tokens tokens). A single question reads the same in all three (router.scorer.prompt.view)",
+    )
+    context_tokens: int = Field(
+        256, ge=0, description="conversation 'last_turn_with_context': how many tokens of the earlier turns' text "
+        "(the latest first) the scorer reads before the last user message",
+    )
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
         "auto", description="the forward pass's dtype; 'auto' is bfloat16 where the hardware multiplies it "
         "natively (a CPU with AVX-512 bf16 or AMX, a GPU) and float32 on other CPUs, where bfloat16 is emulated "

@@ -19,6 +19,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from router.scorer.recipe import Message, normalise_messages
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+CONVERSATION_VIEWS = ("whole", "last_turn", "last_turn_with_context")
 
 
 def _token_text(value: Any) -> str | None:
@@ -32,7 +33,10 @@ def _token_text(value: Any) -> str | None:
 class PromptEncoder:
     """A model folder's chat template and tokenizer."""
 
-    def __init__(self, folder: Path, max_prompt_tokens: int) -> None:
+    def __init__(self, folder: Path, max_prompt_tokens: int, *, conversation: str = "whole",
+                 context_tokens: int = 0) -> None:
+        if conversation not in CONVERSATION_VIEWS:
+            raise ValueError(f"conversation {conversation!r}: one of {', '.join(CONVERSATION_VIEWS)}")
         folder = Path(folder)
         config: dict[str, Any] = {}
         if (folder / "tokenizer_config.json").is_file():
@@ -48,15 +52,60 @@ class PromptEncoder:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.max_prompt_tokens = max_prompt_tokens
+        self.conversation = conversation
+        self.context_tokens = context_tokens
         # the most characters one token can stand for (byte-level vocabularies spell a byte as one character)
         self.max_token_chars = max(len(t) for t in self.tokenizer.get_vocab())
         eos = self.special_tokens.get("eos_token")
         self.pad_id = (self.tokenizer.token_to_id(self.special_tokens.get("pad_token") or eos or "") or 0)
 
+    def view(self, messages: Sequence[Message]) -> list[dict[str, str]]:
+        """The part of a conversation the scorer reads (``scorer.conversation``), as normalised messages; the text
+        features of a probe read the same (``router.text_features.prompt_text`` of this).
+
+        The conversation is split into its head (the system and developer messages it opens with), its last user
+        message (the question now asked), what came before that message, and what follows it (the assistant's
+        tool calls and their results, in an agent's loop). ``whole`` keeps everything; ``last_turn`` the head and
+        the last user message; ``last_turn_with_context`` also the end of what came before, up to
+        ``context_tokens`` tokens of text. What follows the last user message is read only by ``whole``. A
+        conversation without a user message after its head is read whole. A single-turn prompt (a head and one user
+        message) reads the same in every view, so the view is not part of the feature recipe: probes trained on
+        single questions hold for every view.
+        """
+        normal = normalise_messages(messages)
+        if self.conversation == "whole":
+            return normal
+        start = 0
+        while start < len(normal) and normal[start]["role"] == "system":
+            start += 1
+        last = next((i for i in range(len(normal) - 1, start - 1, -1) if normal[i]["role"] == "user"), None)
+        if last is None:
+            return normal
+        context: list[dict[str, str]] = []
+        if self.conversation == "last_turn_with_context":
+            context = self._context(normal[start:last])
+        return [*normal[:start], *context, normal[last]]
+
+    def _context(self, before: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The end of ``before``: whole messages, latest first, while their text fits ``context_tokens`` tokens,
+        and the end of the one that does not fit, cut to what is left."""
+        left = self.context_tokens
+        kept: list[dict[str, str]] = []
+        for m in reversed(before):
+            if left <= 0:
+                break
+            text = m["content"][-left * self.max_token_chars:]  # bound the tokenising of a huge message
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            if len(ids) > left:
+                text = self.tokenizer.decode(ids[-left:])
+            left -= len(ids)
+            kept.append({"role": m["role"], "content": text})
+        return kept[::-1]
+
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt exactly as the scorer reads it: the chat template with the generation prompt."""
         rendered, _ = render_jinja_template(
-            conversations=[self._bounded(normalise_messages(messages))], chat_template=self.template,
+            conversations=[self._bounded(self.view(messages))], chat_template=self.template,
             add_generation_prompt=True, **self.special_tokens)
         return rendered[0]
 
