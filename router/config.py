@@ -62,10 +62,13 @@ class ScorerConfig(_Strict):
     )
     max_prompt_tokens: int = Field(1024, ge=8)
     conversation: Literal["whole", "last_turn", "last_turn_with_context"] = Field(
-        "whole", description="what of a multi-turn conversation the scorer (and the text features) read: 'whole' "
-        "(every message, the start cut off beyond max_prompt_tokens), 'last_turn' (the opening system messages and "
-        "the last user message), 'last_turn_with_context' (those and the end of the turns before it, up to "
-        "context_tokens tokens). A single question reads the same in all three (router.scorer.prompt.view)",
+        "last_turn_with_context", description="what of a multi-turn conversation the scorer (and the text "
+        "features) read: 'whole' (every message, the start cut off beyond max_prompt_tokens), 'last_turn' (the "
+        "opening system messages and the last user message), 'last_turn_with_context' (those and the end of the "
+        "turns before it, up to context_tokens tokens). A single question reads the same in all three "
+        "(router.scorer.prompt.PromptEncoder.view). The default is the only one that kept the probes' AUROC on "
+        "every kind of conversation measured: 'last_turn' loses it on follow-ups that need their context, 'whole' "
+        "when tool results follow the question (research/conversations/README.md)",
     )
     context_tokens: int = Field(
         256, ge=0, description="conversation 'last_turn_with_context': how many tokens of the earlier turns' text "

@@ -79,7 +79,7 @@ TOOLS = [
             "required": ["value", "from_unit", "to_unit"]}}},
 ]
 CALC = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
-CONTEXTS = (128, 256)
+CONTEXTS = (128, 256, 512)
 
 
 def clean_solution(solution: str) -> str:

@@ -155,3 +155,8 @@ def test_unknown_views_are_refused(encoders: dict[str, PromptEncoder]) -> None:
     assert set(CONVERSATION_VIEWS) == set(encoders)
     with pytest.raises(ValueError, match="conversation"):
         PromptEncoder(Path("."), 8, conversation="middle")
+
+
+def test_the_default_reads_the_last_turn_with_context() -> None:
+    cfg = ScorerConfig()
+    assert (cfg.conversation, cfg.context_tokens) == ("last_turn_with_context", 256)
