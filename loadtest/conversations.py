@@ -61,7 +61,7 @@ async def one_conversation(client: openai.AsyncOpenAI, index: int, asks: Sequenc
             model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_headers=headers)
         first, text, usage = None, [], None
-        async for chunk in await raw.parse():
+        async for chunk in raw.parse():  # type: ignore[attr-defined]
             if chunk.choices and chunk.choices[0].delta.content:
                 first = first or time.perf_counter()
                 text.append(chunk.choices[0].delta.content)
@@ -134,8 +134,12 @@ async def run_conversations(args: argparse.Namespace) -> dict[str, Any]:
         summary["prefix_cache"] = {"hits": after["hits"] - before["hits"], "queries": queries,
                                    "hit_rate": round((after["hits"] - before["hits"]) / queries, 3)
                                    if queries else None}
-    return {"args": {k: v for k, v in vars(args).items() if k != "api_key"}, "summary": summary,
+    return {"args": _args(args), "summary": summary,
             "turns": [asdict(t) for t in turns]}
+
+
+def _args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in ("api_key", "out")}
 
 
 async def first_token_s(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> float:
@@ -161,7 +165,7 @@ async def run_ttft(args: argparse.Namespace) -> dict[str, Any]:
                 base = args.url if where == "gateway" else args.direct
                 times[where].append(await first_token_s(client, f"{base.rstrip('/')}/responses", body))
     medians = {k: statistics.median(v) for k, v in times.items()}
-    return {"args": {k: v for k, v in vars(args).items() if k != "api_key"},
+    return {"args": _args(args),
             "median_ttft_s": {k: round(v, 4) for k, v in medians.items()},
             "ratio_gateway_to_direct": round(medians["gateway"] / medians["direct"], 3), "ttft_s": times}
 

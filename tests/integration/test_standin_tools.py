@@ -110,6 +110,14 @@ def test_responses_function_calls_and_a_whole_conversation_sent_as_input(client:
     assert answer.status in ("completed", "incomplete") and answer.usage is not None
 
 
+def test_a_repeated_prefix_is_served_from_the_prefix_cache_and_reported(client: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "You are a patient tutor. " * 40}, QUESTION]
+    client.chat.completions.create(model="standin", messages=messages, max_tokens=1)
+    again = client.chat.completions.create(model="standin", messages=messages, max_tokens=1)
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert again.usage.prompt_tokens_details.cached_tokens  # what keeping a conversation on one backend saves
+
+
 def test_the_standin_keeps_no_responses(client: openai.OpenAI) -> None:
     first = client.responses.create(model="standin", input="What is 2+2?", max_output_tokens=4)
     with pytest.raises(openai.NotFoundError):
