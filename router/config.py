@@ -83,6 +83,19 @@ class ScorerConfig(_Strict):
         "model cut after that layer does (part of the feature recipe: probes record it)",
     )
     max_prompt_tokens: int = Field(1024, ge=8)
+    conversation: Literal["whole", "last_turn", "last_turn_with_context"] = Field(
+        "last_turn_with_context", description="what of a multi-turn conversation the scorer (and the text "
+        "features) read: 'whole' (every message, the start cut off beyond max_prompt_tokens), 'last_turn' (the "
+        "opening system messages and the last user message), 'last_turn_with_context' (those and the end of the "
+        "turns before it, up to context_tokens tokens). A single question reads the same in all three "
+        "(router.scorer.prompt.PromptEncoder.view). The default is the only one that kept the probes' AUROC on "
+        "every kind of conversation measured: 'last_turn' loses it on follow-ups that need their context, 'whole' "
+        "when tool results follow the question (research/conversations/README.md)",
+    )
+    context_tokens: int = Field(
+        256, ge=0, description="conversation 'last_turn_with_context': how many tokens of the earlier turns' text "
+        "(the latest first) the scorer reads before the last user message",
+    )
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
         "auto", description="the forward pass's dtype; 'auto' is bfloat16 where the hardware multiplies it "
         "natively (a CPU with AVX-512 bf16 or AMX, a GPU) and float32 on other CPUs, where bfloat16 is emulated "
@@ -347,6 +360,53 @@ class StateConfig(_Strict):
                                  "(calls use the replica's own memory meanwhile)")
 
 
+class AffinityConfig(_Strict):
+    """Session affinity (router/affinity.py): the later turns of a conversation stay on the backend that answered
+    its first routed turn, so its answers keep one model's style and that backend's prefix cache serves them."""
+
+    enabled: bool = Field(True, description="keep conversations on one backend; false: every turn is routed afresh")
+    sources: list[Literal["header", "prompt_cache_key", "user", "opening"]] = Field(
+        default_factory=lambda: ["header", "prompt_cache_key", "user", "opening"], min_length=1,
+        description="what names a request's session, the first found in this order: 'header' (the header named "
+        "below), 'prompt_cache_key' and 'user' (body fields), 'opening' (a digest of the conversation's leading "
+        "system messages and first user message, which every later turn repeats). 'user' pins all of a user's "
+        "conversations together; leave it out to route them apart",
+    )
+    header: str = Field("x-session-id", min_length=1, pattern=r"^[A-Za-z0-9-]+$",
+                        description="the request header a client names its session with")
+    break_margin: float = Field(
+        0.1, ge=0, le=1, description="a later turn leaves its pinned backend when that backend's estimate for it is "
+        "below the threshold in effect minus this (it also leaves when the backend is down or the key may not use "
+        "it); 0 breaks as soon as the pinned backend would not have been chosen for clearing the threshold, 1 never "
+        "breaks on the estimate",
+    )
+    ttl_s: float = Field(1800, gt=0, description="a pin lasts this long after its conversation's last turn")
+    max_entries: int = Field(100_000, ge=1, description="pins kept in a replica's own memory (without Redis, "
+                             "and as the fallback while it is down); the least recently used go first")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, v: list[str]) -> list[str]:
+        if len(set(v)) < len(v):
+            raise ValueError("each source at most once")
+        return v
+
+
+class ResponsesConfig(_Strict):
+    """POST /v1/responses (router/responses.py): the conversations a later request may continue with
+    previous_response_id, kept by the gateway (in Redis with state.redis_url) so that any backend can answer."""
+
+    store_ttl_s: float = Field(24 * 3600, gt=0, description="a response can be continued for this long after it "
+                               "was given (OpenAI keeps them 30 days; here they cost memory or Redis space)")
+    max_entries: int = Field(10_000, ge=1, description="responses kept in a replica's own memory (without Redis, "
+                             "and as the fallback while it is down); the oldest go first")
+    max_conversation_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="a response whose whole conversation (every item so far, encoded as "
+        "JSON) is larger than this is not kept (continuing it gets a 404, as for an expired one; the client can send "
+        "the items itself as input)",
+    )
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -397,6 +457,8 @@ class Settings(BaseSettings):
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+    affinity: AffinityConfig = Field(default_factory=AffinityConfig)
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @classmethod

@@ -86,6 +86,16 @@ class Metrics:
             "router_upstream_errors", "Failed attempts to reach a backend, by kind", ["backend", "kind"], registry=r
         )
         self.in_flight = Gauge("router_requests_in_flight", "Requests being answered now", registry=r)
+        self.affinity = Counter(
+            "router_affinity", "Routed requests of a session, by what affinity did (router.affinity.Verdict): kept "
+            "(a hit), new (no pin yet), or broken: estimate, unavailable, not_allowed, unknown", ["outcome"],
+            registry=r,
+        )
+        self.conversations = Counter(
+            "router_responses_conversations", "Responses conversations (previous_response_id): saved, too_large "
+            "(not kept), expanded (a follow-up continued), not_found (a follow-up named none kept)", ["outcome"],
+            registry=r,
+        )
 
     def child(self, metric: M, *labels: str) -> M:
         """``metric.labels(*labels)``, looked up once. prometheus-client's ``labels()`` validates and locks on

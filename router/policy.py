@@ -15,6 +15,7 @@ class Reason(StrEnum):
     EXPLICIT = "explicit_backend"  # the request named a backend
     UNSCORED = "unscored"  # the scorer could not score this request: the fallback, else the dearest backend
     FAILOVER = "failover"  # the chosen backend failed before answering: the next in the decision's order
+    AFFINITY = "affinity"  # a later turn of a conversation kept the backend of its first turn (router.affinity)
 
 
 @dataclass(frozen=True)

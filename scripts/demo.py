@@ -25,7 +25,7 @@ import httpx
 
 from router import Settings, load_settings
 from router.scorer import ModelFolder, resolve_model, truncate_model, vllm_pooling_args
-from scripts.vllm_cpu import ROOT, VllmServer, start_vllm, stop_with_parent, wait_ready
+from scripts.vllm_cpu import ROOT, VllmServer, standin_args, start_vllm, stop_with_parent, wait_ready
 
 CONFIG = ROOT / "config.yaml"
 SCORER_PORT = int(os.environ.get("DEMO_SCORER_PORT", "8003"))
@@ -112,7 +112,8 @@ def stop_all(gateways: Sequence[subprocess.Popen[bytes]], servers: Sequence[Serv
 
 def start_standins(settings: Settings, folder: ModelFolder, logs: Path, say: Callable[[str], None]
                    ) -> list[VllmServer]:
-    """One vLLM CPU server per backend (the scorer's model as a stand-in, one core each), not waited for.
+    """One vLLM CPU server per backend (the scorer's model as a stand-in, one core each, tool calling on:
+    ``standin_args``), not waited for.
 
     They run at a lower CPU priority (``STANDIN_NICENESS``) than the gateway: in a deployment the backends have
     GPUs of their own and never take the gateway's cores; here they share them, and a scorer pass that had to
@@ -124,7 +125,8 @@ def start_standins(settings: Settings, folder: ModelFolder, logs: Path, say: Cal
         standin = f"smollm2-135m-instruct-standin-for-{backend.name}"
         say(f"starting vLLM CPU on 127.0.0.1:{port} (core {core % cores}) as a stand-in for {backend.model} ...")
         servers.append(start_vllm(folder.path, port, [standin, backend.model], core=core % cores,
-                                  log_path=logs / f"vllm-{backend.name}.log", niceness=STANDIN_NICENESS))
+                                  log_path=logs / f"vllm-{backend.name}.log", niceness=STANDIN_NICENESS,
+                                  extra_args=standin_args()))
     return servers
 
 
