@@ -117,7 +117,8 @@ def test_malformed_requests_get_a_400_from_validation(body: dict) -> None:
 def test_a_follow_up_alone_needs_no_input_and_unknown_ids_are_a_404() -> None:
     parsed({"model": "router", "previous_response_id": "resp_1"})
     error = previous_not_found("resp_1")
-    assert isinstance(error, NotFound) and status_of(error) == 404 and error.param == "previous_response_id" and "resp_1" in str(error)
+    assert isinstance(error, NotFound) and status_of(error) == 404
+    assert error.param == "previous_response_id" and "resp_1" in str(error)
 
 
 def test_a_follow_up_is_expanded_into_one_self_contained_request() -> None:
