@@ -17,6 +17,7 @@ from router import ConfigError, Settings, load_settings
 from router.scorer import configure_openmp
 
 if TYPE_CHECKING:
+    from probes.cascade import CascadeTraining
     from probes.data import Dataset
 
 DEFAULT_SWEEP_LAYERS = "3,6,9,12,15,18,21,24,27,30"
@@ -69,6 +70,15 @@ def _settings(args: argparse.Namespace) -> Settings:
         scorer = type(settings.scorer).model_validate(settings.scorer.model_dump() | update)
         settings = settings.model_copy(update={"scorer": scorer})
     return settings
+
+
+def _cascade(args: argparse.Namespace, settings: Settings) -> CascadeTraining | None:
+    """What train fits for the cascade (None: --no-cascade)."""
+    from probes.cascade import CascadeTraining, early_layer_for
+
+    if not args.cascade:
+        return None
+    return CascadeTraining(early_layer_for(settings, args.early_layer), args.cascade_agreement)
 
 
 def _label(args: argparse.Namespace) -> int:
@@ -131,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
     calibration = load_dataset(args.calibration) if args.calibration else None
     written = train_probes(settings, dataset, out_dir=args.out, folds=args.folds, seed=args.seed, label_keys=labels,
                            train_keys=train_keys, extra_training=extra, text=args.text_features,
-                           calibration=calibration, progress=not args.no_progress)
+                           calibration=calibration, progress=not args.no_progress, cascade=_cascade(args, settings))
     if not written:
         print("error: no backend of the config has labels in the data", file=sys.stderr)
         return 1
@@ -152,7 +162,7 @@ def _eval(args: argparse.Namespace) -> int:
         folds=args.folds, seed=args.seed, rounds=args.bootstrap,
         label_keys=_label_keys(args.label), train_keys=_all_train_keys(args, settings, dataset),
         command="python -m probes " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
-        progress=not args.no_progress,
+        progress=not args.no_progress, cascade=_cascade(args, settings),
     )
     for name, entry in report["backends"].items():
         lo, hi = entry["auroc_ci95"]
@@ -166,6 +176,13 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"pool, {router}: argmax-p accuracy {entry['argmax_p']['accuracy']:.3f} (best single "
               f"{best['accuracy']:.3f}); threshold policy max accuracy {entry['threshold']['max_accuracy']:.3f}, "
               f"utility {entry['utility']['max_accuracy']:.3f}")
+    if "cascade" in report:
+        at = report["cascade"]["at_policy"]
+        print("cascade: decided by " + ", ".join(f"{s} {v:.1%}" for s, v in at["decided"].items())
+              + f"; agreement {at['agreement']:.4f}; accuracy {at['cascade']['accuracy']:.4f} (full probes "
+              f"{at['full']['accuracy']:.4f})" + "".join(f"; APGR {v:.4f} ({k})" for k, v in
+                                                         report["cascade"]["frontier"].get("apgr", {}).items()
+                                                         if k != "note"))
     print(f"report: {args.out / 'report.md'}")
     return 0
 
@@ -194,17 +211,39 @@ def _calibrate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if not choice.met:
         print("warning: no threshold meets the target; chose the closest operating point", file=sys.stderr)
+    cascade = None
+    if args.cascade and settings.policy.mode == "threshold":
+        from probes.cascade import recalibrate_margins
+
+        cascade = recalibrate_margins(
+            settings, dataset, estimates, choice.threshold, calibration=load_dataset(args.calibration)
+            if args.calibration else None, text=args.text_features, folds=args.folds, seed=args.seed,
+            label_keys=_label_keys(args.label), train_keys=_all_train_keys(args, settings, dataset),
+            agreement=args.cascade_agreement, progress=not args.no_progress)
+        if cascade is not None:
+            block = cascade[0]
+            print(f"cascade margins for threshold {choice.threshold:.4f}: "
+                  + ", ".join(f"{s} {m:.4f}" for s, m in block["margins"].items())
+                  + " (decided by " + ", ".join(f"{s} {v:.1%}" for s, v in block["decided"].items())
+                  + f"; agreement {block['agreement']:.4f})")
     if args.dry_run:
         return 0 if choice.met else 1
     write_threshold(args.config, choice.threshold)
     print(f"wrote policy.threshold: {choice.threshold:.4f} to {args.config}")
+    if cascade is not None:
+        from probes.cascade import write_cascade
+
+        block, paths = cascade
+        write_cascade(paths, block)
+        print(f"wrote the cascade margins into {', '.join(str(p) for p in paths)}")
     return 0 if choice.met else 1
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
     from probes.data import load_dataset
     from probes.extract import probe_inputs
-    from probes.train import calibration_summary, probe_logits, recalibrated
+    from probes.fit import probe_logits, recalibrated
+    from probes.train import calibration_summary
     from router import load_probe, save_probe
 
     settings = _settings(args)
@@ -277,6 +316,19 @@ def _sources_opts(p: argparse.ArgumentParser) -> None:
                    "correctness and success rate); C, Platt and the metrics stay per backend")
 
 
+def _cascade_opts(p: argparse.ArgumentParser, *, switch: str | None = None, early: bool = True) -> None:
+    if switch:
+        p.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=True, help=switch)
+    if early:
+        p.add_argument("--early-layer", type=int, metavar="BLOCK",
+                       help="the scorer block the early stage reads (default: the config's "
+                       "policy.cascade.early_layer; none unless it comes before the scorer's deepest block)")
+    p.add_argument("--cascade-agreement", type=float, default=0.99, metavar="SHARE",
+                   help="the margins are the smallest with which the cascade's decisions agree with the full "
+                   "probes' on at least this share of held-out estimates, for the config's policy "
+                   "(default: %(default)s)")
+
+
 def _cv_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds, outer and inner (default: 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -325,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cv_opts(train)
     _labels_opts(train)
     _sources_opts(train)
+    _cascade_opts(train, switch="also fit each backend's cascade stages (a text-only model; an early model at "
+                  "--early-layer) and choose the margins they decide with (policy.cascade; default: on)")
     train.add_argument("--sweep", action="store_true", help="choose scorer layers × pooling by inner CV")
     train.add_argument("--sweep-layers", default=DEFAULT_SWEEP_LAYERS,
                        help="candidate layer groups, comma-separated; '+' joins layers into one recipe, e.g. "
@@ -347,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     _labels_opts(ev)
     _sources_opts(ev)
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default: 1000)")
+    ev.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=False,
+                    help="also route the held-out questions by the cascade (text-only models, then an early block, "
+                    "then the full probes; margins chosen inside each training fold) against the full probes "
+                    "(default: off)")
+    _cascade_opts(ev)
     ev.set_defaults(run=_eval, argv=None)
 
     cal = sub.add_parser("calibrate", help="choose policy.threshold for a target and write it into the config",
@@ -369,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--max-dear-share", type=float, help="most accurate threshold sending at most this share "
                         "of requests to the dearest backend")
     cal.add_argument("--dry-run", action="store_true", help="report the choice, leave the config alone")
+    _cascade_opts(cal, early=False, switch="where the config's probe files carry cascade stages, choose their "
+                  "margins for the new threshold on held-out estimates made the same way, and write them into the "
+                  "probe files (default: on; threshold mode)")
     cal.set_defaults(run=_calibrate)
 
     recal = sub.add_parser("recalibrate", help="re-fit only the probes' calibration on a labelled sample",

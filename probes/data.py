@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from router import BackendConfig, request_cost
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -80,3 +82,15 @@ def load_dataset(path: str | Path) -> Dataset:
     if not records:
         raise ValueError(f"{path}: no questions")
     return Dataset(path, records)
+
+
+def estimate_costs(
+    dataset: Dataset, backend: BackendConfig, prompt_tokens: np.ndarray, output_tokens: int,
+) -> tuple[np.ndarray, str]:
+    """Per-question cost of calling ``backend``: the data's measured ``cost[model]`` where every record has
+    one, else prompt tokens (the scorer's count) and ``output_tokens`` at the backend's prices."""
+    measured = [(r.get("cost") or {}).get(backend.model) for r in dataset.records]
+    if all(v is not None for v in measured):
+        return np.array(measured, dtype=np.float64), "measured"
+    est = request_cost(backend.input_cost_per_mtok, backend.output_cost_per_mtok, prompt_tokens, output_tokens)
+    return np.asarray(est, dtype=np.float64), f"estimated: scorer-token prompt length + {output_tokens} output tokens"

@@ -22,7 +22,18 @@ if TYPE_CHECKING:
         load_settings,
     )
     from router.errors import RouterError
-    from router.policy import Decision, Option, Reason, choose_by_threshold, choose_by_utility, request_cost
+    from router.policy import (
+        Decision,
+        Option,
+        Reason,
+        Rule,
+        choose,
+        choose_by_threshold,
+        choose_by_utility,
+        clear_decision,
+        decision_radius,
+        request_cost,
+    )
     from router.probe import Probe, ProbeError, ProbeSet, check_compatible, load_probe, save_probe, scorer_block
     from router.request import CompletionCall, Resolver, Routable
     from router.routing import ProbeGroup, Router, load_probe_groups
@@ -33,7 +44,8 @@ _EXPORTS = {
     "BackendConfig": "config", "ConfigError": "config", "PolicyConfig": "config", "ScorerConfig": "config",
     "Settings": "config", "load_settings": "config",
     "RouterError": "errors",
-    "Decision": "policy", "Option": "policy", "Reason": "policy", "choose_by_threshold": "policy",
+    "Decision": "policy", "Option": "policy", "Reason": "policy", "Rule": "policy", "choose": "policy",
+    "clear_decision": "policy", "decision_radius": "policy", "choose_by_threshold": "policy",
     "choose_by_utility": "policy", "request_cost": "policy",
     "Probe": "probe", "ProbeError": "probe", "ProbeSet": "probe", "check_compatible": "probe", "load_probe": "probe",
     "save_probe": "probe", "scorer_block": "probe",
@@ -59,13 +71,17 @@ __all__ = [
     "Routable",
     "Router",
     "RouterError",
+    "Rule",
     "ScorerConfig",
     "Settings",
     "TextFeatures",
     "check_compatible",
+    "choose",
     "choose_by_threshold",
     "choose_by_utility",
+    "clear_decision",
     "create_app",
+    "decision_radius",
     "load_probe",
     "load_probe_groups",
     "load_settings",

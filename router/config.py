@@ -217,6 +217,31 @@ class BackendConfig(_Strict):
         return self.output_cost_per_mtok, self.input_cost_per_mtok
 
 
+class CascadeConfig(_Strict):
+    """Deciding a request with cheaper estimates first, where they give the decision the full probes would:
+    stage 1, each backend's text-only model (the prompt's TF-IDF and length, no scorer pass); stage 2, each
+    backend's early model (the scorer's features at block ``early_layer``; the pass stops there); else the full
+    probes. A stage decides when its decision is clear: the same backend for any estimates within its margin of
+    its own (``router.policy.clear_decision``). The models and their margins come in the probe files
+    (``python -m probes train`` fits them; its ``--cascade-agreement`` sets how often the cascade must agree
+    with the full probes, 0.99 by default, on held-out estimates)."""
+
+    enabled: bool = Field(
+        False, description="decide with the cheaper stages first (every backend's probe file must carry them); "
+        "off: every routed request runs the full scorer pass")
+    text_margin: float | None = Field(
+        None, ge=0, le=1, description="stage 1 decides a request when no estimate within this of its text-only "
+        "estimates would change the decision (probability units). None: the margin the probe files carry, "
+        "chosen for the policy they were trained with (for another threshold, the one chosen for the nearest "
+        "thresholds). 0: stage 1 decides every request; 1: none")
+    early_margin: float | None = Field(
+        None, ge=0, le=1, description="likewise for stage 2, the early-block estimates. None: the probe files'")
+    early_layer: int | None = Field(
+        6, ge=1, description="the scorer block stage 2 reads (must be before the deepest of scorer.layers; the "
+        "probe files' early models must read it: checked against the scorer's fingerprint at load). None: no "
+        "stage 2. `python -m probes train` fits the early models for this block")
+
+
 class PolicyConfig(_Strict):
     threshold: float = Field(0.8, ge=0, le=1)
     alias: str = Field("router", min_length=1)
@@ -229,6 +254,8 @@ class PolicyConfig(_Strict):
     expected_output_tokens: int = Field(
         256, ge=1, description="output length assumed when a request sets no max_tokens, to rank backends by cost"
     )
+    cascade: CascadeConfig = Field(default_factory=CascadeConfig, description="cheaper estimates first: a "
+                                   "text-only stage, then an early block, then the full scorer pass")
 
 
 class ResilienceConfig(_Strict):
@@ -488,6 +515,10 @@ class Settings(BaseSettings):
             raise ValueError(f"observability.reference_backend {reference!r} names no backend")
         if not any(b.probe for b in self.backends):
             raise ValueError("at least one backend needs a probe, or there is nothing to route between")
+        cascade = self.policy.cascade
+        if cascade.enabled and cascade.early_layer is not None and cascade.early_layer >= max(self.scorer.layers):
+            raise ValueError(f"policy.cascade.early_layer ({cascade.early_layer}) must be before the scorer's deepest "
+                             f"block ({max(self.scorer.layers)}), or set it to null (no early stage)")
         key_names = [k.name for k in self.auth.keys]
         if len(set(key_names)) < len(key_names):
             raise ValueError("auth.keys: names must be unique")
