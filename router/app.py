@@ -18,9 +18,10 @@ from router.feedback import FeedbackStore
 from router.gateway import Gateway
 from router.hot_routes import HotRoutes
 from router.http import install_error_handlers
-from router.metrics import BackendStates, Metrics
+from router.metrics import BackendStates, CacheCounts, Metrics
 from router.request import Resolver
 from router.routing import ProbeGroup, Router
+from router.score_cache import ScoreCache
 from router.state import SharedState
 from router.upstream import Pool
 
@@ -35,13 +36,16 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for group in probe_groups:
-            await group.scorer.start(on_batch=lambda stats: app_metrics.scorer_batch_size.observe(stats.size))
+            await group.scorer.start(on_batch=app_metrics.observe_batch)
         app_metrics.scorer_up.set_function(lambda: all(g.scorer.alive for g in probe_groups))
         pool = Pool(settings.backends, settings.resilience)
         states = BackendStates(pool.states)
         app_metrics.registry.register(states)
         decisions = DecisionLog(obs.decision_log) if obs.decision_log else None
-        router = Router(settings, probe_groups, app_metrics)
+        cache = ScoreCache(settings.scorer.cache, shared.redis)
+        cache_counts = CacheCounts(lambda: {"hit": cache.hits, "shared_hit": cache.shared_hits, "miss": cache.misses})
+        app_metrics.registry.register(cache_counts)
+        router = Router(settings, probe_groups, app_metrics, cache)
         app.state.pool = pool
         app.state.gateway = Gateway(settings, router, pool, app_metrics, shared.answers, decisions)
         health = asyncio.create_task(pool.run_health_checks(), name="backend-health")
@@ -59,6 +63,7 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
             if decisions is not None:
                 decisions.close()
             app_metrics.registry.unregister(states)
+            app_metrics.registry.unregister(cache_counts)
 
     app = FastAPI(
         title="probe-router",

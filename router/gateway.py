@@ -159,6 +159,8 @@ class Gateway:
             headers["x-router-p-success"] = f"{ex.routed.probabilities[backend]:.4f}"
         if ex.routed.scorer_ms is not None:
             headers["x-router-scorer-ms"] = f"{ex.routed.scorer_ms:.2f}"
+        if ex.routed.estimate is not None:
+            headers["x-router-stage"] = ex.routed.estimate.stage
         return headers
 
     def _stream_done(self, ex: InFlight, backend: str, sent: float, reason: Reason, outcome: Outcome) -> None:
@@ -210,6 +212,7 @@ class Gateway:
                 "probabilities": ex.routed.probabilities,
                 "threshold": ex.call.request.threshold,
                 "scorer_ms": ex.routed.scorer_ms,
+                "stage": ex.routed.estimate.stage if ex.routed.estimate is not None else None,
                 "prompt_tokens": usage.prompt_tokens if usage else None,
                 "completion_tokens": usage.completion_tokens if usage else None,
                 "cost_usd": cost,

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from router.scorer.interface import BatchStats
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _SCORER = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
@@ -71,6 +73,18 @@ class Metrics:
             "router_scorer_up", "1 while every scorer would score a request sent now (a remote scorer's circuit is "
             "closed), else 0: requests then go unscored to the fallback", registry=r,
         )
+        self.decision_stage = Counter(
+            "router_decision_stage", "Scored requests by the cascade stage that decided them: cache (the same "
+            "prompt's estimates made before), text (the text-only models, no scorer pass), early (the pass stopped "
+            "at an early block), scorer (the full pass)", ["stage"], registry=r,
+        )
+        self.scorer_batch_tokens = Histogram(
+            "router_scorer_batch_tokens", "Prompt tokens per scorer forward pass (the local scorer)",
+            buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r,
+        )
+        self.scorer_early_stops = Counter(
+            "router_scorer_early_stops", "Prompts whose scorer pass stopped at the cascade's early block", registry=r,
+        )
         self.scorer_errors = Counter(
             "router_scorer_errors", "Requests the scorer could not score, by kind", ["kind"], registry=r
         )
@@ -97,6 +111,14 @@ class Metrics:
             registry=r,
         )
 
+    def observe_batch(self, stats: BatchStats) -> None:
+        """One forward pass of a local scorer (called from its worker thread: prometheus-client is thread-safe)."""
+        self.scorer_batch_size.observe(stats.size)
+        if stats.tokens:
+            self.scorer_batch_tokens.observe(stats.tokens)
+        if stats.stopped:
+            self.scorer_early_stops.inc(stats.stopped)
+
     def child(self, metric: M, *labels: str) -> M:
         """``metric.labels(*labels)``, looked up once. prometheus-client's ``labels()`` validates and locks on
         every call, microseconds on the hot path; label values are bounded (see above), so is this cache. A
@@ -106,6 +128,21 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+
+class CacheCounts(Collector):
+    """``router_score_cache_total{result}``: lookups of the score cache that hit this replica's memory, hit Redis
+    (another replica's estimate), or missed; read from the cache when scraped."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        total = CounterMetricFamily("router_score_cache", "Score-cache lookups by result (hit: this replica's "
+                                    "memory, shared_hit: Redis, miss)", labels=["result"])
+        for result, count in self._counts().items():
+            total.add_metric([result], float(count))
+        yield total
 
 
 class BackendStates(Collector):

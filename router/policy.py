@@ -19,6 +19,15 @@ class Reason(StrEnum):
     AFFINITY = "affinity"  # a later turn of a conversation kept the backend of its first turn (router.affinity)
 
 
+class Stage(StrEnum):
+    """Which estimates decided a routed request (the cascade, router.routing): the cheapest that were clear."""
+
+    CACHE = "cache"  # the same prompt's estimates, made before for the same key and probes
+    TEXT = "text"  # the text-only models: no scorer pass
+    EARLY = "early"  # the models at an early block: the pass stopped there
+    SCORER = "scorer"  # the full probes on the whole pass
+
+
 @dataclass(frozen=True)
 class Option:
     name: str

@@ -9,17 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from router.config import Settings
 from router.errors import NotFound, PermissionDenied
 from router.metrics import Metrics
-from router.policy import Decision, Option, Reason, choose_by_threshold, choose_by_utility, request_cost
-from router.probe import Probe, ProbeSet, check_compatible, load_probe
+from router.policy import (
+    Decision,
+    Option,
+    Reason,
+    Rule,
+    Stage,
+    choose_by_threshold,
+    choose_by_utility,
+    clear_decision,
+    request_cost,
+)
+from router.probe import Probe, ProbeSet, check_compatible, check_early_compatible, load_probe
 from router.request import Routable
+from router.score_cache import ScoreCache
 from router.scorer import open_scorer
-from router.scorer.interface import Scored, Scorer, ScorerUnavailable
+from router.scorer.interface import EarlyExit, Scored, Scorer, ScorerUnavailable
 from router.scorer.recipe import Message
 
 log = logging.getLogger(__name__)
@@ -27,10 +41,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ProbeGroup:
-    """One scorer and the probes that read its features (checked against its recipe at load)."""
+    """One scorer and the probes that read its features (checked against its recipe at load). ``early_exit``: the
+    probes' early stage reads a block where this scorer can stop its pass (checked against its fingerprint)."""
 
     scorer: Scorer
     probes: ProbeSet
+    early_exit: bool = False
 
 
 def load_probe_groups(settings: Settings) -> tuple[ProbeGroup, ...]:
@@ -49,7 +65,30 @@ def load_probe_groups(settings: Settings) -> tuple[ProbeGroup, ...]:
         check_compatible(probe, scorer.info, f"the probe of backend {b.name!r} ({b.probe})")
         names.append(b.name)
         probes.append(probe)
-    return tuple(ProbeGroup(scorer, ProbeSet(names, probes)) for scorer, names, probes in by_scorer.values())
+    groups = []
+    for scorer, names, probes in by_scorer.values():
+        probe_set = ProbeSet(names, probes)
+        groups.append(ProbeGroup(scorer, probe_set, _early_exit(settings, scorer, probe_set, probes, names)))
+    return tuple(groups)
+
+
+def _early_exit(settings: Settings, scorer: Scorer, probe_set: ProbeSet, probes: Sequence[Probe],
+                names: Sequence[str]) -> bool:
+    """Whether stage 2 of the cascade can run for these probes on this scorer: their early stages read the block
+    the config names, and the scorer can stop its pass there with the features they were trained on (ProbeError
+    if it could stop there but they were trained on other features)."""
+    cascade = settings.policy.cascade
+    layer = probe_set.early_layer
+    if not cascade.enabled or layer is None or layer != cascade.early_layer:
+        return False
+    info = scorer.early_exit_info(layer)
+    if info is None:
+        log.info("cascade: no early stage for %s (this scorer cannot stop its pass at block %d)", ", ".join(names),
+                 layer)
+        return False
+    for name, probe in zip(names, probes, strict=True):
+        check_early_compatible(probe, info, f"the probe of backend {name!r}")
+    return True
 
 
 @dataclass(frozen=True)
@@ -59,7 +98,8 @@ class Estimate:
     probabilities: dict[str, float]
     prompt_tokens: int  # as the scorer's tokenizer counts them
     scorer_ms: float
-    scored: tuple[Scored, ...]  # per probe group: the features its probes read
+    scored: tuple[Scored, ...]  # per probe group: the features its probes read (none when no pass ran)
+    stage: Stage = Stage.SCORER  # which estimates decided (the cascade's cheapest clear stage)
 
 
 @dataclass(frozen=True)
@@ -71,14 +111,22 @@ class Routed:
 
 
 class Router:
-    def __init__(self, settings: Settings, groups: Sequence[ProbeGroup], metrics: Metrics) -> None:
+    """Decides where requests go. A routed request's estimates come from the cheapest stage whose decision is clear
+    (the cascade, with ``policy.cascade`` and probe files that carry the stages): the same prompt's estimates made
+    before (``cache``), the text-only models, the models at an early block of the scorer's pass (the pass stops
+    there), else the full probes. With several scorers (self-probes) every request runs the full passes."""
+
+    def __init__(self, settings: Settings, groups: Sequence[ProbeGroup], metrics: Metrics,
+                 cache: ScoreCache | None = None) -> None:
         self.settings = settings
         self.policy = settings.policy
         self.groups = tuple(groups)
         self.metrics = metrics
+        self.cache = cache if cache is not None and cache.enabled and len(self.groups) == 1 else None
         self.backends = {b.name: b for b in settings.backends}
         self.probed = [name for g in self.groups for name in g.probes.names]
         self._by_model = {b.model: b.name for b in settings.backends}
+        self._cascade = settings.policy.cascade.enabled and len(self.groups) == 1 and bool(self.groups[0].probes.stages)
 
     async def route(self, request: Routable, *, available: set[str]) -> Routed:
         """Where ``request`` goes, given the backends whose circuit lets requests through now. NotFound for a
@@ -101,13 +149,83 @@ class Router:
         return Routed(self._decide(estimate, request), estimate.probabilities, estimate.scorer_ms, estimate)
 
     async def _estimate(self, request: Routable, candidates: list[str]) -> Estimate:
-        """Every candidate's estimate for ``request``: its scorers' features through their probes."""
+        """Every candidate's estimate for ``request``, from the cheapest stage that decides it."""
+        if self.cache is None and not self._cascade:
+            return await self._full(request, candidates)
+        group = self.groups[0]
+        started = time.perf_counter()
+        view = group.scorer.encoder.view(request.messages)  # what the scorer reads, and so the text models
+        ids = await group.scorer.encoder.encode_async(request.messages) if self.cache is not None else None
+        prompt_tokens = len(ids) if ids is not None else request.prompt_tokens
+        if self.cache is not None and ids is not None:
+            cached = await self.cache.get(request.client, group.probes.version, ids)
+            if cached is not None and set(candidates) <= set(cached):
+                return self._stage_estimate(Stage.CACHE, cached, candidates, prompt_tokens, started)
+        row = group.probes.text_row(view)
+        margins = self._margins(group, request) if self._cascade else {}
+        if "text" in margins:
+            text = group.probes.predict_text(row=row)
+            if self._clear(text, candidates, prompt_tokens, request, margins["text"]):
+                return self._stage_estimate(Stage.TEXT, text, candidates, prompt_tokens, started)
+        early = None
+        if group.early_exit and "early" in margins and group.probes.early_layer is not None:
+            def should_stop(x: np.ndarray) -> bool:  # in the scorer's worker thread: microseconds of numpy
+                return self._clear(group.probes.predict_early(x, row=row), candidates, prompt_tokens, request,
+                                   margins["early"])
+
+            early = EarlyExit(group.probes.early_layer, should_stop)
+        scored = await self._pass(group.scorer, request, early, ids)
+        stage = Stage.EARLY if scored.stopped else Stage.SCORER
+        if scored.stopped:
+            assert scored.early is not None
+            estimates = group.probes.predict_early(scored.early, row=row)
+        else:
+            assert scored.features is not None
+            estimates = group.probes.predict(scored.features, row=row)
+        if self.cache is not None and ids is not None:
+            await self.cache.put(request.client, group.probes.version, ids, estimates)
+        return self._stage_estimate(stage, estimates, candidates, scored.prompt_tokens, started, (scored,))
+
+    async def _full(self, request: Routable, candidates: list[str]) -> Estimate:
+        """Every candidate's estimate from the full probes of every scorer (no cascade, no cache)."""
         scores = await self._score(request.messages, request.client)
         probabilities = {}
         for group, scored in zip(self.groups, scores, strict=True):
-            predicted = group.probes.predict(scored.features, request.messages)
+            assert scored.features is not None
+            predicted = group.probes.predict(scored.features, group.scorer.encoder.view(request.messages))
             probabilities.update({n: p for n, p in predicted.items() if n in candidates})
+        self.metrics.child(self.metrics.decision_stage, Stage.SCORER).inc()
         return Estimate(probabilities, scores[0].prompt_tokens, max(s.total_s for s in scores) * 1000, tuple(scores))
+
+    def _stage_estimate(self, stage: Stage, estimates: dict[str, float], candidates: list[str], prompt_tokens: int,
+                        started: float, scored: tuple[Scored, ...] = ()) -> Estimate:
+        self.metrics.child(self.metrics.decision_stage, stage).inc()
+        probabilities = {n: p for n, p in estimates.items() if n in candidates}
+        return Estimate(probabilities, prompt_tokens, (time.perf_counter() - started) * 1000, scored, stage)
+
+    def _margins(self, group: ProbeGroup, request: Routable) -> dict[str, float]:
+        """Each stage's margin: the config's override, else what the probe files carry for this threshold."""
+        cascade = self.policy.cascade
+        margins = group.probes.margins(request.threshold if self.policy.mode == "threshold" else None)
+        for stage, override in (("text", cascade.text_margin), ("early", cascade.early_margin)):
+            if override is not None and stage in group.probes.stages:
+                margins[stage] = override
+        return margins
+
+    def _clear(self, estimates: dict[str, float], candidates: list[str], prompt_tokens: int, request: Routable,
+               margin: float) -> bool:
+        """Whether ``estimates`` give a decision no estimate within ``margin`` of them would change."""
+        options = self._options({n: estimates[n] for n in candidates}, prompt_tokens, request.output_tokens)
+        rule = Rule(self.policy.mode, request.threshold, self.policy.cost_weight, self.policy.fallback,
+                    self.policy.margin)
+        return clear_decision(options, rule, margin) is not None
+
+    async def _pass(self, scorer: Scorer, request: Routable, early: EarlyExit | None,
+                    ids: list[int] | None) -> Scored:
+        scored = await scorer.score(request.messages, self.settings.scorer.timeout_s, key=request.client,
+                                    early=early, ids=ids)
+        self._observe(scored)
+        return scored
 
     def _decide(self, estimate: Estimate, request: Routable) -> Decision:
         """The policy's choice among the estimated candidates, at the request's threshold."""
@@ -130,9 +248,12 @@ class Router:
                     raise result
             scores = list(results)  # type: ignore[arg-type]
         for scored in scores:
-            self.metrics.scorer_seconds.observe(scored.total_s)
-            self.metrics.scorer_queue_seconds.observe(scored.queue_s)
+            self._observe(scored)
         return scores
+
+    def _observe(self, scored: Scored) -> None:
+        self.metrics.scorer_seconds.observe(scored.total_s)
+        self.metrics.scorer_queue_seconds.observe(scored.queue_s)
 
     def _explicit_backend(self, model: str) -> str | None:
         """The backend a request's ``model`` names (by backend name or served model), None for the alias."""

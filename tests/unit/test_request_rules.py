@@ -31,6 +31,7 @@ from router.schemas import ChatCompletionRequest, CompletionRequest
 from router.scorer.interface import Scored
 from router.scorer.recipe import ScorerInfo
 from router.upstream import Relay
+from tests.support.fakes import ViewEncoder
 from tests.support.stack import make_settings
 
 INFO = ScorerInfo(model="m", layers=(2,), pooling="last", final_norm=True, hidden_size=4, feature_dim=4,
@@ -72,7 +73,7 @@ def test_completions_read_text_prompts_and_count_token_id_prompts() -> None:
 
 class _Scorer:
     info = INFO
-    encoder = None
+    encoder = ViewEncoder()
 
     async def score(self, messages: object, timeout_s: float | None = None, **_: object) -> Scored:
         return Scored(np.zeros(4, dtype=np.float32), prompt_tokens=3, queue_s=0.0, total_s=0.001)
