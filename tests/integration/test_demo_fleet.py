@@ -11,6 +11,7 @@ on its port (both replicas score again); Redis stopped and started again.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import signal
@@ -165,14 +166,16 @@ async def _load(url: str, on_answer) -> list[httpx.Response | Exception]:  # typ
     slots = asyncio.Semaphore(CONCURRENCY)
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(keepalive_expiry=None)) as client:
         async def one(i: int) -> httpx.Response | Exception:
+            # a distinct prompt each: the score cache decides a repeated one without the scorer
+            asked = {**body, "messages": [{"role": "user", "content": f"What is {i} * 7?"}]}
             async with slots:
                 try:
                     if i % 2:  # a stream, read to its end
                         async with client.stream("POST", f"{url}/v1/chat/completions",
-                                                 json={**body, "stream": True}) as r:
+                                                 json={**asked, "stream": True}) as r:
                             await r.aread()
                     else:
-                        r = await client.post(f"{url}/v1/chat/completions", json=body)
+                        r = await client.post(f"{url}/v1/chat/completions", json=asked)
                 except httpx.HTTPError as e:
                     on_answer(e)
                     return e
@@ -273,9 +276,10 @@ def test_the_scorer_sigkilled_under_load_behind_the_balancer_then_restarted(flee
     wait_ready([restarted], timeout_s=300)
     for i in (0, 1):  # scoring resumes on both replicas
         deadline = time.monotonic() + 60
-        while True:
-            r = httpx.post(f"{fleet.replica_url(i)}/v1/chat/completions", timeout=60,
-                           json={"model": "router", "max_tokens": 2, "messages": MESSAGES})
+        for n in itertools.count():  # distinct prompts, so the score cache cannot answer for the scorer
+            r = httpx.post(f"{fleet.replica_url(i)}/v1/chat/completions", timeout=60, json={
+                "model": "router", "max_tokens": 2,
+                "messages": [{"role": "user", "content": f"Is {n} prime? (replica {i})"}]})
             assert r.status_code == 200
             if r.headers["x-router-reason"] != "unscored":
                 break
