@@ -21,6 +21,7 @@ from router.http import install_error_handlers
 from router.metrics import BackendStates, Metrics
 from router.request import Resolver
 from router.routing import ProbeGroup, Router
+from router.session_state import open_affinity, open_conversations
 from router.state import SharedState
 from router.upstream import Pool
 
@@ -31,6 +32,8 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
     obs = settings.observability
     shared = SharedState(settings.state, FeedbackStore(obs.feedback_max_entries, obs.feedback_ttl_s),
                          app_metrics.registry)
+    affinity = open_affinity(settings.affinity, shared.redis)
+    conversations = open_conversations(settings.responses, shared.redis)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,9 +44,10 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
         states = BackendStates(pool.states)
         app_metrics.registry.register(states)
         decisions = DecisionLog(obs.decision_log) if obs.decision_log else None
-        router = Router(settings, probe_groups, app_metrics)
+        router = Router(settings, probe_groups, app_metrics, affinity)
         app.state.pool = pool
-        app.state.gateway = Gateway(settings, router, pool, app_metrics, shared.answers, decisions)
+        app.state.gateway = Gateway(settings, router, pool, app_metrics, shared.answers, decisions,
+                                    conversations=conversations, affinity=affinity)
         health = asyncio.create_task(pool.run_health_checks(), name="backend-health")
         try:
             yield
@@ -71,7 +75,7 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
     app.state.probe_groups = tuple(probe_groups)
     app.state.metrics = app_metrics
     app.state.auth = Authenticator(settings.auth, shared.limiter)
-    app.state.resolver = Resolver(settings.policy)
+    app.state.resolver = Resolver(settings.policy, affinity=settings.affinity)
     app.state.started = int(time.time())
     install_error_handlers(app)
     app.include_router(routes)
