@@ -50,8 +50,8 @@ class Turn:
 
 
 async def one_conversation(client: openai.AsyncOpenAI, index: int, asks: Sequence[str], *, model: str,
-                           max_tokens: int, session_header: str | None) -> list[Turn]:
-    messages: list[dict[str, Any]] = []
+                           max_tokens: int, session_header: str | None, tag: str | None = None) -> list[Turn]:
+    messages: list[dict[str, Any]] = [{"role": "system", "content": f"Run {tag}."}] if tag else []
     turns = []
     headers = {session_header: f"loadtest-{index}"} if session_header else None
     for t, question in enumerate(asks, 1):
@@ -123,7 +123,8 @@ async def run_conversations(args: argparse.Namespace) -> dict[str, Any]:
     async def held(i: int) -> list[Turn]:
         async with slots:
             return await one_conversation(client, i, asks[i * args.turns:(i + 1) * args.turns], model=args.model,
-                                          max_tokens=args.max_tokens, session_header=args.session_header)
+                                          max_tokens=args.max_tokens, session_header=args.session_header,
+                                          tag=args.tag)
 
     results = await asyncio.gather(*(held(i) for i in range(args.conversations)))
     turns = [t for ts in results for t in ts]
@@ -182,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--session-header", default=None, help="send this header with a per-conversation id")
+    parser.add_argument("--tag", default=None, help="open every conversation with a system message naming this "
+                        "run, so runs against the same backends share no prefix (a backend's prefix cache then "
+                        "serves only the run that filled it)")
     parser.add_argument("--metrics", nargs="*", default=[], help="the backends' /metrics URLs")
     parser.add_argument("--direct", help="ttft: the stand-in's base URL")
     parser.add_argument("--requests", type=int, default=40, help="ttft: requests to each")

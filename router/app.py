@@ -22,6 +22,7 @@ from router.metrics import BackendStates, CacheCounts, Metrics
 from router.request import Resolver
 from router.routing import ProbeGroup, Router
 from router.score_cache import ScoreCache
+from router.session_state import open_affinity, open_conversations
 from router.state import SharedState
 from router.upstream import Pool
 
@@ -32,6 +33,8 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
     obs = settings.observability
     shared = SharedState(settings.state, FeedbackStore(obs.feedback_max_entries, obs.feedback_ttl_s),
                          app_metrics.registry)
+    affinity = open_affinity(settings.affinity, shared.redis)
+    conversations = open_conversations(settings.responses, shared.redis)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,9 +48,10 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
         cache = ScoreCache(settings.scorer.cache, shared.redis)
         cache_counts = CacheCounts(lambda: {"hit": cache.hits, "shared_hit": cache.shared_hits, "miss": cache.misses})
         app_metrics.registry.register(cache_counts)
-        router = Router(settings, probe_groups, app_metrics, cache)
+        router = Router(settings, probe_groups, app_metrics, cache, affinity)
         app.state.pool = pool
-        app.state.gateway = Gateway(settings, router, pool, app_metrics, shared.answers, decisions)
+        app.state.gateway = Gateway(settings, router, pool, app_metrics, shared.answers, decisions,
+                                    conversations=conversations, affinity=affinity)
         health = asyncio.create_task(pool.run_health_checks(), name="backend-health")
         try:
             yield
@@ -76,7 +80,7 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
     app.state.probe_groups = tuple(probe_groups)
     app.state.metrics = app_metrics
     app.state.auth = Authenticator(settings.auth, shared.limiter)
-    app.state.resolver = Resolver(settings.policy)
+    app.state.resolver = Resolver(settings.policy, affinity=settings.affinity)
     app.state.started = int(time.time())
     install_error_handlers(app)
     app.include_router(routes)

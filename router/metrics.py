@@ -105,6 +105,10 @@ class Metrics:
             "(a hit), new (no pin yet), or broken: estimate, unavailable, not_allowed, unknown", ["outcome"],
             registry=r,
         )
+        self.route_only = Counter(
+            "router_route_only", "Decisions given by POST /v1/route without forwarding anything, by the backend "
+            "chosen and the reason (not counted in router_requests_total)", ["backend", "reason"], registry=r,
+        )
         self.conversations = Counter(
             "router_responses_conversations", "Responses conversations (previous_response_id): saved, too_large "
             "(not kept), expanded (a follow-up continued), not_found (a follow-up named none kept)", ["outcome"],

@@ -2,7 +2,8 @@
 
 ``Router.route`` is the one entry point: a request naming a backend goes there, a routed one is scored by every
 scorer its candidates' probes read (usually one shared scorer; a backend with a self-probe names its own) and
-the policy picks among the backends that are up.
+the policy picks among the backends that are up. A routed request of a session pinned to a backend then stays
+there unless its pin breaks (``router.affinity``): the pin is looked up while the request is scored.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from router.affinity import Affinity, apply_affinity
 from router.config import Settings
 from router.errors import NotFound, PermissionDenied
 from router.metrics import Metrics
@@ -35,6 +38,9 @@ from router.score_cache import ScoreCache
 from router.scorer import open_scorer
 from router.scorer.interface import EarlyExit, Scored, Scorer, ScorerUnavailable
 from router.scorer.recipe import Message
+
+if TYPE_CHECKING:
+    from router.session_state import AffinityStore
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +114,22 @@ class Routed:
     probabilities: dict[str, float] = field(default_factory=dict)
     scorer_ms: float | None = None
     estimate: Estimate | None = None  # None: not scored (a named backend, an unreadable prompt, the scorer down)
+    affinity: Affinity | None = None  # what affinity did, for a routed request of a session; None: no session
 
 
 class Router:
     """Decides where requests go. A routed request's estimates come from the cheapest stage whose decision is clear
     (the cascade, with ``policy.cascade`` and probe files that carry the stages): the same prompt's estimates made
     before (``cache``), the text-only models, the models at an early block of the scorer's pass (the pass stops
-    there), else the full probes. With several scorers (self-probes) every request runs the full passes."""
+    there), else the full probes. With several scorers (self-probes) every request runs the full passes. A
+    conversation's later turn then stays on its session's backend while the pin holds (``router.affinity``)."""
 
     def __init__(self, settings: Settings, groups: Sequence[ProbeGroup], metrics: Metrics,
-                 cache: ScoreCache | None = None) -> None:
+                 cache: ScoreCache | None = None, affinity: AffinityStore | None = None) -> None:
+        """``cache``: the score cache (stage 0), None: off. ``affinity``: where sessions' pins are kept
+        (``router.session_state``); None: affinity off."""
         self.settings = settings
+        self.affinity = affinity
         self.policy = settings.policy
         self.groups = tuple(groups)
         self.metrics = metrics
@@ -138,15 +149,38 @@ class Router:
                                        code="model_not_allowed")
             return Routed(Decision(explicit, Reason.EXPLICIT, (explicit,)))
         candidates = self._candidates(available, request)
+        pinned = self._pinned(request)  # looked up while the request is scored
         if not request.messages:
-            return Routed(self._unscored(candidates, available, request))
+            return await self._keep(Routed(self._unscored(candidates, available, request)), request, pinned,
+                                    available)
         try:
             estimate = await self._estimate(request, candidates)
         except ScorerUnavailable as e:
             log.warning("routing without a score: %s", e)
             self.metrics.scorer_errors.labels(e.kind).inc()
-            return Routed(self._unscored(candidates, available, request))
-        return Routed(self._decide(estimate, request), estimate.probabilities, estimate.scorer_ms, estimate)
+            return await self._keep(Routed(self._unscored(candidates, available, request)), request, pinned,
+                                    available)
+        routed = Routed(self._decide(estimate, request), estimate.probabilities, estimate.scorer_ms, estimate)
+        return await self._keep(routed, request, pinned, available)
+
+    def _pinned(self, request: Routable) -> Awaitable[str | None] | None:
+        """The lookup of the backend the request's session is pinned to, under way (None: nothing to look up)."""
+        session = request.session
+        if self.affinity is None or session is None or not session.lookup:
+            return None
+        return asyncio.ensure_future(self.affinity.get(session.key))
+
+    async def _keep(self, routed: Routed, request: Routable, pinned: Awaitable[str | None] | None,
+                    available: set[str]) -> Routed:
+        """``routed``, or the session's pinned backend instead while its pin holds (``router.affinity``)."""
+        if self.affinity is None or request.session is None:
+            return routed
+        kept = apply_affinity(routed.decision, await pinned if pinned is not None else None,
+                              estimates=routed.probabilities, threshold=request.threshold,
+                              break_margin=self.settings.affinity.break_margin, configured=self.backends,
+                              available=available, allowed=request.backends)
+        self.metrics.child(self.metrics.affinity, kept.verdict).inc()
+        return replace(routed, decision=kept.decision, affinity=kept)
 
     async def _estimate(self, request: Routable, candidates: list[str]) -> Estimate:
         """Every candidate's estimate for ``request``, from the cheapest stage that decides it."""

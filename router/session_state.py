@@ -23,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
+from router.config import AffinityConfig, ResponsesConfig
 from router.state import RedisState
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "RedisAffinity",
     "RedisConversations",
     "TTLMemory",
+    "open_affinity",
+    "open_conversations",
 ]
 
 V = TypeVar("V")
@@ -184,3 +187,19 @@ class RedisConversations:
         if ok and record is not None:
             return _decode(record, owner)
         return await self.fallback.load(response_id, owner)
+
+
+def open_affinity(cfg: AffinityConfig, redis: RedisState | None) -> AffinityStore | None:
+    """The pins an app keeps (``affinity``): in Redis when the app shares state through it, else in memory; None
+    when affinity is off."""
+    if not cfg.enabled:
+        return None
+    local = LocalAffinity(cfg.max_entries, cfg.ttl_s)
+    return local if redis is None else RedisAffinity(redis, cfg.ttl_s, local)
+
+
+def open_conversations(cfg: ResponsesConfig, redis: RedisState | None) -> ConversationStore:
+    """The Responses conversations an app keeps (``responses``): in Redis when the app shares state through it,
+    else in memory."""
+    local = LocalConversations(cfg.max_entries, cfg.store_ttl_s, cfg.max_conversation_bytes)
+    return local if redis is None else RedisConversations(redis, cfg.store_ttl_s, local)
