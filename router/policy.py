@@ -15,6 +15,7 @@ class Reason(StrEnum):
     EXPLICIT = "explicit_backend"  # the request named a backend
     UNSCORED = "unscored"  # the scorer could not score this request: the fallback, else the dearest backend
     FAILOVER = "failover"  # the chosen backend failed before answering: the next in the decision's order
+    EXPLORE = "explore"  # sent, with a small probability (policy.explore), to a backend the policy did not choose
 
 
 @dataclass(frozen=True)
