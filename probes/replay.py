@@ -374,6 +374,7 @@ def replay(settings: Settings, stream: Stream, out: Path, *, feedback_rate: floa
         "refit_every": refit_every, "seed": seed, "parts": sorted(set(stream.source), key=stream.source.index),
         "learner": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(learner_settings).items()},
         "always": {b.name: round(float(stream.labels[b.name].mean()), 4) for b in probed},
+        "stream_rows": stream.rows,  # each streamed question's row in its file (parts one after the other)
     }
     traces: dict[str, Trace] = {}
     statics = {b.name: load_probe(b.probe) for b in probed}  # type: ignore[arg-type]
