@@ -109,8 +109,11 @@ def _train(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     dataset = load_dataset(args.data)
-    labels, train_keys = _label_keys(args.label), _all_train_keys(args, settings, dataset)
     extra: dict[str, object] = {}
+    if args.where:
+        dataset = dataset.where(_where(args.where))
+        extra["where"] = args.where
+    labels, train_keys = _label_keys(args.label), _all_train_keys(args, settings, dataset)
     if args.sweep:
         recipes = parse_recipes(args.sweep_layers.split(","), args.sweep_pooling.split(","))
         outcome = sweep_recipes(settings, dataset, recipes, folds=args.folds, seed=args.seed, label_keys=labels,
@@ -385,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     _cv_opts(train)
     _labels_opts(train)
     _sources_opts(train)
+    train.add_argument("--where", action="append", default=[], metavar="FIELD=V1[,V2...]",
+                       help="train only on questions whose FIELD is one of the values (e.g. subject=Algebra); their "
+                       "features come from the whole file's cache")
     train.add_argument("--sweep", action="store_true", help="choose scorer layers × pooling by inner CV")
     train.add_argument("--sweep-layers", default=DEFAULT_SWEEP_LAYERS,
                        help="candidate layer groups, comma-separated; '+' joins layers into one recipe, e.g. "

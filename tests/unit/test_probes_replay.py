@@ -90,3 +90,22 @@ learning:
         path = out / "learning-state" / "registry" / promotion["backend"] / f"{promotion['version']}.json"
         assert load_probe(path).scorer["fingerprint"] == load_probe(tmp_path / "probes" / "small.json").scorer[
             "fingerprint"]
+
+
+def test_a_subset_reads_the_whole_files_cached_features(tmp_path: Path, tiny_scorer_cfg) -> None:
+    from probes.data import load_dataset
+    from probes.extract import extract_features
+
+    rows = [{"question": f"What is {i} plus {i}?", "subject": "easy" if i % 3 else "hard", "correct": {"m": i % 2}}
+            for i in range(9)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_scorer_cfg.model_copy(update={"cache_dir": tmp_path / "cache"})
+    full = load_dataset(path)
+    features, _ = extract_features(cfg, full, progress=False)
+    hard = full.where({"subject": ["hard"]})
+    assert hard.rows == (0, 3, 6) and [r["question"] for r in hard.records] == [rows[i]["question"] for i in (0, 3, 6)]
+    sub, _ = extract_features(cfg, hard, progress=False)
+    assert (sub == features[[0, 3, 6]]).all()
+    assert len(list((tmp_path / "cache" / "features").glob("*/*.npy"))) == 1  # nothing extracted again
+    assert hard.subset([1]).rows == (3,)
