@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from loadtest.scorer_passes import Int8Linear
-from router.scorer.cpu import cpu_flags, native_cpu_dtype
-from router.scorer.packed import PrepackedLinear
+from router.scorer import PrepackedLinear, cpu_flags, native_cpu_dtype
 
 PROJECTIONS = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}
 

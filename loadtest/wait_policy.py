@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from loadtest.prompts import questions
-from router.config import load_settings
-from router.scorer.cpu import configure_openmp
+from router import load_settings
+from router.scorer import configure_openmp
 
 POLICIES = ("passive", "brief", "active")
 
@@ -24,7 +24,7 @@ POLICIES = ("passive", "brief", "active")
 def measure(config: Path, policy: str, prompts: int) -> dict[str, object]:
     cfg = load_settings(config).scorer.model_copy(update={"omp_wait_policy": policy})
     configure_openmp(cfg)
-    from router.scorer.features import FeatureExtractor
+    from router.scorer import FeatureExtractor
 
     extractor = FeatureExtractor(cfg)
     ids = [extractor.encoder.encode([{"role": "user", "content": q}]) for q in questions(prompts)]

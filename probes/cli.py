@@ -13,8 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from router.config import ConfigError, Settings, load_settings
-from router.scorer.cpu import configure_openmp
+from router import ConfigError, Settings, load_settings
+from router.scorer import configure_openmp
 
 if TYPE_CHECKING:
     from probes.data import Dataset
@@ -208,7 +208,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
     from probes.data import load_dataset
     from probes.extract import probe_inputs
     from probes.train import calibration_summary, probe_logits, recalibrated
-    from router.probe import load_probe, save_probe
+    from router import load_probe, save_probe
 
     settings = _settings(args)
     sample = load_dataset(args.data)

@@ -36,8 +36,7 @@ from probes.metrics import (
     share_to_recover,
 )
 from probes.pool import pool_report, threshold_choices, threshold_frontier
-from router.config import BackendConfig, Settings
-from router.policy import request_cost
+from router import BackendConfig, Settings, request_cost
 
 log = logging.getLogger(__name__)
 

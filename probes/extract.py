@@ -19,10 +19,8 @@ from tqdm import tqdm
 
 from probes.data import Dataset
 from probes.fit import Inputs
-from router.config import ScorerConfig
-from router.scorer.cpu import compute_dtype
-from router.scorer.interface import Scorer, open_scorer
-from router.text_features import prompt_text
+from router import ScorerConfig, prompt_text
+from router.scorer import Scorer, compute_dtype, open_scorer
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,18 @@ from probes.data import Dataset, load_dataset
 from probes.extract import extract_features
 from probes.metrics import auroc as sk_auroc
 from probes.metrics import ece as sk_ece
-from router.config import Settings, TargetConfig
+from router import (
+    Option,
+    Probe,
+    ProbeSet,
+    Settings,
+    TargetConfig,
+    choose_by_threshold,
+    choose_by_utility,
+    load_probe,
+    prompt_text,
+    request_cost,
+)
 from router.learning import (
     ExampleStore,
     Learner,
@@ -49,9 +60,6 @@ from router.learning import (
     explore,
     make_entry,
 )
-from router.policy import Option, choose_by_threshold, choose_by_utility, request_cost
-from router.probe import Probe, ProbeSet, load_probe
-from router.text_features import prompt_text
 
 log = logging.getLogger(__name__)
 

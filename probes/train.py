@@ -21,9 +21,8 @@ from probes.data import Dataset
 from probes.extract import extract_features, probe_inputs
 from probes.fit import DEFAULT_CS, Inputs, fit_platt, fit_probe, inner_cv, probe_model
 from probes.recipes import Recipe, columns
-from router.config import Settings
-from router.probe import Probe, save_probe, scorer_block
-from router.scorer.interface import Scorer
+from router import Probe, Settings, save_probe, scorer_block
+from router.scorer import Scorer
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,12 @@ from router.api import HOT_ROUTES, metrics, routes
 from router.auth import APIKeyMiddleware, Authenticator
 from router.config import Settings
 from router.decision_log import DecisionLog
-from router.errors import install_error_handlers
 from router.feedback import FeedbackStore
 from router.gateway import Gateway
 from router.hot_routes import HotRoutes
+from router.http import install_error_handlers
 from router.metrics import BackendStates, Metrics
+from router.request import Resolver
 from router.routing import ProbeGroup, Router
 from router.state import SharedState
 from router.upstream import Pool
@@ -70,6 +71,7 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
     app.state.probe_groups = tuple(probe_groups)
     app.state.metrics = app_metrics
     app.state.auth = Authenticator(settings.auth, shared.limiter)
+    app.state.resolver = Resolver(settings.policy)
     app.state.started = int(time.time())
     install_error_handlers(app)
     app.include_router(routes)

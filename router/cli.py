@@ -1,4 +1,4 @@
-"""``python -m router``: serve the gateway, prepare the scorer model, check a config."""
+"""``python -m router``: serve the gateway, prepare the scorer model, check a config, print the config reference."""
 
 from __future__ import annotations
 
@@ -205,6 +205,18 @@ def _probes_refit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_reference(args: argparse.Namespace) -> int:
+    from router.config_doc import reference
+
+    text = reference()
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m router", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -256,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     refit.add_argument("--store", type=Path, help="default: learning.store of the config")
     refit.add_argument("--backend", help="only this backend")
     refit.set_defaults(run=_probes_refit)
+    ref = sub.add_parser("config-reference", help="print the configuration reference (every field of the config "
+                         "file, generated from the settings models) as Markdown")
+    ref.add_argument("--out", type=Path, help="write it to this file (docs/reference/configuration.md)")
+    ref.set_defaults(run=_config_reference)
     return parser
 
 

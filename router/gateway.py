@@ -5,39 +5,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
-from fastapi.responses import Response, StreamingResponse
-from starlette.types import Message as ASGIMessage
-from starlette.types import Receive, Scope, Send
 
 from router.auth import Grant
 from router.config import Settings
 from router.decision_log import DecisionLog
-from router.edge import CANCEL_ON_DISCONNECT, CLIENT_GONE
-from router.errors import APIError
+from router.errors import NotFound, UpstreamFailed
 from router.feedback import Answered
 from router.metrics import Metrics
 from router.policy import Decision, Reason, request_cost
-from router.routing import RoutableRequest, Routed, Router
+from router.request import CompletionCall
+from router.routing import Routed, Router
 from router.state import AnswerStore
-from router.upstream import Outcome, Pool, UpstreamBroken, UpstreamUnreachable, outcome_of_body, relay_stream
+from router.upstream import (
+    Outcome,
+    Pool,
+    Reply,
+    UpstreamBroken,
+    UpstreamUnreachable,
+    outcome_of_body,
+    relay_stream,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CompletionCall:
-    """A parsed completion request: what routing reads, and what is forwarded."""
-
-    route: RoutableRequest
-    path: str  # relative to a backend's base URL, e.g. "chat/completions"
-    body: dict[str, Any]
-    stream: bool
-    client_wants_usage: bool
 
 
 @dataclass
@@ -47,73 +39,12 @@ class InFlight:
     id: str
     call: CompletionCall
     routed: Routed
-    threshold: float | None
     started: float  # time.monotonic()
     grant: Grant
 
     @property
     def decision(self) -> Decision:
         return self.routed.decision
-
-
-class RelayResponse(StreamingResponse):
-    """A relayed stream bounded on the client's side: a client that takes none of it for ``send_timeout_s``, or
-    whose answer is still going at ``deadline`` (monotonic), is cut off, and the upstream request is closed. That
-    is the client's doing or the request's limit, so the backend's breaker never hears of it. A client that
-    disconnects is seen by the edge (router/edge.py), which cancels this task: no second task per stream waiting
-    for the disconnect (Starlette's StreamingResponse starts one under uvicorn, whose protocols speak ASGI 2.3)."""
-
-    def __init__(self, content: AsyncIterator[bytes], *, deadline: float, send_timeout_s: float,
-                 **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self.deadline = deadline
-        self.send_timeout_s = send_timeout_s
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # One watchdog timer per stream, not one per chunk: it looks at the send in progress every
-        # send_timeout_s (or at the deadline) and cancels this task if the client has stalled it.
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        deadline = loop.time() + max(self.deadline - time.monotonic(), 0.0)
-        sending_since: float | None = None
-        cut = False
-
-        async def watched_send(message: ASGIMessage) -> None:
-            nonlocal sending_since
-            sending_since = loop.time()
-            try:
-                await send(message)
-            finally:
-                sending_since = None
-
-        def watch() -> None:
-            nonlocal timer, cut
-            now = loop.time()
-            if now >= deadline or (sending_since is not None and now - sending_since >= self.send_timeout_s):
-                cut = True
-                task.cancel()
-                return
-            due = now + self.send_timeout_s if sending_since is None else sending_since + self.send_timeout_s
-            timer = loop.call_at(min(due, deadline), watch)
-
-        timer = loop.call_at(min(loop.time() + self.send_timeout_s, deadline), watch)
-        scope[CANCEL_ON_DISCONNECT] = task
-        try:
-            if not scope.get(CLIENT_GONE):  # gone already: nothing to relay
-                await self.stream_response(watched_send)
-        except asyncio.CancelledError:
-            if not (cut or scope.get(CLIENT_GONE)):
-                raise
-            task.uncancel()
-            if cut:
-                log.info("stream cut off: its client read too slowly or it ran past its deadline")
-        finally:
-            scope.pop(CANCEL_ON_DISCONNECT, None)
-            timer.cancel()
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
-        if self.background is not None:
-            await self.background()
 
 
 class Gateway:
@@ -128,38 +59,32 @@ class Gateway:
         self.reference = settings.reference_backend()
         self._writes: set[asyncio.Task[None]] = set()  # answers of ended streams being remembered
 
-    async def handle(self, call: CompletionCall, threshold: float | None, request_id: str, grant: Grant) -> Response:
+    async def handle(self, call: CompletionCall, request_id: str, grant: Grant) -> Reply:
+        """Route ``call``, forward it (failing over before the first byte) and return the answer; a RouterError
+        when it is refused (routing) or no backend could answer."""
         available = self.pool.available()
-        if grant.backends is not None:
-            available &= grant.backends
-        routed = await self.router.route(call.route, available=available, threshold=threshold, client=grant.client)
-        if routed.decision.reason is Reason.EXPLICIT and grant.backends is not None \
-                and routed.decision.backend not in grant.backends:
-            raise APIError(403, f"key {grant.client!r} may not use backend {routed.decision.backend!r}",
-                           param="model", code="model_not_allowed")
-        ex = InFlight(request_id, call, routed, threshold, time.monotonic(), grant)
+        routed = await self.router.route(call.request, available=available)
+        ex = InFlight(request_id, call, routed, time.monotonic(), grant)
         self.metrics.in_flight.inc()
         streaming = False
         try:
-            response = await self._forward(ex, self._candidates(routed.decision, available, grant))
-            streaming = isinstance(response, StreamingResponse)  # its relay lowers the gauge when it ends
-            return response
+            reply = await self._forward(ex, self._candidates(routed.decision, available))
+            streaming = reply.stream is not None  # its relay lowers the gauge when it ends
+            return reply
         finally:
             if not streaming:
                 self.metrics.in_flight.dec()
 
     @staticmethod
-    def _candidates(decision: Decision, available: set[str], grant: Grant) -> list[str]:
-        """The decision's order, less backends the key may not use, with those whose circuit is open moved to the
-        end (tried only if all fail)."""
+    def _candidates(decision: Decision, available: set[str]) -> list[str]:
+        """The decision's order (only backends the key may use: routing saw to that) with those whose circuit is
+        open moved to the end (tried only if all fail)."""
         order = list(decision.order)
-        if grant.backends is not None:
-            order = [n for n in order if n in grant.backends]
         if len(order) == 1:  # a named backend: nothing to reorder
             return order
         return [n for n in order if n in available] + [n for n in order if n not in available]
 
-    async def _forward(self, ex: InFlight, candidates: list[str]) -> Response:
+    async def _forward(self, ex: InFlight, candidates: list[str]) -> Reply:
         resilience = self.settings.resilience
         deadline = ex.started + resilience.deadline_s
         failures: list[str] = []
@@ -209,26 +134,24 @@ class Gateway:
                 if response.status_code == 200:  # remembered before the client has the id
                     await self._remember(ex, name, outcome)
                 media = response.headers.get("content-type", "application/json")
-                return Response(content, status_code=response.status_code, media_type=media, headers=headers)
-            return RelayResponse(
-                relay_stream(
+                return Reply(response.status_code, headers, media, body=content)
+            deadline = ex.started + backend.cfg.total_timeout_s
+            return Reply(
+                200, headers, response.headers.get("content-type", "text/event-stream"),
+                stream=relay_stream(
                     response, backend,
                     drop_usage_event=not ex.call.client_wants_usage,
-                    deadline=ex.started + backend.cfg.total_timeout_s,
+                    deadline=deadline,
                     on_first_byte=lambda n=name, s=sent: self.metrics.child(self.metrics.ttft_seconds, n).observe(
                         time.monotonic() - s),
                     on_done=lambda outcome, n=name, s=sent, r=reason: self._stream_done(ex, n, s, r, outcome),
                 ),
-                deadline=ex.started + backend.cfg.total_timeout_s,
-                send_timeout_s=self.settings.server.send_timeout_s,
-                status_code=200,
-                media_type=response.headers.get("content-type", "text/event-stream"),
-                headers=headers,
+                deadline=deadline,
             )
         self._finish(ex, ex.decision.backend, 502, ex.decision.reason, Outcome())
         detail = "; ".join(failures) or "no backend to try"
-        raise APIError(502, f"no backend could answer: {detail}", code="upstream_unavailable",
-                       headers={"x-router-request-id": ex.id})
+        raise UpstreamFailed(f"no backend could answer: {detail}", code="upstream_unavailable",
+                             headers={"x-router-request-id": ex.id})
 
     def _headers(self, ex: InFlight, backend: str, reason: Reason) -> dict[str, str]:
         headers = {"x-router-request-id": ex.id, "x-router-backend": backend, "x-router-reason": reason}
@@ -249,7 +172,7 @@ class Gateway:
 
     async def _remember(self, ex: InFlight, backend: str, outcome: Outcome) -> None:
         await self.answers.remember(ex.id, backend, ex.routed.probabilities.get(backend), outcome.completion_id,
-                                    ex.grant.client)
+                                    ex.call.request.client)
 
     async def aclose(self) -> None:
         """Wait for the answers still being remembered."""
@@ -280,27 +203,27 @@ class Gateway:
                 "id": ex.id,
                 "completion_id": outcome.completion_id,
                 "time": time.time(),
-                "model": ex.call.route.model,
+                "model": ex.call.request.model,
                 "backend": backend,
                 "reason": reason,
                 "status": status,
                 "probabilities": ex.routed.probabilities,
-                "threshold": self.settings.policy.threshold if ex.threshold is None else ex.threshold,
+                "threshold": ex.call.request.threshold,
                 "scorer_ms": ex.routed.scorer_ms,
                 "prompt_tokens": usage.prompt_tokens if usage else None,
                 "completion_tokens": usage.completion_tokens if usage else None,
                 "cost_usd": cost,
                 "latency_s": round(time.monotonic() - ex.started, 4),
                 "error": outcome.error,
-                "prompt": ex.call.route.messages,
+                "prompt": ex.call.request.messages,
             })
 
     async def rate(self, answer_id: str, score: float, client: str) -> Answered:
         """Record ``client``'s rating of an answer it received (another key's answers are not found)."""
         answered = await self.answers.take(answer_id, client)
         if answered is None:
-            raise APIError(404, f"no answer {answer_id!r} to rate: unknown, expired, or already rated",
-                           param="id", code="answer_not_found")
+            raise NotFound(f"no answer {answer_id!r} to rate: unknown, expired, or already rated", param="id",
+                           code="answer_not_found")
         self.metrics.feedback.labels(answered.backend).inc()
         self.metrics.feedback_score.labels(answered.backend).inc(score)
         return answered

@@ -15,14 +15,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from router.config import Settings
-from router.errors import APIError
+from router.errors import NotFound, PermissionDenied
 from router.metrics import Metrics
 from router.policy import Decision, Option, Reason, choose_by_threshold, choose_by_utility, request_cost
 from router.probe import Probe, ProbeSet, check_compatible, load_probe
-from router.scorer.interface import Scored, Scorer, ScorerUnavailable, open_scorer
+from router.request import Routable
+from router.scorer import open_scorer
+from router.scorer.interface import Scored, Scorer, ScorerUnavailable
 from router.scorer.recipe import Message
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ProbeGroup:
@@ -76,12 +79,13 @@ class ScorerShares:
 
 
 @dataclass(frozen=True)
-class RoutableRequest:
-    """What routing reads of a parsed completion request."""
+class Estimate:
+    """Each candidate's estimated chance of success for one request, and what it was estimated from."""
 
-    model: str
-    messages: Sequence[Message]  # what the scorer reads; empty when it cannot read the prompt
-    output_tokens: int | None  # max_tokens, if the request set it
+    probabilities: dict[str, float]
+    prompt_tokens: int  # as the scorer's tokenizer counts them
+    scorer_ms: float
+    scored: tuple[Scored, ...]  # per probe group: the features its probes read
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class Routed:
     decision: Decision
     probabilities: dict[str, float] = field(default_factory=dict)
     scorer_ms: float | None = None
+    estimate: Estimate | None = None  # None: not scored (a named backend, an unreadable prompt, the scorer down)
 
 
 class Router:
@@ -102,34 +107,41 @@ class Router:
         self._shares = ScorerShares(settings.scorer.max_in_flight_per_key)
         self._by_model = {b.model: b.name for b in settings.backends}
 
-    async def route(self, request: RoutableRequest, *, available: set[str], threshold: float | None,
-                    client: str = "") -> Routed:
-        """Where ``request`` goes, given the backends whose circuit lets requests through now; ``client`` names
-        the key that sent it, for its share of the scorer."""
+    async def route(self, request: Routable, *, available: set[str]) -> Routed:
+        """Where ``request`` goes, given the backends whose circuit lets requests through now. NotFound for a
+        model that names nothing; PermissionDenied for a backend the request's key may not use."""
         explicit = self._explicit_backend(request.model)
         if explicit is not None:
+            if not request.allows(explicit):
+                raise PermissionDenied(f"key {request.client!r} may not use backend {explicit!r}", param="model",
+                                       code="model_not_allowed")
             return Routed(Decision(explicit, Reason.EXPLICIT, (explicit,)))
+        candidates = self._candidates(available, request)
         if not request.messages:
-            return Routed(self._unscored(available))
+            return Routed(self._unscored(candidates, available, request))
         try:
-            scores = await self._score(request.messages, client)
+            estimate = await self._estimate(request, candidates)
         except ScorerUnavailable as e:
             log.warning("routing without a score: %s", e)
             self.metrics.scorer_errors.labels(e.kind).inc()
-            return Routed(self._unscored(available))
-        candidates = self._candidates(available)
+            return Routed(self._unscored(candidates, available, request))
+        return Routed(self._decide(estimate, request), estimate.probabilities, estimate.scorer_ms, estimate)
+
+    async def _estimate(self, request: Routable, candidates: list[str]) -> Estimate:
+        """Every candidate's estimate for ``request``: its scorers' features through their probes."""
+        scores = await self._score(request.messages, request.client)
         probabilities = {}
         for group, scored in zip(self.groups, scores, strict=True):
             predicted = group.probes.predict(scored.features, request.messages)
             probabilities.update({n: p for n, p in predicted.items() if n in candidates})
-        output_tokens = request.output_tokens or self.policy.expected_output_tokens
-        options = self._options(probabilities, scores[0].prompt_tokens, output_tokens)
+        return Estimate(probabilities, scores[0].prompt_tokens, max(s.total_s for s in scores) * 1000, tuple(scores))
+
+    def _decide(self, estimate: Estimate, request: Routable) -> Decision:
+        """The policy's choice among the estimated candidates, at the request's threshold."""
+        options = self._options(estimate.probabilities, estimate.prompt_tokens, request.output_tokens)
         if self.policy.mode == "utility":
-            decision = choose_by_utility(options, self.policy.cost_weight, self.policy.fallback, self.policy.margin)
-        else:
-            limit = self.policy.threshold if threshold is None else threshold
-            decision = choose_by_threshold(options, limit, self.policy.fallback)
-        return Routed(decision, probabilities, max(s.total_s for s in scores) * 1000)
+            return choose_by_utility(options, self.policy.cost_weight, self.policy.fallback, self.policy.margin)
+        return choose_by_threshold(options, request.threshold, self.policy.fallback)
 
     async def _score(self, messages: Sequence[Message], client: str) -> list[Scored]:
         timeout = self.settings.scorer.timeout_s
@@ -159,7 +171,7 @@ class Router:
         if model in self._by_model:
             return self._by_model[model]
         known = ", ".join([self.policy.alias, *self.backends])
-        raise APIError(404, f"The model {model!r} does not exist. Available: {known}", param="model",
+        raise NotFound(f"The model {model!r} does not exist. Available: {known}", param="model",
                        code="model_not_found")
 
     def _options(self, probabilities: dict[str, float], prompt_tokens: int, output_tokens: int) -> list[Option]:
@@ -169,13 +181,18 @@ class Router:
             for name, p in probabilities.items()
         ]
 
-    def _candidates(self, available: set[str]) -> list[str]:
-        """Probed backends that are up; all probed backends if none is (better to try than to refuse)."""
-        return [n for n in self.probed if n in available] or list(self.probed)
+    def _candidates(self, available: set[str], request: Routable) -> list[str]:
+        """The probed backends the request's key may use, those that are up; all of them if none is up (better to
+        try than to refuse). PermissionDenied if the key may use none."""
+        allowed = [n for n in self.probed if request.allows(n)]
+        if not allowed:
+            raise PermissionDenied(f"key {request.client!r} may use none of the routed backends; name one of its "
+                                   "backends as the model", param="model", code="model_not_allowed")
+        return [n for n in allowed if n in available] or allowed
 
-    def _unscored(self, available: set[str]) -> Decision:
-        """Without a score: the configured fallback, else the dearest backend (the safest bet on accuracy)."""
-        names = self._candidates(available)
-        dearest = max(names, key=lambda n: self.backends[n].price_rank())
-        first = self.policy.fallback if self.policy.fallback in available else dearest
-        return Decision(first, Reason.UNSCORED, (first, *[n for n in names if n != first]))
+    def _unscored(self, candidates: list[str], available: set[str], request: Routable) -> Decision:
+        """Without a score: the configured fallback (if it is up and the key may use it), else the dearest."""
+        dearest = max(candidates, key=lambda n: self.backends[n].price_rank())
+        fallback = self.policy.fallback
+        first = fallback if fallback is not None and fallback in available and request.allows(fallback) else dearest
+        return Decision(first, Reason.UNSCORED, (first, *[n for n in candidates if n != first]))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -293,7 +293,47 @@ def stream_error_event(message: str) -> bytes:
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-async def relay_stream(
+class Relay:
+    """An answer's stream as the edge iterates it. Closing it before its first chunk was asked for (the client
+    went away meanwhile) still closes the upstream response and reports the outcome, which an async generator
+    never started would not do."""
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None], abandon: Callable[[], Awaitable[None]]) -> None:
+        self._chunks = chunks
+        self._abandon = abandon
+        self._started = False
+        self._closed = False
+
+    def __aiter__(self) -> Relay:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._started = True
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            await self._chunks.aclose()
+        else:
+            await self._abandon()
+
+
+@dataclass
+class Reply:
+    """The gateway's answer to one request, before it is an HTTP response: a body, or a relayed stream."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    media_type: str = "application/json"
+    body: bytes = b""
+    stream: Relay | None = None
+    deadline: float = 0.0  # monotonic: a stream still going then is cut off
+
+
+def relay_stream(
     response: UpstreamResponse,
     backend: Backend,
     *,
@@ -301,15 +341,27 @@ async def relay_stream(
     deadline: float,
     on_first_byte: Callable[[], None],
     on_done: Callable[[Outcome], None],
-) -> AsyncIterator[bytes]:
+) -> Relay:
     """Pass an SSE stream through event by event, unchanged, reading only the usage report.
 
     ``drop_usage_event`` removes the usage-only event when the gateway asked for it and the client did not.
     A backend that breaks off, stalls longer than its ``read_timeout_s`` or passes ``deadline`` (monotonic)
     ends the stream with an OpenAI-style error event; only the first two count against its breaker. ``on_done``
-    runs exactly once, also when the client goes away and the stream is cancelled (which closes the upstream
-    request, so the backend stops generating).
+    runs exactly once, also when the client goes away and the stream is cancelled or never started (which closes
+    the upstream request, so the backend stops generating).
     """
+
+    async def abandon() -> None:
+        await response.aclose()
+        on_done(Outcome(error="the client went away before the stream started"))
+
+    return Relay(_relay(response, backend, drop_usage_event, deadline, on_first_byte, on_done), abandon)
+
+
+async def _relay(
+    response: UpstreamResponse, backend: Backend, drop_usage_event: bool, deadline: float,
+    on_first_byte: Callable[[], None], on_done: Callable[[Outcome], None],
+) -> AsyncGenerator[bytes, None]:
     outcome = Outcome()
     pending = b""
     first = True

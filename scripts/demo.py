@@ -23,9 +23,8 @@ from typing import Protocol
 
 import httpx
 
-from router.config import Settings, load_settings
-from router.scorer.source import ModelFolder, resolve_model, truncate_model
-from router.scorer.vllm import vllm_pooling_args
+from router import Settings, load_settings
+from router.scorer import ModelFolder, resolve_model, truncate_model, vllm_pooling_args
 from scripts.vllm_cpu import ROOT, VllmServer, start_vllm, stop_with_parent, wait_ready
 
 CONFIG = ROOT / "config.yaml"

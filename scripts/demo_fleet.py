@@ -22,8 +22,8 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from router.config import Settings, load_settings
-from router.scorer.source import resolve_model
+from router import Settings, load_settings
+from router.scorer import resolve_model
 from scripts.demo import (
     CONFIG,
     banner,

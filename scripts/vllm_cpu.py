@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from router.scorer.cpu import native_cpu_dtype
+from router.scorer import native_cpu_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))

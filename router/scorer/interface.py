@@ -1,4 +1,4 @@
-"""The one seam between routing and features: the ``Scorer`` protocol, and ``open_scorer`` to make one.
+"""The one seam between routing and features: the ``Scorer`` protocol (``router.scorer.open_scorer`` makes one).
 
 A scorer turns a request's messages into the feature vector its probes read, and says which recipe those
 features follow (``info``: model, layers, pooling, final norm, fingerprint), so a probe trained through any
@@ -19,7 +19,6 @@ from typing import Protocol
 
 import numpy as np
 
-from router.config import ScorerConfig
 from router.scorer.prompt import PromptEncoder
 from router.scorer.recipe import Message, ScorerInfo
 
@@ -66,14 +65,3 @@ class Scorer(Protocol):
         """Whether it can score now, checked actively (a remote scorer's /health, which feeds its circuit)."""
 
     async def aclose(self) -> None: ...
-
-
-def open_scorer(cfg: ScorerConfig) -> Scorer:
-    """The scorer ``cfg`` describes, loaded (a local model is loaded now; a remote one is contacted in start)."""
-    if cfg.kind == "vllm":
-        from router.scorer.vllm import VllmScorer
-
-        return VllmScorer(cfg)
-    from router.scorer.local import LocalScorer
-
-    return LocalScorer.load(cfg)

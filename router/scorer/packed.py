@@ -177,7 +177,7 @@ class PackedDecoder:
         qkv = self.qkv[index](self.blocks[index].input_layernorm(x))
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         # the rotary embedding of q and k in one go: (rows, heads + kv_heads, head_dim)
-        qk = _rotate(qkv[:, :q_width + kv_width].view(rows, self.heads + self.kv_heads, self.head_dim), cos, sin)
+        qk = rotate(qkv[:, :q_width + kv_width].view(rows, self.heads + self.kv_heads, self.head_dim), cos, sin)
         q = qk[:, :self.heads].transpose(0, 1)[None]
         k = qk[:, self.heads:].transpose(0, 1)[None]
         v = qkv[:, q_width + kv_width:].view(rows, self.kv_heads, self.head_dim).transpose(0, 1)[None]
@@ -220,7 +220,7 @@ def padded_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The rotary position embedding, as transformers' ``apply_rotary_pos_emb`` computes it (same operations, same
     order), on (rows, heads, head_dim) with cos and sin of shape (rows, 1, head_dim)."""
     half = x.shape[-1] // 2

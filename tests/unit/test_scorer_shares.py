@@ -11,7 +11,8 @@ import numpy as np
 from router.config import ScorerConfig
 from router.metrics import Metrics
 from router.probe import ProbeSet, load_probe
-from router.routing import ProbeGroup, RoutableRequest, Router
+from router.request import Resolver
+from router.routing import ProbeGroup, Router
 from router.scorer.interface import Scored
 from router.scorer.recipe import Message, ScorerInfo
 from tests.support.stack import make_settings
@@ -45,8 +46,9 @@ def router(tmp_path: Path, per_key: int, timeout_s: float) -> tuple[Router, Held
 
 
 def ask(r: Router, text: str, client: str) -> asyncio.Task:
-    request = RoutableRequest("router", [{"role": "user", "content": text}], None)
-    return asyncio.create_task(r.route(request, available={"small", "large"}, threshold=None, client=client))
+    request = Resolver(r.policy).routable("router", [{"role": "user", "content": text}], prompt_tokens=3,
+                                          max_tokens=None, threshold=None, client=client, backends=None)
+    return asyncio.create_task(r.route(request, available={"small", "large"}))
 
 
 async def test_a_key_that_floods_the_scorer_waits_for_its_own_turn(tmp_path: Path) -> None:

@@ -13,11 +13,11 @@ through the probe pipeline's own protocol (``probes.evaluate.held_out``, as ``pa
 - ``suf1`` … ``sufS``: each closing token's state (``sufS`` is the last token, the shipped ``last``).
 
 Usage, from the repository root:
-    .venv/bin/python docs/probes/research/token_pooling.py extract DATA.jsonl OUT.npy
-    .venv/bin/python docs/probes/research/token_pooling.py paired --config C --data DATA.jsonl --features OUT.npy \
+    .venv/bin/python research/probes/token_pooling.py extract DATA.jsonl OUT.npy
+    .venv/bin/python research/probes/token_pooling.py paired --config C --data DATA.jsonl --features OUT.npy \
         --recipe base=last+mean_all:tfidf+length --recipe q=last+mean_q:tfidf+length [--share-labels [all]] \
         [--train-labels B=K+K] [--test TEST.jsonl --test-features TEST.npy] [--folds 3] [--tokens math]
-    .venv/bin/python docs/probes/research/token_pooling.py text DATA.jsonl words math chars
+    .venv/bin/python research/probes/token_pooling.py text DATA.jsonl words math chars
 
 ``extract`` runs transformers' padded pass of the gateway's scorer (config.yaml's model, block 15, the final
 norm applied, bf16 as the gateway computes) over batches of 8 prompts sorted by length, and writes every
@@ -41,12 +41,9 @@ import torch
 from paired import per_backend  # this folder's paired.py (the script's folder is on sys.path)
 from sklearn.metrics import roc_auc_score
 
-from probes.data import load_dataset
-from probes.evaluate import labelled_backends, shared_keys
-from probes.fit import Inputs
-from router.config import load_settings
-from router.scorer.cpu import configure_openmp
-from router.text_features import prompt_text
+from probes import Inputs, labelled_backends, load_dataset, shared_keys
+from router import load_settings, prompt_text
+from router.scorer import configure_openmp
 
 BLOCK = 15
 MATH_TOKENS = r"\\[A-Za-z]+|\w+|[^\w\s]"
@@ -68,7 +65,7 @@ def closing_length(encoder) -> int:
 
 @torch.inference_mode()
 def extract(data_path: str, out: str) -> None:
-    from router.scorer.features import FeatureExtractor
+    from router.scorer import FeatureExtractor
 
     settings = load_settings("config.yaml")
     configure_openmp(settings.scorer)
@@ -139,8 +136,8 @@ def paired(argv: list[str]) -> None:
     if args.tokens == "math":  # the probe's TF-IDF, fitted (probes.fit) and applied (router.text_features)
         import re
 
-        import probes.fit
-        import router.text_features
+        import probes.fit  # private on purpose: this screen patches the token pattern it fits with
+        import router.text_features  # private on purpose: and the one it applies
         router.text_features._TOKEN = re.compile(MATH_TOKENS)
         probes.fit.TOKEN_PATTERN = MATH_TOKENS
     settings = load_settings(args.config)

@@ -1,7 +1,7 @@
 """Research comparison (not part of the package): held-out AUROC of feature recipes, paired on the same questions.
 
 Usage, from the repository root:
-    .venv/bin/python docs/probes/research/paired.py --data data/gsm8k_test_qwen25math.jsonl \
+    .venv/bin/python research/probes/paired.py --data data/gsm8k_test_qwen25math.jsonl \
         --recipe 15:last:none --recipe 4:mean:tfidf+length \
         --train-labels qwen2.5-math-7b=Qwen/Qwen2.5-Math-1.5B-Instruct [--share-labels] [--test TEST.jsonl] [--config C]
 
@@ -22,12 +22,9 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from probes.data import Dataset, load_dataset
-from probes.evaluate import held_out, labelled_backends, shared_keys
-from probes.extract import probe_inputs
-from probes.fit import probe_model
-from router.config import load_settings
-from router.scorer.cpu import configure_openmp
+from probes import Dataset, held_out, labelled_backends, load_dataset, probe_inputs, probe_model, shared_keys
+from router import load_settings
+from router.scorer import configure_openmp
 
 
 def against_first(y: np.ndarray, p: np.ndarray, first: np.ndarray, resamples: list[np.ndarray]) -> dict[str, object]:

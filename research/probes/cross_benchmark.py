@@ -10,7 +10,7 @@ the shipped labels (the 7B probe learns from the 1.5B model's labels, as shipped
 5-fold CV on train). AUROC from the standardised logistic's decision, no Platt (AUROC does not need it).
 
 Usage, from the repository root:
-    .venv/bin/python docs/probes/research/cross_benchmark.py [ALL]
+    .venv/bin/python research/probes/cross_benchmark.py [ALL]
 Prints one JSON line per model x recipe; results in ``cross_benchmark.jsonl``. With ALL the MATH rows carry
 every MATH label set of both models (greedy and k-sample success rates) instead of the 1.5B greedy labels.
 """
@@ -22,11 +22,9 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import KFold
 
-from probes.data import load_dataset
-from probes.extract import probe_inputs
-from probes.fit import StandardisedLogistic
-from router.config import load_settings
-from router.scorer.cpu import configure_openmp
+from probes import StandardisedLogistic, load_dataset, probe_inputs
+from router import load_settings
+from router.scorer import configure_openmp
 
 DATA = "../shared/data"
 SMALL, BIG = "Qwen/Qwen2.5-Math-1.5B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct"

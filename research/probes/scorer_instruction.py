@@ -13,8 +13,8 @@ Variants (``VARIANTS``): ``none`` (the shipped prompt), ``blank`` (an empty syst
 hard the problem is), ``ask`` (the shipped opening, and a question appended to the user's message).
 
 Usage, from the repository root:
-    .venv/bin/python docs/probes/research/scorer_instruction.py DATA.jsonl OUT.npy [VARIANT ...]
-    .venv/bin/python docs/probes/research/token_pooling.py paired --data DATA.jsonl --features OUT.npy \
+    .venv/bin/python research/probes/scorer_instruction.py DATA.jsonl OUT.npy [VARIANT ...]
+    .venv/bin/python research/probes/token_pooling.py paired --data DATA.jsonl --features OUT.npy \
         --recipe none=last_none+mean_none:none --recipe judge=last_judge+mean_judge:none [--folds 3] ...
 
 Writes every variant's last and mean columns side by side (names in OUT.json, as ``token_pooling.py`` reads them)
@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from probes.data import load_dataset
-from router.config import load_settings
-from router.scorer.cpu import configure_openmp
-from router.scorer.features import FeatureExtractor
+from probes import load_dataset
+from router import load_settings
+from router.scorer import FeatureExtractor, configure_openmp
 
 BLOCK = 15
 JUDGE = ("You judge questions before a small AI model answers them. Read the question and decide whether the "

@@ -10,9 +10,9 @@ its most important ``KEEP`` share, and the sliced weights run through the gatewa
 prompts/s printed are the pass's real speed at that width, measured here, one variant after another).
 
 Usage, from the repository root:
-    .venv/bin/python docs/probes/research/mlp_pruning.py DATA.jsonl OUT.npy [--calibration CAL.jsonl]
+    .venv/bin/python research/probes/mlp_pruning.py DATA.jsonl OUT.npy [--calibration CAL.jsonl]
         [--keep 1,0.75,0.5,0.35] [--calibration-prompts 512]
-    .venv/bin/python docs/probes/research/token_pooling.py paired --data DATA.jsonl --features OUT.npy \
+    .venv/bin/python research/probes/token_pooling.py paired --data DATA.jsonl --features OUT.npy \
         --recipe k100=last_k100:none --recipe k50=last_k50:none ...
 
 Writes each variant's block-15 last-token column (``last_k<percent>``; names in OUT.json, as ``token_pooling.py``
@@ -27,11 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from probes.data import load_dataset
-from router.config import load_settings
-from router.scorer.cpu import configure_openmp
-from router.scorer.features import FeatureExtractor
-from router.scorer.packed import PackedDecoder
+from probes import load_dataset
+from router import load_settings
+from router.scorer import FeatureExtractor, PackedDecoder, configure_openmp
 
 
 @torch.inference_mode()

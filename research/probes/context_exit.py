@@ -1,7 +1,7 @@
 """Research comparison (not part of the package): the context tokens exit the pass early (issue 14, dropped).
 
 Usage, from the repository root:
-    .venv/bin/python docs/probes/research/context_exit.py --data data/gsm8k_test_qwen25math.jsonl --exit-after 8 10
+    .venv/bin/python research/probes/context_exit.py --data data/gsm8k_test_qwen25math.jsonl --exit-after 8 10
 
 The idea: the probe reads one position, the prompt's last, at block 15. Every other position runs blocks 1..F
 only; after that its state is frozen, and each later block computes only its keys and values from the frozen
@@ -20,14 +20,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from probes.data import load_dataset
-from probes.evaluate import held_out
-from probes.extract import probe_inputs
-from probes.fit import probe_model
-from router.config import load_settings
-from router.scorer.cpu import configure_openmp
-from router.scorer.features import FeatureExtractor
-from router.scorer.packed import PackedDecoder, _rotate
+from probes import held_out, load_dataset, probe_inputs, probe_model
+from router import load_settings
+from router.scorer import FeatureExtractor, PackedDecoder, configure_openmp, rotate
 
 
 class ContextExitDecoder(PackedDecoder):
@@ -50,7 +45,7 @@ class ContextExitDecoder(PackedDecoder):
             weight, bias = self.qkv[index].weight, self.qkv[index].bias
             kv = F.linear(block.input_layernorm(x), weight[q_width:], None if bias is None else bias[q_width:])
             rows = kv.shape[0]
-            k = _rotate(kv[:, :kv_width].view(rows, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
+            k = rotate(kv[:, :kv_width].view(rows, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1)
             v = kv[:, kv_width:].view(rows, self.kv_heads, self.head_dim).transpose(0, 1)
             if keep_kv is not None:  # the shared prefix: its frozen keys and values for the later blocks
                 keep_kv[0].append(k)
@@ -59,7 +54,7 @@ class ContextExitDecoder(PackedDecoder):
             h = x[last] if h is None else h
             n = h.shape[0]
             qkv = self.qkv[index](block.input_layernorm(h))
-            qk = _rotate(qkv[:, :q_width + kv_width].view(n, self.heads + self.kv_heads, self.head_dim),
+            qk = rotate(qkv[:, :q_width + kv_width].view(n, self.heads + self.kv_heads, self.head_dim),
                          cos[last], sin[last])
             v_last = qkv[:, q_width + kv_width:].view(n, self.kv_heads, self.head_dim)
             outputs = []

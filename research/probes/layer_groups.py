@@ -9,9 +9,9 @@ C, all fits on the stacked shared labels (the LABELS set below, as ``--share-lab
 rates), AUROC per model on its greedy labels, out of fold.
 
 Usage, from the repository root:
-    .venv/bin/python docs/probes/research/layer_groups.py extract ../shared/data/math_train_pool.jsonl /tmp/math_all.npy
-    .venv/bin/python docs/probes/research/layer_groups.py screen /tmp/math_all.npy joint6_15=joint:6,15 sep6_15=6,15
-    LABELS=all .venv/bin/python docs/probes/research/layer_groups.py screen /tmp/math_all.npy joint6_15=joint:6,15
+    .venv/bin/python research/probes/layer_groups.py extract ../shared/data/math_train_pool.jsonl /tmp/math_all.npy
+    .venv/bin/python research/probes/layer_groups.py screen /tmp/math_all.npy joint6_15=joint:6,15 sep6_15=6,15
+    LABELS=all .venv/bin/python research/probes/layer_groups.py screen /tmp/math_all.npy joint6_15=joint:6,15
 
 ``extract`` writes blocks 1-15, last and mean pooling, through the gateway's feature function (7,500 x 17,280
 float32, 196 s on 2 AMX cores). Each screen recipe is NAME=B1,B2 (one probe per block) or NAME=joint:B1,B2 (one
@@ -27,9 +27,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import KFold
 
-from probes.data import load_dataset
-from probes.fit import SparseLogistic, StandardisedLogistic, _stack_as_weights, fit_text_features
-from router.text_features import prompt_text
+from probes import SparseLogistic, StandardisedLogistic, fit_text_features, load_dataset, stack_as_weights
+from router import prompt_text
 
 DATA = "../shared/data/math_train_pool.jsonl"
 WIDTH = 1152  # per block: last token (576) then mean (576)
@@ -50,9 +49,9 @@ TEXT_CS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 def extract(data_path: str, out: str) -> None:
-    from probes.extract import probe_inputs
-    from router.config import load_settings
-    from router.scorer.cpu import configure_openmp
+    from probes import probe_inputs
+    from router import load_settings
+    from router.scorer import configure_openmp
 
     settings = load_settings("config.yaml")
     configure_openmp(settings.scorer)
@@ -125,7 +124,7 @@ class Screen:
                     z_test.append(scored[j])
                 z_train.append((self.log_words[train] - mu) / sd)
                 z_test.append((self.log_words[test] - mu) / sd)
-                rows, yy, ww = _stack_as_weights([v[train] for v in self.ys])
+                rows, yy, ww = stack_as_weights([v[train] for v in self.ys])
                 combiner = LogisticRegression(C=1e4, max_iter=2000).fit(
                     np.column_stack(z_train)[rows], yy, sample_weight=ww)
                 preds[m][test] = np.column_stack(z_test) @ combiner.coef_[0]

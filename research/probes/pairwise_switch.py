@@ -14,7 +14,7 @@ their d; the screen prints the best change over k (and the share moved there), a
 moved, for each way of scoring.
 
 Usage, from the repository root (features from ``token_pooling.py extract``):
-    .venv/bin/python docs/probes/research/pairwise_switch.py ../shared/data/math_train_pool.jsonl /tmp/tp_math.npy
+    .venv/bin/python research/probes/pairwise_switch.py ../shared/data/math_train_pool.jsonl /tmp/tp_math.npy
 """
 import json
 import sys
@@ -27,7 +27,7 @@ from sklearn.model_selection import KFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from probes.data import load_dataset
+from probes import load_dataset
 
 BEST = "Qwen/Qwen2.5-Math-1.5B-Instruct"
 OTHERS = ["Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"]

@@ -1,5 +1,5 @@
 """Research scan (not part of the package). Usage, from the repository root:
-    .venv/bin/python docs/probes/research/scan.py '[[[15],"last"],[[15],"mean"]]' y1,y7,both
+    .venv/bin/python research/probes/scan.py '[[[15],"last"],[[15],"mean"]]' y1,y7,both
 
 Scan recipes by plain 5-fold CV (seed 0): for each recipe and C, OOF logits from models trained on a label
 set; AUROC against 1.5B and 7B targets."""
@@ -11,10 +11,8 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from probes.data import load_dataset
-from probes.extract import extract_features
-from probes.fit import DEFAULT_CS, StandardisedLogistic
-from router.config import load_settings
+from probes import DEFAULT_CS, StandardisedLogistic, extract_features, load_dataset
+from router import load_settings
 
 ds = load_dataset("data/gsm8k_test_qwen25math.jsonl")
 
