@@ -378,16 +378,16 @@ class LearningConfig(_Strict):
         True, description="keep the prompt's text with each example, which a probe reading text features needs to be "
         "re-fitted (it may hold personal data; without it such probes are not re-fitted)",
     )
-    refit_every_labels: int = Field(250, ge=1, description="new ratings of a backend that trigger its next refit")
+    refit_every_labels: int = Field(100, ge=1, description="new ratings of a backend that trigger its next refit")
     refit_interval_s: float = Field(300.0, gt=0, description="how often the learner looks for new ratings")
     window: int = Field(4000, ge=100, description="most recent ratings per backend a refit learns from")
-    min_labels: int = Field(200, ge=10, description="training ratings of a backend (after the guard's share) before "
+    min_labels: int = Field(150, ge=10, description="training ratings of a backend (after the guard's share) before "
                             "a candidate is fitted")
     guard_fraction: float = Field(
         0.25, gt=0, lt=1, description="share of ratings (drawn by a hash of the request id, so fixed across refits) "
         "that no candidate is fitted on and every candidate must beat the serving probe on",
     )
-    guard_min_labels: int = Field(100, ge=10, description="guard ratings needed to promote (a tenth of them right and "
+    guard_min_labels: int = Field(50, ge=10, description="guard ratings needed to promote (a tenth of them right and "
                                   "a tenth wrong at least)")
     min_logloss_gain: float = Field(0.0, ge=0, description="a candidate's guard log-loss must be below the serving "
                                     "probe's by more than this")

@@ -52,9 +52,10 @@ KINDS = ("recalibrate", "refit")
 @dataclass(frozen=True)
 class LearnerSettings:
     window: int = 4000  # most recent ratings per backend a refit reads
-    min_labels: int = 200  # training labels (after the guard split) a candidate needs
+    refit_every: int = 100  # new ratings of a backend that make it due for a refit (Learner.run_due)
+    min_labels: int = 150  # training labels (after the guard split) a candidate needs
     guard_fraction: float = 0.25  # share of examples kept for the guard, never fitted on
-    guard_min_labels: int = 100  # guard labels needed to decide (each outcome at least guard_min_labels // 10)
+    guard_min_labels: int = 50  # guard labels needed to decide (each outcome at least guard_min_labels // 10)
     per_key_cap: int = 2000  # most ratings of one key used in one refit (its newest)
     raters: tuple[str, ...] | None = None  # keys whose ratings may teach; None: every key
     min_keys: int = 1  # distinct rating keys needed before a promotion
@@ -67,8 +68,9 @@ class LearnerSettings:
 
     @classmethod
     def from_config(cls, cfg: LearningConfig) -> LearnerSettings:
-        return cls(window=cfg.window, min_labels=cfg.min_labels, guard_fraction=cfg.guard_fraction,
-                   guard_min_labels=cfg.guard_min_labels, per_key_cap=cfg.per_key_cap,
+        return cls(window=cfg.window, refit_every=cfg.refit_every_labels, min_labels=cfg.min_labels,
+                   guard_fraction=cfg.guard_fraction, guard_min_labels=cfg.guard_min_labels,
+                   per_key_cap=cfg.per_key_cap,
                    raters=tuple(cfg.raters) if cfg.raters is not None else None, min_keys=cfg.min_keys,
                    max_weight=cfg.max_weight, lambdas=tuple(cfg.lambdas), folds=cfg.folds,
                    min_logloss_gain=cfg.min_logloss_gain, auroc_tolerance=cfg.auroc_tolerance,
@@ -383,10 +385,24 @@ class Learner:
         self.settings = settings
         self.anchors = dict(anchors)  # backend → the probe the refit is pulled toward (the shipped one)
         self.clock = clock
+        self._last: dict[str, float] = {}  # backend → the newest rating its last refit read (this process)
+
+    def due(self, backend: str) -> bool:
+        """Whether ``backend`` has ``refit_every`` ratings newer than those its last refit read (in this process:
+        after a restart every backend with ratings is due once)."""
+        return self.store.count(backend, since=self._last.get(backend)) >= (
+            self.settings.refit_every if backend in self._last else 1)
+
+    def run_due(self) -> list[Outcome]:
+        """One refit of each backend that is due (what a learner process runs every refit_interval_s)."""
+        return [self.refit(b) for b in sorted(self.anchors) if self.due(b)]
 
     def refit(self, backend: str) -> Outcome:
         examples = self.store.recent(backend, self.settings.window,
                                      keys=list(self.settings.raters) if self.settings.raters is not None else None)
+        newest = self.store.newest_rating(backend)
+        if newest is not None:
+            self._last[backend] = newest
         current, serving = self.registry.current(backend)
         chosen, outcome = learn(backend, examples, serving, self.anchors[backend], self.settings)
         if chosen is None:

@@ -100,9 +100,17 @@ class ExampleStore:
             return int(self._db.execute("SELECT COUNT(*) FROM examples").fetchone()[0])
         return int(self._db.execute("SELECT COUNT(*) FROM examples WHERE backend = ?", (backend,)).fetchone()[0])
 
-    def count(self, backend: str | None = None) -> int:
+    def count(self, backend: str | None = None, *, since: float | None = None) -> int:
+        """Examples stored (of ``backend``; rated after ``since``)."""
         with self._lock:
-            return self._count_locked(backend)
+            if since is None:
+                return self._count_locked(backend)
+            if backend is None:
+                row = self._db.execute("SELECT COUNT(*) FROM examples WHERE rated_at > ?", (since,)).fetchone()
+            else:
+                row = self._db.execute("SELECT COUNT(*) FROM examples WHERE backend = ? AND rated_at > ?",
+                                       (backend, since)).fetchone()
+            return int(row[0])
 
     def backends(self) -> list[str]:
         with self._lock:

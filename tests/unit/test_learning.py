@@ -396,3 +396,23 @@ def test_controller_window_is_shareable_and_expires_by_the_clock() -> None:
     assert other.threshold() == ctl.threshold()
     assert [e.to_dict() for e in other.entries()] == [e.to_dict() for e in ctl.entries()]
     assert len(ctl.entries()) == 11  # entries older than 10 s are gone
+
+
+def test_learner_is_due_after_refit_every_new_ratings(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    shipped = _probe(np.ones(D))
+    registry = Registry(tmp_path / "registry")
+    registry.ensure_base("cheap", save_probe(shipped, tmp_path / "shipped.json"))
+    with ExampleStore(tmp_path / "ex.sqlite3") as store:
+        learner = Learner(store, registry, LearnerSettings(refit_every=50), {"cheap": shipped})
+        assert not learner.due("cheap") and learner.run_due() == []
+        x, y = _world(60, rng, np.ones(D), 0.0)
+        store.add(_examples(x, y))
+        assert learner.due("cheap")  # a first refit once there are ratings
+        assert [o.backend for o in learner.run_due()] == ["cheap"]
+        assert not learner.due("cheap")
+        x, y = _world(60, rng, np.ones(D), 0.0)
+        store.add(_examples(x[:49], y[:49], start=100))
+        assert not learner.due("cheap")
+        store.add(_examples(x[49:], y[49:], start=200))
+        assert learner.due("cheap")
