@@ -416,3 +416,50 @@ def test_learner_is_due_after_refit_every_new_ratings(tmp_path: Path) -> None:
         assert not learner.due("cheap")
         store.add(_examples(x[49:], y[49:], start=200))
         assert learner.due("cheap")
+
+
+def test_a_probe_reading_text_features_is_refitted_with_its_text_direction(tmp_path: Path) -> None:
+    from router import ProbeSet, TextFeatures, prompt_text
+
+    vocab = ("apple", "banana", "cherry", "hard", "easy")
+    text = TextFeatures(vocab, np.array([1.0, 1.5, 2.0, 1.2, 1.1]), ngram_max=1, length=True)
+    t_dim = text.dim
+    w_text = np.array([0.1, -0.2, 0.3, -1.0, 1.0, -0.3])
+    anchor = Probe(mean=np.concatenate([np.zeros(D), np.zeros(t_dim - 1), [2.0]]),
+                   scale=np.concatenate([np.ones(D), np.ones(t_dim - 1), [0.5]]),
+                   weight=np.concatenate([np.linspace(-1, 1, D), w_text]), bias=0.5, platt_a=1.2, platt_b=-0.1,
+                   scorer={"fingerprint": FP}, text=text)
+    rng = np.random.default_rng(12)
+    n = 2000
+    x = rng.normal(size=(n, D))
+    words_ = [" ".join(rng.choice(vocab, size=rng.integers(1, 6))) for _ in range(n)]
+    messages = [[{"role": "user", "content": w}] for w in words_]
+    texts = [prompt_text(m) for m in messages]
+    dense = text.dense(texts)
+    z_true = x @ np.linspace(-1, 1, D) * 0.5 + 2.0 * ((dense - anchor.mean[D:]) / anchor.scale[D:]) @ w_text - 0.5
+    y = (rng.random(n) < sigmoid(z_true)).astype(float)
+    examples = []
+    for i in range(n):
+        o = Observation.make(id=f"t{i}", at=i, key="k", backend="b", chosen="b", propensity=1.0, estimates={},
+                             versions={}, fingerprint=FP, features=x[i], text=texts[i])
+        examples.append(o.rated(y[i], rated_at=i))
+    chosen, outcome = learn("b", examples, anchor, anchor, LearnerSettings(kinds=("refit",)))
+    assert chosen is not None, outcome.verdicts
+    refit = chosen.probe
+    alpha = refit.weight[D:] / w_text
+    np.testing.assert_allclose(alpha, alpha[0])  # the text direction kept, its scale re-fitted
+    assert alpha[0] > 1.3  # the truth leans on the text twice as much as the anchor
+    # What the learner scored is what the gateway's ProbeSet computes, after a round trip through the file.
+    back = load_probe(save_probe(refit, tmp_path / "refit.json"))
+    x32 = x[:50].astype(np.float16).astype(np.float32)
+    got = np.array([ProbeSet(["b"], [back]).predict(x32[i], messages[i])["b"] for i in range(50)])
+    want = back.predict(np.hstack([x32.astype(np.float64), dense[:50]]))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # The learner's own view of the logits (sparse text rows) agrees with the probe's dense formula.
+    from router.learning.learner import Columns
+
+    batch = select(examples[:50], anchor, LearnerSettings())
+    cols = Columns(anchor, batch)
+    for probe in (anchor, refit):
+        full = np.hstack([batch.x, dense[:50]])
+        np.testing.assert_allclose(cols.logits(probe), probe.decision(full), atol=1e-9)
