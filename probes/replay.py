@@ -101,7 +101,7 @@ def _rows(dataset: Dataset, part: Part, seed: int) -> tuple[list[int], list[int]
 def load_stream(settings: Settings, parts: Sequence[Part], label_keys: dict[str, str], seed: int,
                 progress: bool = True) -> Stream:
     """Features (cached, through the configured scorer), messages, token counts and labels of every part's rows,
-    one after the other; the rows of the first part left out by its limit are kept as held-out rows."""
+    one after the other; with one part, the rows its limit leaves out are kept as held-out rows."""
     probed = [b for b in settings.backends if b.probe is not None]
     if any(b.scorer is not None for b in probed):
         raise ValueError("replay supports probes that read the top-level scorer only")
@@ -122,7 +122,7 @@ def load_stream(settings: Settings, parts: Sequence[Part], label_keys: dict[str,
                     [name] * len(idx), list(idx))
 
         chunks.append(take(rows))
-        if k == 0 and rest:
+        if len(parts) == 1 and rest:  # a switching stream has no one population to hold out
             held = take(rest)
     cat = _concat(chunks)
     heldout = Stream(*_concat([held])) if held is not None else None
