@@ -391,6 +391,10 @@ class LearningConfig(_Strict):
                                   "a tenth wrong at least)")
     min_logloss_gain: float = Field(0.0, ge=0, description="a candidate's guard log-loss must be below the serving "
                                     "probe's by more than this")
+    guard_z: float = Field(
+        1.64, ge=0, description="a candidate's guard log-loss must also beat the serving probe's by this many standard "
+        "errors of the per-rating difference (1.64: one-sided 95%), so that a small guard does not promote a "
+        "candidate that is better by chance")
     auroc_tolerance: float = Field(0.0, ge=0, le=0.1, description="a candidate's guard AUROC may be below the serving "
                                    "probe's by at most this (recalibration leaves AUROC unchanged)")
     per_key_cap: int = Field(2000, ge=1, description="most ratings of one key a refit uses (its newest), so that no "

@@ -17,7 +17,9 @@ For one backend, ``Learner.refit`` reads the backend's most recent ratings from 
      part (the grid includes λ = ∞: no change), then Platt on the out-of-fold logits; a probe that also reads
      text features keeps its text weights' direction and re-fits their scale (one number);
 5. promotes the candidate with the lowest guard log-loss among those that beat the serving probe on the guard
-   slice: log-loss lower by at least ``min_logloss_gain`` and AUROC not lower by more than ``auroc_tolerance``,
+   slice: log-loss lower by at least ``min_logloss_gain`` and by ``guard_z`` standard errors of the paired
+   per-label difference (so that a small guard does not promote a candidate by chance), AUROC not lower by more
+   than ``auroc_tolerance``,
    with at least ``guard_min_labels`` guard labels (both outcomes present) and ``min_labels`` training labels,
    from at least ``min_keys`` keys; and where the guard holds labels of several keys, the candidate must also
    win on the guard without each key in turn, so that no key alone can carry a promotion.
@@ -63,6 +65,7 @@ class LearnerSettings:
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS  # the L2 pull's strengths tried (per label, see fit_refit)
     folds: int = 3  # cross-validation folds to choose λ
     min_logloss_gain: float = 0.0  # guard: a candidate's log-loss must be lower than the serving one's by this
+    guard_z: float = 1.64  # ...and by this many standard errors of the paired per-label difference
     auroc_tolerance: float = 0.0  # guard: a candidate's AUROC may be lower than the serving one's by at most this
     kinds: tuple[str, ...] = KINDS  # which candidates to fit
 
@@ -73,7 +76,7 @@ class LearnerSettings:
                    per_key_cap=cfg.per_key_cap,
                    raters=tuple(cfg.raters) if cfg.raters is not None else None, min_keys=cfg.min_keys,
                    max_weight=cfg.max_weight, lambdas=tuple(cfg.lambdas), folds=cfg.folds,
-                   min_logloss_gain=cfg.min_logloss_gain, auroc_tolerance=cfg.auroc_tolerance,
+                   min_logloss_gain=cfg.min_logloss_gain, guard_z=cfg.guard_z, auroc_tolerance=cfg.auroc_tolerance,
                    kinds=tuple(cfg.candidates))
 
     def __post_init__(self) -> None:
@@ -295,6 +298,18 @@ def guard_verdict(y: np.ndarray, w: np.ndarray, keys: np.ndarray, p_serving: np.
     return Verdict(reason is None, reason or "beats the serving probe on the guard", serving, candidate)
 
 
+def paired_gain(y: np.ndarray, p_serving: np.ndarray, p_candidate: np.ndarray,
+                w: np.ndarray) -> tuple[float, float]:
+    """The weighted mean of the per-label log-loss difference (serving − candidate) and its standard error."""
+    p_s = np.clip(p_serving, 1e-7, 1 - 1e-7)
+    p_c = np.clip(p_candidate, 1e-7, 1 - 1e-7)
+    d = -(y * np.log(p_s) + (1 - y) * np.log(1 - p_s)) + (y * np.log(p_c) + (1 - y) * np.log(1 - p_c))
+    total = float(np.sum(w))
+    mean = float(np.sum(w * d) / total)
+    se = float(np.sqrt(np.sum((w * (d - mean)) ** 2)) / total)
+    return mean, se
+
+
 def _fails(y: np.ndarray, w: np.ndarray, p_s: np.ndarray, p_c: np.ndarray, s: LearnerSettings) -> str | None:
     positives, negatives = float(np.sum(y > 0.5)), float(np.sum(y <= 0.5))
     each = max(1, s.guard_min_labels // 10)
@@ -304,6 +319,10 @@ def _fails(y: np.ndarray, w: np.ndarray, p_s: np.ndarray, p_c: np.ndarray, s: Le
     ll_s, ll_c = log_loss(y, p_s, w), log_loss(y, p_c, w)
     if not ll_c < ll_s - s.min_logloss_gain:
         return f"log-loss {ll_c:.4f} does not beat the serving {ll_s:.4f} by {s.min_logloss_gain:g}"
+    gain, se = paired_gain(y, p_s, p_c, w)
+    if gain <= s.guard_z * se:
+        return (f"log-loss {ll_c:.4f} beats the serving {ll_s:.4f} by {gain:.4f}, less than {s.guard_z:g} standard "
+                f"errors ({se:.4f})")
     au_s, au_c = auroc(y, p_s, w), auroc(y, p_c, w)
     if au_c < au_s - s.auroc_tolerance:
         return f"AUROC {au_c:.4f} below the serving {au_s:.4f} (tolerance {s.auroc_tolerance:g})"
@@ -353,15 +372,26 @@ def learn(backend: str, examples: Sequence[LabelledExample], serving: Probe, anc
         return None, outcome("the training labels are all one outcome")
     cols = Columns(anchor, batch)
     tr, gd = np.flatnonzero(train), np.flatnonzero(guard)
+    rated = np.array([e.rated_at for e in batch.examples])
     candidates: list[Candidate] = []
+    verdicts: dict[str, dict[str, Any]] = {}
     if "recalibrate" in settings.kinds:
-        candidates.append(fit_recalibration(serving, cols, tr, batch.y[tr], batch.w[tr]))
+        # Platt on the serving logits of ratings its weights were not fitted on (in-sample logits are too sure).
+        fitted_to = (serving.training.get("learning") or {}).get("fitted_to")
+        fresh = tr if fitted_to is None else tr[rated[tr] > fitted_to]
+        if len(fresh) >= settings.min_labels and len(np.unique(batch.y[fresh] > 0.5)) == 2:
+            candidates.append(replace(
+                c := fit_recalibration(serving, cols, fresh, batch.y[fresh], batch.w[fresh]),
+                details=c.details | {"fitted_to": fitted_to, "n_fitted": len(fresh)}))
+        else:
+            verdicts["recalibrate"] = {"promote": False, "reason": f"{len(fresh)} training labels newer than the "
+                                       f"serving weights' fit, fewer than min_labels {settings.min_labels}"}
     if "refit" in settings.kinds:
         refit = fit_refit(anchor, cols, tr, batch.y[tr], batch.w[tr], [batch.examples[i].id for i in tr], settings)
         if refit is not None:
-            candidates.append(refit)
+            candidates.append(replace(refit, details=refit.details | {"fitted_to": float(rated[tr].max()),
+                                                                      "n_fitted": len(tr)}))
     p_serving = cols.probability(serving, gd)
-    verdicts: dict[str, dict[str, Any]] = {}
     best: tuple[float, Candidate] | None = None
     for c in candidates:
         v = guard_verdict(batch.y[gd], batch.w[gd], batch.keys[gd], p_serving, cols.probability(c.probe, gd),
@@ -410,7 +440,8 @@ class Learner:
                      outcome.n_guard)
             return outcome
         rated = [e.rated_at for e in examples]
-        record = {"kind": chosen.kind, "n_train": outcome.n_train, "n_guard": outcome.n_guard, "keys": outcome.keys,
+        record = {"kind": chosen.kind, "fitted_to": chosen.details.get("fitted_to"), "n_train": outcome.n_train,
+                  "n_guard": outcome.n_guard, "keys": outcome.keys,
                   "rated_from": min(rated), "rated_to": max(rated), "guard": outcome.verdicts[chosen.kind],
                   "settings": {"window": self.settings.window, "guard_fraction": self.settings.guard_fraction,
                                "per_key_cap": self.settings.per_key_cap, "max_weight": self.settings.max_weight}}
