@@ -392,8 +392,8 @@ class LearningConfig(_Strict):
     min_logloss_gain: float = Field(0.0, ge=0, description="a candidate's guard log-loss must be below the serving "
                                     "probe's by more than this")
     guard_z: float = Field(
-        1.64, ge=0, description="a candidate's guard log-loss must also beat the serving probe's by this many standard "
-        "errors of the per-rating difference (1.64: one-sided 95%), so that a small guard does not promote a "
+        1.0, ge=0, description="a candidate's guard log-loss must also beat the serving probe's by this many standard "
+        "errors of the per-rating difference (inverse-propensity weighted), so that a small guard does not promote a "
         "candidate that is better by chance")
     auroc_tolerance: float = Field(0.0, ge=0, le=0.1, description="a candidate's guard AUROC may be below the serving "
                                    "probe's by at most this (recalibration leaves AUROC unchanged)")
@@ -408,8 +408,9 @@ class LearningConfig(_Strict):
         1, ge=1, description="distinct rating keys needed before a promotion; with several, a candidate must also "
         "beat the serving probe on the guard without each key's ratings in turn, so no one key can carry it",
     )
-    max_weight: float = Field(20.0, ge=1, description="inverse-propensity weights are clipped here (a label from a "
-                              "request explored with probability 0.01 would otherwise count as 100)")
+    max_weight: float = Field(10.0, ge=1, description="inverse-propensity weights are clipped here (a label from a "
+                              "request explored with probability 0.01 would otherwise count as 100, and a handful "
+                              "of such labels would decide every comparison on its own)")
     candidates: list[Literal["recalibrate", "refit"]] = Field(
         default_factory=lambda: ["recalibrate", "refit"], min_length=1, description="what the learner fits: "
         "'recalibrate' re-fits only Platt's calibration; 'refit' re-fits the weights with an L2 pull toward the "

@@ -40,7 +40,7 @@ import numpy as np
 
 from router.config import LearningConfig
 from router.learning.examples import LabelledExample, unit_hash
-from router.learning.fitting import auroc, fit_logistic, fit_platt, log_loss, sigmoid
+from router.learning.fitting import EPS, auroc, fit_logistic, fit_platt, log_loss, sigmoid
 from router.learning.store import ExampleStore
 from router.learning.versions import Registry
 from router.probe import Probe
@@ -61,11 +61,11 @@ class LearnerSettings:
     per_key_cap: int = 2000  # most ratings of one key used in one refit (its newest)
     raters: tuple[str, ...] | None = None  # keys whose ratings may teach; None: every key
     min_keys: int = 1  # distinct rating keys needed before a promotion
-    max_weight: float = 20.0  # inverse-propensity weights are clipped here
+    max_weight: float = 10.0  # inverse-propensity weights are clipped here
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS  # the L2 pull's strengths tried (per label, see fit_refit)
     folds: int = 3  # cross-validation folds to choose λ
     min_logloss_gain: float = 0.0  # guard: a candidate's log-loss must be lower than the serving one's by this
-    guard_z: float = 1.64  # ...and by this many standard errors of the paired per-label difference
+    guard_z: float = 1.0  # ...and by this many standard errors of the paired per-label difference
     auroc_tolerance: float = 0.0  # guard: a candidate's AUROC may be lower than the serving one's by at most this
     kinds: tuple[str, ...] = KINDS  # which candidates to fit
 
@@ -276,7 +276,9 @@ class Verdict:
 
 
 def _scores(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, float]:
-    return {"logloss": round(log_loss(y, p, w), 6), "auroc": round(auroc(y, p, w), 6), "n": len(y)}
+    n_eff = float(np.sum(w) ** 2 / max(float(np.sum(w**2)), EPS))  # what the weights leave of the sample
+    return {"logloss": round(log_loss(y, p, w), 6), "auroc": round(auroc(y, p, w), 6), "n": len(y),
+            "n_effective": round(n_eff, 1)}
 
 
 def guard_verdict(y: np.ndarray, w: np.ndarray, keys: np.ndarray, p_serving: np.ndarray, p_candidate: np.ndarray,

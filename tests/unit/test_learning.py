@@ -4,6 +4,7 @@ the threshold controller, on synthetic data with known answers."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from router.learning import (
     learn,
     make_entry,
     propensity,
+    unit_hash,
 )
 from router.learning.fitting import auroc, ece, fit_logistic, fit_platt, log_loss, sigmoid
 from router.learning.learner import guard_verdict, select
@@ -463,3 +465,36 @@ def test_a_probe_reading_text_features_is_refitted_with_its_text_direction(tmp_p
     for probe in (anchor, refit):
         full = np.hstack([batch.x, dense[:50]])
         np.testing.assert_allclose(cols.logits(probe), probe.decision(full), atol=1e-9)
+
+
+def test_recalibration_after_a_refit_reads_only_ratings_newer_than_the_refit() -> None:
+    rng = np.random.default_rng(13)
+    x, y = _world(1200, rng, np.ones(D), -0.5)
+    examples = _examples(x, y)
+    serving = replace(_probe(np.ones(D)), training={"learning": {"kind": "refit", "fitted_to": 1000.0}})
+    _, outcome = learn("cheap", examples, serving, _probe(np.ones(D)), LearnerSettings(kinds=("recalibrate",)))
+    assert "newer than the serving weights' fit" in outcome.verdicts["recalibrate"]["reason"]  # ~150 after 1000
+    serving = replace(serving, training={"learning": {"kind": "refit", "fitted_to": 500.0}})
+    _, outcome = learn("cheap", examples, serving, _probe(np.ones(D)), LearnerSettings(kinds=("recalibrate",)))
+    n_new = sum(1 for e in examples[501:] if unit_hash(e.id, "guard") >= 0.25)
+    assert outcome.verdicts["recalibrate"]["n_fitted"] == n_new
+
+
+def test_the_guard_wants_a_gain_beyond_its_noise() -> None:
+    """Candidates no better than the serving probe (the truth, perturbed) pass a guard of 200 labels by luck alone
+    when any gain will do; asking for a gain of one standard error refuses most of them, not a real improvement."""
+    rng = np.random.default_rng(14)
+    n = 200
+    w, keys = np.ones(n), np.array(["k"] * n, dtype=object)
+    passed = {0.0: 0, 1.0: 0}
+    for _ in range(200):
+        p = rng.uniform(0.2, 0.9, n)
+        y = (rng.random(n) < p).astype(np.float64)
+        noise = np.clip(p + rng.normal(0, 0.05, n), 0.01, 0.99)
+        for z in passed:
+            passed[z] += guard_verdict(y, w, keys, p, noise, LearnerSettings(guard_z=z)).promote
+    assert passed[1.0] <= 0.1 * 200 and passed[1.0] < passed[0.0] / 2
+    p = rng.uniform(0.2, 0.9, n)
+    y = (rng.random(n) < p).astype(np.float64)
+    shifted = sigmoid(np.log(p / (1 - p)) + 0.8)  # the serving probe is too sure of success
+    assert guard_verdict(y, w, keys, shifted, p, LearnerSettings(guard_z=1.0)).promote
