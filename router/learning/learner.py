@@ -196,12 +196,37 @@ class Candidate:
     details: dict[str, Any]
 
 
-def fit_recalibration(serving: Probe, cols: Columns, idx: np.ndarray, y: np.ndarray, w: np.ndarray) -> Candidate:
-    """Platt re-fitted on the serving probe's logits (its weights unchanged)."""
+def fit_recalibration(serving: Probe, cols: Columns, idx: np.ndarray, y: np.ndarray, w: np.ndarray,
+                      ids: Sequence[str], folds: int = 3) -> Candidate:
+    """Platt re-fitted on the serving probe's logits (its weights unchanged): either only its intercept (a shift
+    of the base rate) or both numbers, whichever has the lower cross-validated log-loss. The ratings of a backend
+    cover mostly the requests the policy sends it, a narrow band of its logits, where the slope is poorly
+    determined; a slope fitted there and applied to every request can be far off, a shift rarely is."""
     z = cols.logits(serving, idx)
-    a, b = fit_platt(z, y, w, prior=(serving.platt_a, serving.platt_b))
+    a0, b0 = serving.platt_a, serving.platt_b
+    fold = np.array([int(unit_hash(i, "fold") * folds) for i in ids])
+
+    def fit(kind: str, m: np.ndarray) -> tuple[float, float]:
+        if kind == "platt":
+            return fit_platt(z[m], y[m], w[m], prior=(a0, b0))
+        (b,) = fit_logistic(np.ones((int(m.sum()), 1)), y[m], w[m], prior=np.array([b0]), lam=1e-3,
+                            offset=a0 * z[m])
+        return a0, float(b)
+
+    losses = {}
+    for kind in ("shift", "platt"):
+        oof = np.zeros(len(z))
+        for f in range(folds):
+            te = fold == f
+            if te.any():
+                a, b = fit(kind, ~te) if (~te).any() else (a0, b0)
+                oof[te] = a * z[te] + b
+        losses[kind] = log_loss(y, sigmoid(oof), w)
+    kind = min(losses, key=lambda k: losses[k])
+    a, b = fit(kind, np.ones(len(z), dtype=bool))
     return Candidate("recalibrate", replace(serving, platt_a=a, platt_b=b),
-                     {"platt": [round(a, 6), round(b, 6)], "platt_before": [serving.platt_a, serving.platt_b]})
+                     {"platt": [round(a, 6), round(b, 6)], "platt_before": [a0, b0], "form": kind,
+                      "cv_logloss": {k: round(v, 5) for k, v in losses.items()}})
 
 
 def _design(cols: Columns, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -383,7 +408,8 @@ def learn(backend: str, examples: Sequence[LabelledExample], serving: Probe, anc
         fresh = tr if fitted_to is None else tr[rated[tr] > fitted_to]
         if len(fresh) >= settings.min_labels and len(np.unique(batch.y[fresh] > 0.5)) == 2:
             candidates.append(replace(
-                c := fit_recalibration(serving, cols, fresh, batch.y[fresh], batch.w[fresh]),
+                c := fit_recalibration(serving, cols, fresh, batch.y[fresh], batch.w[fresh],
+                                       [batch.examples[i].id for i in fresh], settings.folds),
                 details=c.details | {"fitted_to": fitted_to, "n_fitted": len(fresh)}))
         else:
             verdicts["recalibrate"] = {"promote": False, "reason": f"{len(fresh)} training labels newer than the "
