@@ -246,15 +246,17 @@ def run_arm(settings: Settings, stream: Stream, arm: ArmConfig, *, feedback_rate
         if new_ratings[sent] < refit_every:
             continue
         new_ratings[sent] = 0
-        outcome = learner.refit(sent)
-        trace.refits.append({"question": i, **outcome.as_dict()})
-        if outcome.promoted is not None:
-            versions[sent] = outcome.promoted
-            probes[sent] = registry.load(sent, outcome.promoted)
+        for outcome in [learner.refit(sent), *learner.share_shift()]:
+            trace.refits.append({"question": i, **outcome.as_dict()})
+            if outcome.promoted is None:
+                continue
+            versions[outcome.backend] = outcome.promoted
+            probes[outcome.backend] = registry.load(outcome.backend, outcome.promoted)
             probe_set = ProbeSet(names, [probes[n] for n in names])
-            trace.promotions.append({"question": i, "backend": sent, "version": outcome.promoted,
+            trace.promotions.append({"question": i, "backend": outcome.backend, "version": outcome.promoted,
                                      "kind": outcome.kind, "n_train": outcome.n_train, "n_guard": outcome.n_guard})
-            log.info("%s: question %d: %s promoted %s (%s)", arm.name, i, sent, outcome.promoted, outcome.kind)
+            log.info("%s: question %d: %s promoted %s (%s)", arm.name, i, outcome.backend, outcome.promoted,
+                     outcome.kind)
     if store is not None:
         store.close()
     return trace, registry

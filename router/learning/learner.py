@@ -24,6 +24,13 @@ For one backend, ``Learner.refit`` reads the backend's most recent ratings from 
    from at least ``min_keys`` keys; and where the guard holds labels of several keys, the candidate must also
    win on the guard without each key in turn, so that no key alone can carry a promotion.
 
+A backend the policy rarely chooses gathers too few ratings to be judged on its own (a cheap, weak model that a
+utility policy picks now and then: exploration alone feeds it slowly). Left at its shipped calibration while the
+others are recalibrated, its estimates would no longer be comparable with theirs, and a policy comparing them
+would favour it. ``Learner.share_shift`` gives such a backend the shift of the calibrated logit that the other
+backends' ratings show (one number, fitted on their training ratings and promoted only if it beats their shipped
+calibration on their guard ratings, and does not worsen the backend's own few ratings).
+
 Everything here blocks (numpy, SQLite, files): run it in its own process or thread, never on the event loop.
 """
 
@@ -480,4 +487,70 @@ class Learner:
         return replace(outcome, promoted=name)
 
     def run_once(self, backends: Sequence[str] | None = None) -> list[Outcome]:
-        return [self.refit(b) for b in (backends or sorted(self.anchors))]
+        outcomes = [self.refit(b) for b in (backends or sorted(self.anchors))]
+        return outcomes + self.share_shift()
+
+    def share_shift(self) -> list[Outcome]:
+        """Shift the calibration of each backend with fewer than ``min_labels`` training ratings by the shift of
+        the calibrated logit the other backends' ratings show (see the module doc); return what was done."""
+        started = time.perf_counter()
+        batches = {}
+        for b, anchor in self.anchors.items():
+            examples = self.store.recent(b, self.settings.window, keys=list(self.settings.raters)
+                                         if self.settings.raters is not None else None)
+            batch = select(examples, anchor, self.settings)
+            batches[b] = (batch, Columns(anchor, batch), anchor)
+        starved = [b for b, (batch, _, _) in batches.items() if int((~batch.guard).sum()) < self.settings.min_labels]
+        donors = [b for b in batches if b not in starved]
+        if not starved or not donors:
+            return []
+        delta, verdict = shared_shift([batches[b] for b in donors], self.settings)
+        out = []
+        for b in starved:
+            batch, cols, anchor = batches[b]
+            current, serving = self.registry.current(b)
+            learning = serving.training.get("learning") or {}
+            reason = verdict.reason
+            candidate = replace(anchor, platt_b=anchor.platt_b + delta)
+            if verdict.promote and learning.get("kind") == "shared_shift" and abs(learning["delta"] - delta) < 0.05:
+                reason = f"already serving a shift of {learning['delta']:.3f}"
+            elif verdict.promote and len(batch) >= 20:
+                own_s = log_loss(batch.y, cols.probability(serving), batch.w)
+                own_c = log_loss(batch.y, cols.probability(candidate), batch.w)
+                if own_c > own_s:
+                    reason = f"its own {len(batch)} ratings disagree (log-loss {own_s:.4f} → {own_c:.4f})"
+            promote = reason == verdict.reason and verdict.promote
+            name = None
+            figures = {"promote": promote, "reason": reason, "delta": round(delta, 5), "donors": donors,
+                       "serving": verdict.serving, "candidate": verdict.candidate}
+            if promote:
+                name = self.registry.promote(b, candidate, {
+                    "kind": "shared_shift", "delta": delta, "donors": donors, "fitted_to": None, "n_own": len(batch),
+                    "guard": figures})
+                log.info("%s: promoted %s (shared shift %.3f from %s) over %s", b, name, delta, ", ".join(donors),
+                         current)
+            out.append(Outcome(b, name, "shared_shift" if promote else None, reason,
+                               int((~batch.guard).sum()), int(batch.guard.sum()), len(set(batch.keys.tolist())),
+                               {"shared_shift": figures}, batch.dropped, time.perf_counter() - started))
+        return out
+
+
+def shared_shift(donors: Sequence[tuple[Batch, Columns, Probe]], settings: LearnerSettings) -> tuple[float, Verdict]:
+    """One shift δ of the calibrated logit for every donor backend's shipped probe, fitted on their training
+    ratings (weighted), and the guard's verdict on their guard ratings (shipped calibration against shifted)."""
+    s_tr, y_tr, w_tr, s_gd, y_gd, w_gd, k_gd = [], [], [], [], [], [], []
+    for batch, cols, anchor in donors:
+        s = anchor.platt_a * cols.logits(anchor) + anchor.platt_b
+        s_tr.append(s[~batch.guard])
+        y_tr.append(batch.y[~batch.guard])
+        w_tr.append(batch.w[~batch.guard])
+        s_gd.append(s[batch.guard])
+        y_gd.append(batch.y[batch.guard])
+        w_gd.append(batch.w[batch.guard])
+        k_gd.append(batch.keys[batch.guard])
+    s, y, w = np.concatenate(s_tr), np.concatenate(y_tr), np.concatenate(w_tr)
+    (delta,) = fit_logistic(np.ones((len(s), 1)), y, w, prior=np.zeros(1), lam=1e-3, offset=s)
+    sg = np.concatenate(s_gd)
+    verdict = guard_verdict(np.concatenate(y_gd), np.concatenate(w_gd), np.concatenate(k_gd), sigmoid(sg),
+                            sigmoid(sg + delta), settings)
+    return float(delta), verdict

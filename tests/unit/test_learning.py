@@ -498,3 +498,28 @@ def test_the_guard_wants_a_gain_beyond_its_noise() -> None:
     y = (rng.random(n) < p).astype(np.float64)
     shifted = sigmoid(np.log(p / (1 - p)) + 0.8)  # the serving probe is too sure of success
     assert guard_verdict(y, w, keys, shifted, p, LearnerSettings(guard_z=1.0)).promote
+
+
+def test_a_backend_too_rarely_chosen_takes_the_shift_the_others_show(tmp_path: Path) -> None:
+    rng = np.random.default_rng(15)
+    w_true = np.linspace(-1, 1, D)
+    shipped = {"strong": _probe(w_true, bias=1.0), "weak": _probe(w_true, bias=0.0), "agrees": _probe(w_true, 0.0)}
+    registry = Registry(tmp_path / "registry")
+    for name, probe in shipped.items():
+        registry.ensure_base(name, save_probe(probe, tmp_path / f"{name}.json"))
+    with ExampleStore(tmp_path / "ex.sqlite3") as store:
+        x, y = _world(2000, rng, w_true, bias=1.0 - 0.8)  # the traffic is harder than the shipped probes think
+        store.add(_examples(x, y, backend="strong"))
+        x, y = _world(40, rng, w_true, bias=0.0 - 0.8)  # the weak backend's few ratings agree
+        store.add(_examples(x, y, backend="weak", prefix="w"))
+        x, y = _world(40, rng, w_true, bias=0.0 + 1.5)  # this one's own ratings say the opposite
+        store.add(_examples(x, y, backend="agrees", prefix="g"))
+        learner = Learner(store, registry, LearnerSettings(kinds=("recalibrate",)), shipped)
+        outcomes = {o.backend: o for o in learner.share_shift()}
+    assert set(outcomes) == {"weak", "agrees"}
+    assert outcomes["weak"].promoted == "v2" and outcomes["weak"].kind == "shared_shift"
+    delta = outcomes["weak"].verdicts["shared_shift"]["delta"]
+    assert -1.1 < delta < -0.5
+    assert registry.current("weak")[1].platt_b == pytest.approx(delta, abs=1e-4)
+    assert outcomes["agrees"].promoted is None and "disagree" in outcomes["agrees"].reason
+    assert load_probe(registry.current_path("weak")).training["learning"]["donors"] == ["strong"]
