@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     )
     from probes.metrics import Frontier, apgr, auroc, bootstrap_ci, brier, ece, routing_frontier
     from probes.recipes import Recipe, columns
+    from probes.replay import Part, Stream, load_stream, replay
     from probes.train import train_probes
 
 _EXPORTS = {
@@ -48,6 +49,7 @@ _EXPORTS = {
     "Frontier": "metrics", "apgr": "metrics", "auroc": "metrics", "bootstrap_ci": "metrics", "brier": "metrics",
     "ece": "metrics", "routing_frontier": "metrics",
     "Recipe": "recipes", "columns": "recipes",
+    "Part": "replay", "Stream": "replay", "load_stream": "replay", "replay": "replay",
     "train_probes": "train",
 }
 
@@ -57,9 +59,11 @@ __all__ = [
     "Dataset",
     "Frontier",
     "Inputs",
+    "Part",
     "Recipe",
     "SparseLogistic",
     "StandardisedLogistic",
+    "Stream",
     "apgr",
     "auroc",
     "bootstrap_ci",
@@ -78,11 +82,13 @@ __all__ = [
     "inner_cv",
     "labelled_backends",
     "load_dataset",
+    "load_stream",
     "main",
     "nested_oof",
     "pool_estimates",
     "probe_inputs",
     "probe_model",
+    "replay",
     "routing_frontier",
     "shared_keys",
     "stack_as_weights",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,22 @@ from router import BackendConfig, request_cost
 class Dataset:
     path: Path
     records: list[dict[str, Any]]
+    parent: Dataset | None = None  # for a subset: the whole file, whose cached features it reads (by ``rows``)
+    rows: tuple[int, ...] = ()  # for a subset: its rows in ``parent``
+
+    def subset(self, rows: Sequence[int]) -> Dataset:
+        """These rows of the data (features are read from the whole file's cache, not extracted again)."""
+        base = self.parent or self
+        base_rows = tuple(self.rows[i] for i in rows) if self.parent is not None else tuple(int(i) for i in rows)
+        return Dataset(self.path, [base.records[i] for i in base_rows], base, base_rows)
+
+    def where(self, conditions: Mapping[str, Sequence[str]]) -> Dataset:
+        """The questions whose field ``k`` (as text) is one of ``conditions[k]``, for every ``k``."""
+        rows = [i for i, r in enumerate(self.records)
+                if all(str(r.get(k)) in {str(v) for v in vs} for k, vs in conditions.items())]
+        if not rows:
+            raise ValueError(f"{self.path}: no question has {dict(conditions)}")
+        return self.subset(rows)
 
     @property
     def questions(self) -> list[str]:

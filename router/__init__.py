@@ -16,9 +16,11 @@ if TYPE_CHECKING:
     from router.config import (
         BackendConfig,
         ConfigError,
+        LearningConfig,
         PolicyConfig,
         ScorerConfig,
         Settings,
+        TargetConfig,
         load_settings,
     )
     from router.errors import RouterError
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "create_app": "app",
     "BackendConfig": "config", "ConfigError": "config", "PolicyConfig": "config", "ScorerConfig": "config",
-    "Settings": "config", "load_settings": "config",
+    "Settings": "config", "load_settings": "config", "LearningConfig": "config", "TargetConfig": "config",
     "RouterError": "errors",
     "Decision": "policy", "Option": "policy", "Reason": "policy", "Rule": "policy", "choose": "policy",
     "clear_decision": "policy", "decision_radius": "policy", "choose_by_threshold": "policy",
@@ -60,6 +62,7 @@ __all__ = [
     "CompletionCall",
     "ConfigError",
     "Decision",
+    "LearningConfig",
     "Option",
     "PolicyConfig",
     "Probe",
@@ -74,6 +77,7 @@ __all__ = [
     "Rule",
     "ScorerConfig",
     "Settings",
+    "TargetConfig",
     "TextFeatures",
     "check_compatible",
     "choose",

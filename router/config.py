@@ -240,6 +240,39 @@ class CascadeConfig(_Strict):
         6, ge=1, description="the scorer block stage 2 reads (must be before the deepest of scorer.layers; the "
         "probe files' early models must read it: checked against the scorer's fingerprint at load). None: no "
         "stage 2. `python -m probes train` fits the early models for this block")
+class TargetConfig(_Strict):
+    """A target the gateway holds by moving the threshold (router/learning/target.py), instead of a fixed one."""
+
+    kind: Literal["dear_share", "cost_per_1k", "expected_accuracy"] = Field(
+        description="what to hold: 'dear_share', the share of routed requests sent to a backend dearer than the "
+        "cheapest; 'cost_per_1k', the mean cost of 1,000 routed requests in USD (at the policy's output-length "
+        "assumption); 'expected_accuracy', the mean estimate of the chosen backends",
+    )
+    value: float = Field(ge=0, description="the value to hold (a share and an accuracy are in [0, 1])")
+    window: int = Field(1000, ge=50, le=100_000, description="recent routed requests the threshold is computed from")
+    half_life: float | None = Field(
+        60, gt=0, description="requests after which an entry of the window counts half as much as the newest "
+        "(so that a change of traffic moves the threshold within a few hundred requests); None: all count alike",
+    )
+    feedback: int = Field(
+        250, ge=1, description="recent requests whose realised measure corrects the next threshold: the controller "
+        "aims at value + gain × (value − realised), so what was actually routed, not only what was expected, stays "
+        "near the target",
+    )
+    gain: float = Field(4.0, ge=0, le=10, description="weight of that correction (0: none); on a synthetic stream "
+                        "whose estimates shift abruptly, 4 with half_life 60 kept every 500-request window within 2 "
+                        "points of a dear-share target (research/learning/README.md)")
+    min_requests: int = Field(100, ge=1, description="the configured policy.threshold holds until the window has "
+                              "this many requests")
+    refresh_s: float = Field(1.0, gt=0, description="how often the threshold is recomputed from the window")
+    max_age_s: float | None = Field(None, gt=0, description="entries older than this leave the window (None: only "
+                                    "the window's size bounds it)")
+
+    @model_validator(mode="after")
+    def _in_range(self) -> TargetConfig:
+        if self.kind != "cost_per_1k" and self.value > 1:
+            raise ValueError(f"a {self.kind} target is in [0, 1], not {self.value}")
+        return self
 
 
 class PolicyConfig(_Strict):
@@ -256,6 +289,17 @@ class PolicyConfig(_Strict):
     )
     cascade: CascadeConfig = Field(default_factory=CascadeConfig, description="cheaper estimates first: a "
                                    "text-only stage, then an early block, then the full scorer pass")
+    explore: float = Field(
+        0.0, ge=0, le=0.2, description="share of routed requests sent to a backend the policy did not choose (one of "
+        "those the key may use, uniformly), so that every backend keeps being rated on requests the policy sends "
+        "elsewhere; the learner weighs those labels by the inverse of that probability. Its extra cost is counted "
+        "(router/learning/exploration.py); 0.02-0.05 is enough for learning to see what it would otherwise miss",
+    )
+    target: TargetConfig | None = Field(
+        None, description="hold a dear share, a cost per 1,000 requests or an expected accuracy by moving the "
+        "threshold from the recent estimates (mode 'threshold' only); a request's x-router-threshold still "
+        "overrides it",
+    )
 
 
 class ResilienceConfig(_Strict):
@@ -432,6 +476,83 @@ class ResponsesConfig(_Strict):
         "JSON) is larger than this is not kept (continuing it gets a 404, as for an expired one; the client can send "
         "the items itself as input)",
     )
+class LearningConfig(_Strict):
+    """Learning from the gateway's own traffic (router/learning): ratings from /v1/feedback become labelled examples,
+    a learner off the request path re-fits each backend's probe and promotes a new version only when it beats the
+    serving one on ratings it was not fitted on."""
+
+    enabled: bool = Field(False, description="keep what each probe saw with the answers awaiting feedback, store "
+                          "rated ones, and let the learner promote new probe versions")
+    store: Path | None = Field(None, description="SQLite file of labelled examples (survives restarts); required "
+                               "when enabled")
+    registry: Path | None = Field(
+        None, description="folder of versioned probes (BACKEND/vN.json, CURRENT); the configured probes are imported "
+        "as v1; required when enabled. `python -m router probes list|rollback|promote` manage it",
+    )
+    max_examples: int = Field(200_000, ge=100, description="labelled examples kept, the oldest ratings dropped first "
+                              "(about 1.2 KB each at 576 float16 features, plus the prompt text when kept)")
+    keep_prompt_text: bool = Field(
+        True, description="keep the prompt's text with each example, which a probe reading text features needs to be "
+        "re-fitted (it may hold personal data; without it such probes are not re-fitted)",
+    )
+    refit_every_labels: int = Field(100, ge=1, description="new ratings of a backend that trigger its next refit")
+    refit_interval_s: float = Field(300.0, gt=0, description="how often the learner looks for new ratings")
+    window: int = Field(4000, ge=100, description="most recent ratings per backend a refit learns from")
+    min_labels: int = Field(150, ge=10, description="training ratings of a backend (after the guard's share) before "
+                            "a candidate is fitted")
+    guard_fraction: float = Field(
+        0.25, gt=0, lt=1, description="share of ratings (drawn by a hash of the request id, so fixed across refits) "
+        "that no candidate is fitted on and every candidate must beat the serving probe on",
+    )
+    guard_min_labels: int = Field(50, ge=10, description="guard ratings needed to promote (a tenth of them right and "
+                                  "a tenth wrong at least)")
+    min_logloss_gain: float = Field(0.0, ge=0, description="a candidate's guard log-loss must be below the serving "
+                                    "probe's by more than this")
+    guard_z: float = Field(
+        1.0, ge=0, description="a candidate's guard log-loss must also beat the serving probe's by this many standard "
+        "errors of the per-rating difference (inverse-propensity weighted), so that a small guard does not promote a "
+        "candidate that is better by chance")
+    auroc_tolerance: float = Field(0.0, ge=0, le=0.1, description="a candidate's guard AUROC may be below the serving "
+                                   "probe's by at most this (recalibration leaves AUROC unchanged)")
+    per_key_cap: int = Field(2000, ge=1, description="most ratings of one key a refit uses (its newest), so that no "
+                             "key outweighs the others")
+    raters: list[str] | None = Field(
+        None, description="names of the keys whose ratings may teach the probes (auth.keys names, key-N for the N-th "
+        "of auth.api_keys, anonymous without keys); None: every key. Ratings of other keys are still counted in "
+        "the metrics",
+    )
+    min_keys: int = Field(
+        1, ge=1, description="distinct rating keys needed before a promotion; with several, a candidate must also "
+        "beat the serving probe on the guard without each key's ratings in turn, so no one key can carry it",
+    )
+    max_weight: float = Field(10.0, ge=1, description="inverse-propensity weights are clipped here (a label from a "
+                              "request explored with probability 0.01 would otherwise count as 100, and a handful "
+                              "of such labels would decide every comparison on its own)")
+    candidates: list[Literal["recalibrate", "refit", "shared_shift"]] = Field(
+        default_factory=lambda: ["recalibrate", "refit"], min_length=1, description="what the learner fits: "
+        "'recalibrate' re-fits only Platt's calibration; 'refit' re-fits the weights with an L2 pull toward the "
+        "configured probe (its strength chosen by cross-validation); 'shared_shift' (opt-in, not yet measured on a "
+        "replay) gives a backend with too few ratings of its own the calibration shift the others' ratings show",
+    )
+    lambdas: list[float] = Field(
+        default_factory=lambda: [3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0], min_length=1,
+        description="strengths of the refit's pull toward the configured probe that cross-validation chooses from "
+        "(larger: closer to it)",
+    )
+    folds: int = Field(3, ge=2, le=10, description="cross-validation folds for the pull's strength")
+
+    @field_validator("lambdas")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(x <= 0 for x in v):
+            raise ValueError("every lambda must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _paths(self) -> LearningConfig:
+        if self.enabled and (self.store is None or self.registry is None):
+            raise ValueError("learning.enabled needs learning.store and learning.registry")
+        return self
 
 
 class ServerConfig(_Strict):
@@ -487,6 +608,7 @@ class Settings(BaseSettings):
     affinity: AffinityConfig = Field(default_factory=AffinityConfig)
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    learning: LearningConfig = Field(default_factory=LearningConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -522,6 +644,14 @@ class Settings(BaseSettings):
         key_names = [k.name for k in self.auth.keys]
         if len(set(key_names)) < len(key_names):
             raise ValueError("auth.keys: names must be unique")
+        if self.policy.target is not None and self.policy.mode != "threshold":
+            raise ValueError("policy.target moves the threshold: it needs policy.mode 'threshold'")
+        if self.learning.raters is not None:
+            known = {*key_names, "anonymous", *(f"key-{i + 1}" for i in range(len(self.auth.api_keys)))}
+            unknown = sorted(set(self.learning.raters) - known)
+            if unknown:
+                raise ValueError(f"learning.raters: {', '.join(unknown)} names no key (have: "
+                                 f"{', '.join(sorted(known))})")
         pool = min(b.max_connections for b in self.backends)
         for where, p in [("auth.default_policy", self.auth.default_policy),
                          *((f"auth.keys[{k.name}]", k) for k in self.auth.keys)]:
@@ -581,6 +711,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             if isinstance(backend.get("probe"), str):
                 backend["probe"] = str((base / Path(backend["probe"]).expanduser()).resolve())
             _resolve_scorer_paths(backend.get("scorer"), base)
+    learning = data.get("learning")
+    if isinstance(learning, dict):
+        for field in ("store", "registry"):
+            if isinstance(learning.get(field), str):
+                learning[field] = str((base / Path(learning[field]).expanduser()).resolve())
     log_cfg = (data.get("observability") or {}).get("decision_log")
     if isinstance(log_cfg, dict) and isinstance(log_cfg.get("path"), str):
         log_cfg["path"] = str((base / Path(log_cfg["path"]).expanduser()).resolve())

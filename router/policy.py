@@ -16,6 +16,7 @@ class Reason(StrEnum):
     EXPLICIT = "explicit_backend"  # the request named a backend
     UNSCORED = "unscored"  # the scorer could not score this request: the fallback, else the dearest backend
     FAILOVER = "failover"  # the chosen backend failed before answering: the next in the decision's order
+    EXPLORE = "explore"  # sent, with a small probability (policy.explore), to a backend the policy did not choose
     AFFINITY = "affinity"  # a later turn of a conversation kept the backend of its first turn (router.affinity)
 
 
