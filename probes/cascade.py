@@ -25,8 +25,7 @@ import numpy as np
 
 from probes.fit import Calibrated, TextOnly, fit_calibrated, probe_model
 from probes.pool import threshold_radius, utility_radius
-from router.config import PolicyConfig, ScorerConfig, Settings
-from router.policy import Rule
+from router import PolicyConfig, Rule, ScorerConfig, Settings
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +258,7 @@ def stage_probes(
     ``inputs``: per stage ("text", "early"), what it reads of the training rows."""
     from dataclasses import replace
 
-    from probes.train import probe_logits, recalibrated
+    from probes.fit import probe_logits, recalibrated
 
     probes: dict[str, Any] = {}
     held: dict[str, np.ndarray] = {}
@@ -295,7 +294,7 @@ class StageInputs:
     prompt_tokens: np.ndarray
 
     def cost(self, backend: Any, output_tokens: int) -> np.ndarray:
-        from probes.evaluate import estimate_costs
+        from probes.data import estimate_costs
 
         return estimate_costs(self.chosen_on, backend, self.prompt_tokens, output_tokens)[0]
 
@@ -303,7 +302,7 @@ class StageInputs:
 def text_inputs(dataset: Any) -> Any:
     """What the text stage reads of a dataset: its prompt texts (as ``Inputs`` with no activations)."""
     from probes.fit import Inputs
-    from router.text_features import prompt_text
+    from router import prompt_text
 
     texts = tuple(prompt_text(c) for c in dataset.conversations())
     return Inputs(np.zeros((len(texts), 0), dtype=np.float32), texts)
@@ -314,7 +313,7 @@ def cascade_inputs(cfg: ScorerConfig, dataset: Any, calibration: Any, text: str,
     """The stages' inputs for backends reading scorer ``cfg``: the text features, and the scorer's features at the
     early block (extracted through the same scorer interface with ``layers`` cut there, and cached)."""
     from probes.extract import probe_inputs
-    from router.probe import scorer_block
+    from router import scorer_block
 
     train: dict[str, Any] = {"text": text_inputs(dataset)}
     cal: dict[str, Any] | None = None if calibration is None else {"text": text_inputs(calibration)}
@@ -360,8 +359,8 @@ def recalibrate_margins(
     the threshold was (``estimates``: ``probes.evaluate.PoolEstimates``, nested out-of-fold on ``dataset`` or
     probes trained on it applied to ``calibration``), with every stage's estimated the same way. None when the
     config's probe files carry no stages. Returns the cascade block and the probe paths to write it into."""
-    from probes.evaluate import held_out
-    from router.probe import load_probe
+    from probes.fit import held_out
+    from router import load_probe
 
     label_keys, train_keys = label_keys or {}, train_keys or {}
     backends = [settings.backend(n) for n in estimates.names]
@@ -404,7 +403,7 @@ def write_cascade(paths: Sequence[Any], block: dict[str, Any]) -> None:
     """Write ``block`` as the cascade of each probe file of ``paths`` (the models unchanged)."""
     from dataclasses import replace
 
-    from router.probe import load_probe, save_probe
+    from router import load_probe, save_probe
 
     for path in paths:
         save_probe(replace(load_probe(path), cascade=block), path)

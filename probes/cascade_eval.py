@@ -37,8 +37,7 @@ from probes.extract import probe_inputs
 from probes.fit import Inputs, fit_calibrated, probe_model
 from probes.metrics import Frontier, apgr, auroc, routing_frontier
 from probes.pool import Points, summarise
-from router.config import Settings
-from router.policy import Rule
+from router import Rule, Settings
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from probes.cascade import CascadeTraining
 from probes.cascade_eval import evaluate_cascade
-from probes.data import Dataset
+from probes.data import Dataset, estimate_costs
 from probes.extract import probe_inputs
-from probes.fit import DEFAULT_CS, TfidfLogistic, fit_calibrated, nested_oof, probe_model
+from probes.fit import DEFAULT_CS, TfidfLogistic, held_out, probe_model
 from probes.metrics import (
     Frontier,
     apgr,
@@ -38,19 +38,11 @@ from probes.metrics import (
     share_to_recover,
 )
 from probes.pool import pool_report, threshold_choices, threshold_frontier
-from router.config import BackendConfig, Settings
-from router.policy import request_cost
+from router import BackendConfig, Settings
 
 log = logging.getLogger(__name__)
 
 TFIDF_CS: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
-
-
-@dataclass(frozen=True)
-class Estimates:
-    name: str
-    probability: np.ndarray
-    chosen: list[Any] | None = None
 
 
 def _quality(y: np.ndarray, p: np.ndarray, rounds: int, seed: int) -> dict[str, Any]:
@@ -61,18 +53,6 @@ def _quality(y: np.ndarray, p: np.ndarray, rounds: int, seed: int) -> dict[str, 
         out[name] = round(value, 4)
         out[f"{name}_ci95"] = [round(lo, 4), round(hi, 4)]
     return out
-
-
-def estimate_costs(
-    dataset: Dataset, backend: BackendConfig, prompt_tokens: np.ndarray, output_tokens: int,
-) -> tuple[np.ndarray, str]:
-    """Per-question cost of calling ``backend``: the data's measured ``cost[model]`` where every record has
-    one, else prompt tokens (the scorer's count) and ``output_tokens`` at the backend's prices."""
-    measured = [(r.get("cost") or {}).get(backend.model) for r in dataset.records]
-    if all(v is not None for v in measured):
-        return np.array(measured, dtype=np.float64), "measured"
-    est = request_cost(backend.input_cost_per_mtok, backend.output_cost_per_mtok, prompt_tokens, output_tokens)
-    return np.asarray(est, dtype=np.float64), f"estimated: scorer-token prompt length + {output_tokens} output tokens"
 
 
 def _frontier_summary(
@@ -123,19 +103,6 @@ def shared_keys(
     direction; C, Platt and the metrics stay per backend)."""
     keys = [label_keys.get(b.name, b.model) for b, _ in labelled_backends(settings, dataset, label_keys)]
     return {b.name: keys for b in settings.backends}
-
-
-def held_out(
-    x: Any, ys: Sequence[np.ndarray], y: np.ndarray, *, x_test: Any = None, cs: Sequence[Any] = DEFAULT_CS,
-    folds: int = 5, seed: int = 0, model: Any = None,
-) -> Estimates:
-    """Success estimates no model saw the labels of: nested out-of-fold on (x, y), or, with ``x_test``, a
-    probe fitted on all of (x, y) (C and Platt by inner CV there) applied to ``x_test``."""
-    if x_test is None:
-        nested = nested_oof(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
-        return Estimates("", nested.probability, nested.chosen)
-    fitted = fit_calibrated(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
-    return Estimates("", fitted.probability(x_test), [fitted.c])
 
 
 def evaluate(

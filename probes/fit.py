@@ -21,8 +21,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from router.probe import Probe
-from router.text_features import TOKEN_PATTERN, TextFeatures
+from router import TOKEN_PATTERN, Probe, TextFeatures
 
 DEFAULT_CS: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -53,7 +52,7 @@ class LinearScorer:
 
 def _lr_path(xs: np.ndarray, ys: Sequence[np.ndarray], cs: Sequence[float]) -> list[tuple[np.ndarray, float]]:
     """(weight, bias) of an L2 logistic regression (unpenalised bias) for each C, on the label sets stacked
-    (as weights, ``_stack_as_weights``). With more features than rows the fit runs in the rows' span (an exact
+    (as weights, ``stack_as_weights``). With more features than rows the fit runs in the rows' span (an exact
     rotation: the L2 optimum lies there), so wide concatenations of layers cost no more than the number of
     questions."""
     basis = None
@@ -62,7 +61,7 @@ def _lr_path(xs: np.ndarray, ys: Sequence[np.ndarray], cs: Sequence[float]) -> l
         keep = s > s[0] * 1e-10
         basis = vt[keep].T  # (d, r)
         xs = xs @ basis
-    rows, y_all, w_all = _stack_as_weights(ys)
+    rows, y_all, w_all = stack_as_weights(ys)
     x_all = xs[rows]
     lr = LogisticRegression(C=cs[0], max_iter=1000, warm_start=True, solver="newton-cholesky")
     out = []
@@ -102,7 +101,7 @@ class TfidfLogistic:
     def fit_path(self, x: Sequence[str], ys: Sequence[np.ndarray], cs: Sequence[float]) -> list[Scorer]:
         vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
         m = vectorizer.fit_transform(list(x))
-        rows, y_all, w_all = _stack_as_weights(ys)
+        rows, y_all, w_all = stack_as_weights(ys)
         m_all = m[rows]
         lr = LogisticRegression(C=cs[0], max_iter=5000, warm_start=True)
         out: list[Scorer] = []
@@ -159,7 +158,7 @@ class JointScorer:
         return Probe(mean=self.mean, scale=self.scale, weight=self.weight, bias=self.bias, text=self.text)
 
 
-def _stack_as_weights(ys: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def stack_as_weights(ys: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows stacked once per label set, as (row index, label, weight): each row at most twice, with weights
     counting its successes and failures, the same objective as stacking the rows ``len(ys)`` times. A graded
     label set (a success rate in [0, 1], ``Dataset.training_labels``) counts as that fraction of a success and
@@ -178,7 +177,7 @@ class SparseLogistic:
     """L2 logistic regression on sparse rows as they are (TF-IDF), label sets stacked as weights."""
 
     def fit_path(self, x: Any, ys: Sequence[np.ndarray], cs: Sequence[float]) -> list[Scorer]:
-        rows, y_all, w_all = _stack_as_weights(ys)
+        rows, y_all, w_all = stack_as_weights(ys)
         m = x[rows]
         lr = LogisticRegression(C=cs[0], max_iter=5000, warm_start=True, solver="liblinear", intercept_scaling=100.0)
         out: list[Scorer] = []
@@ -231,7 +230,7 @@ class Stacked:
         # The combination is part of the weights: learnt from the training label sets (stacked as weights);
         # Platt on its out-of-fold output then calibrates against the backend's own labels.
         z = np.column_stack(columns)
-        rows, y_all, w_all = _stack_as_weights(ys)
+        rows, y_all, w_all = stack_as_weights(ys)
         combiner = LogisticRegression(C=1e4, max_iter=1000).fit(z[rows], y_all, sample_weight=w_all)
         k = combiner.coef_[0]
         a, b = fit_platt(z @ k + combiner.intercept_[0], target)
@@ -444,3 +443,40 @@ def probe_model(text: str = "none", cs: Sequence[Any] | None = None) -> tuple[An
     if text == "none":
         return StandardisedLogistic(), grid
     return Stacked(length=text == "tfidf+length", cs=grid), grid
+
+
+@dataclass(frozen=True)
+class Estimates:
+    name: str
+    probability: np.ndarray
+    chosen: list[Any] | None = None
+
+
+def held_out(
+    x: Any, ys: Sequence[np.ndarray], y: np.ndarray, *, x_test: Any = None, cs: Sequence[Any] = DEFAULT_CS,
+    folds: int = 5, seed: int = 0, model: Any = None,
+) -> Estimates:
+    """Success estimates no model saw the labels of: nested out-of-fold on (x, y), or, with ``x_test``, a
+    probe fitted on all of (x, y) (C and Platt by inner CV there) applied to ``x_test``."""
+    if x_test is None:
+        nested = nested_oof(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
+        return Estimates("", nested.probability, nested.chosen)
+    fitted = fit_calibrated(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
+    return Estimates("", fitted.probability(x_test), [fitted.c])
+
+
+def probe_logits(probe: Probe, x: Any) -> np.ndarray:
+    """The probe's uncalibrated logits for inputs ``x`` (activations, or ``Inputs`` for a text-reading probe)."""
+    if isinstance(x, Inputs):
+        if probe.text is None:
+            return probe.decision(x.activations)
+        return probe.decision(np.hstack([x.activations, probe.text.dense(x.texts)]))
+    return probe.decision(x)
+
+
+def recalibrated(probe: Probe, logits: np.ndarray, y: np.ndarray) -> Probe:
+    """The probe with Platt re-fitted on (its logits, labels) of other data; the weights unchanged."""
+    if len(np.unique(y)) < 2:
+        raise ValueError("calibration labels must contain both successes and failures")
+    a, b = fit_platt(logits, y)
+    return replace(probe, platt_a=a, platt_b=b)

@@ -20,11 +20,10 @@ from tqdm import tqdm
 from probes.cascade import CascadeTraining, StageInputs, add_margins, cascade_inputs, stage_probes
 from probes.data import Dataset
 from probes.extract import extract_features, probe_inputs
-from probes.fit import DEFAULT_CS, Inputs, fit_platt, fit_probe, inner_cv, probe_model
+from probes.fit import DEFAULT_CS, fit_probe, inner_cv, probe_logits, probe_model, recalibrated
 from probes.recipes import Recipe, columns
-from router.config import Settings
-from router.probe import Probe, save_probe, scorer_block
-from router.scorer.interface import Scorer
+from router import Probe, Settings, save_probe, scorer_block
+from router.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -171,23 +170,6 @@ def train_probes(
     if cascade is not None and held:
         add_margins(settings, written, held, costs, cascade, data=(calibration or dataset).path.name)
     return written
-
-
-def probe_logits(probe: Probe, x: Any) -> np.ndarray:
-    """The probe's uncalibrated logits for inputs ``x`` (activations, or ``Inputs`` for a text-reading probe)."""
-    if isinstance(x, Inputs):
-        if probe.text is None:
-            return probe.decision(x.activations)
-        return probe.decision(np.hstack([x.activations, probe.text.dense(x.texts)]))
-    return probe.decision(x)
-
-
-def recalibrated(probe: Probe, logits: np.ndarray, y: np.ndarray) -> Probe:
-    """The probe with Platt re-fitted on (its logits, labels) of other data; the weights unchanged."""
-    if len(np.unique(y)) < 2:
-        raise ValueError("calibration labels must contain both successes and failures")
-    a, b = fit_platt(logits, y)
-    return replace(probe, platt_a=a, platt_b=b)
 
 
 def calibration_summary(probe: Probe, x: Any, y: np.ndarray, data: Dataset, y_train: np.ndarray) -> dict[str, Any]:

@@ -16,6 +16,17 @@ class Reason(StrEnum):
     EXPLICIT = "explicit_backend"  # the request named a backend
     UNSCORED = "unscored"  # the scorer could not score this request: the fallback, else the dearest backend
     FAILOVER = "failover"  # the chosen backend failed before answering: the next in the decision's order
+    EXPLORE = "explore"  # sent, with a small probability (policy.explore), to a backend the policy did not choose
+    AFFINITY = "affinity"  # a later turn of a conversation kept the backend of its first turn (router.affinity)
+
+
+class Stage(StrEnum):
+    """Which estimates decided a routed request (the cascade, router.routing): the cheapest that were clear."""
+
+    CACHE = "cache"  # the same prompt's estimates, made before for the same key and probes
+    TEXT = "text"  # the text-only models: no scorer pass
+    EARLY = "early"  # the models at an early block: the pass stopped there
+    SCORER = "scorer"  # the full probes on the whole pass
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ policy it names (``probes train``), with the margins for other thresholds (``by_
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -269,6 +270,11 @@ class _Folded:
         self._a = np.array([p.platt_a for p in probes])
         self._c = np.array([p.platt_b for p in probes])
 
+    def digest(self) -> bytes:
+        """What these models compute, as bytes (for ``ProbeSet.version``)."""
+        parts = (self._w, self._w_text, self._b, self._a, self._c)
+        return b"".join(np.ascontiguousarray(v, dtype=np.float64).tobytes() for v in parts)
+
     def predict(self, x: np.ndarray | None, row: TextRow | None) -> np.ndarray:
         z = self._b if x is None or not self.width else np.asarray(x, dtype=np.float32) @ self._w + self._b
         if self.reads_text and row is not None:
@@ -298,6 +304,10 @@ class ProbeSet:
         self._cascade = [p.cascade for p in probes if p.cascade]
         early = {p.early_layer for p in probes}
         self.early_layer = early.pop() if "early" in self.stages and len(early) == 1 else None
+        h = hashlib.sha256("\x1e".join(self.names).encode())
+        for models in (self._full, *self._stages.values()):
+            h.update(models.digest())
+        self.version = h.hexdigest()[:16]  # changes whenever any estimate could (a retrained or promoted probe)
         if "early" in self.stages and self.early_layer is None:
             raise ProbeError(f"the early stages of {', '.join(self.names)} read different blocks; train them together")
 

@@ -16,12 +16,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from probes.data import load_dataset
-from probes.extract import cache_path, extract_features
-from probes.recipes import Recipe, columns
-from router.config import load_settings
-from router.scorer.cpu import configure_openmp
-from router.scorer.interface import open_scorer
+from probes import Recipe, cache_path, columns, extract_features, load_dataset
+from router import load_settings
+from router.scorer import configure_openmp, open_scorer
 
 
 def main() -> None:
