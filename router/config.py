@@ -119,7 +119,7 @@ class ScorerConfig(_Strict):
     workers: int = Field(
         1, ge=1, le=64, description="forward passes the local scorer runs side by side, each on its own batch and "
         "worker thread with `threads` torch threads; keep workers × threads at most the cores the scorer may use "
-        "(docs/deploy.md)",
+        "(docs/guides/deploy.md)",
     )
     omp_wait_policy: Literal["brief", "passive", "active"] = Field(
         "brief", description="how the forward pass's OpenMP threads wait for work: 'brief' spins for about a "
