@@ -19,6 +19,7 @@ from router.gateway import Gateway
 from router.hot_routes import HotRoutes
 from router.http import install_error_handlers
 from router.learning.live import LiveLearning
+from router.learning.shared_target import SharedTarget
 from router.learning.target import ThresholdController
 from router.metrics import BackendStates, CacheCounts, Metrics
 from router.request import Resolver
@@ -37,7 +38,8 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
                          app_metrics.registry)
     affinity = open_affinity(settings.affinity, shared.redis)
     conversations = open_conversations(settings.responses, shared.redis)
-    target = open_target(settings.policy)
+    controller = open_target(settings.policy)
+    target = SharedTarget(controller, shared.redis) if controller is not None else None
     app_metrics.threshold.set_function(target.threshold if target is not None else lambda: settings.policy.threshold)
 
     @asynccontextmanager
@@ -117,14 +119,14 @@ def open_target(policy: PolicyConfig) -> ThresholdController | None:
                                gain=t.gain, feedback=t.feedback, half_life=t.half_life, max_age_s=t.max_age_s)
 
 
-async def _hold(target: ThresholdController, every_s: float, metrics: Metrics) -> None:
-    """Recompute the target's threshold from its window every ``every_s`` (off the request path: a few
-    milliseconds of numpy for a window of 1,000)."""
+async def _hold(target: SharedTarget, every_s: float, metrics: Metrics) -> None:
+    """Recompute the target's threshold from its window (the fleet's, with Redis) every ``every_s`` (off the
+    request path: a few milliseconds of numpy for a window of 1,000)."""
     while True:
         await asyncio.sleep(every_s)
-        target.refresh()
-        if target.realised is not None:
-            metrics.target_realised.set(target.realised)
+        await target.refresh()
+        if target.controller.realised is not None:
+            metrics.target_realised.set(target.controller.realised)
 
 
 def create_metrics_app(main: FastAPI) -> FastAPI:

@@ -43,6 +43,7 @@ from router.scorer.interface import EarlyExit, Scored, Scorer, ScorerUnavailable
 from router.scorer.recipe import Message
 
 if TYPE_CHECKING:
+    from router.learning.shared_target import SharedTarget
     from router.session_state import AffinityStore
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class Router:
 
     def __init__(self, settings: Settings, groups: Sequence[ProbeGroup], metrics: Metrics,
                  cache: ScoreCache | None = None, affinity: AffinityStore | None = None, *,
-                 target: ThresholdController | None = None, rng: random.Random | None = None,
+                 target: ThresholdController | SharedTarget | None = None, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         """``cache``: the score cache (stage 0), None: off. ``affinity``: where sessions' pins are kept
         (``router.session_state``); None: affinity off. ``target``: the controller holding policy.target, fed each

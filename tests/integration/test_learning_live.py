@@ -93,3 +93,26 @@ def test_ratings_on_either_replica_teach_the_probes_both_serve_and_roll_back(
     assert explored and all(e.observation.propensity == pytest.approx(0.1) for e in explored)
     kept = [e for e in examples if e.observation.backend == e.observation.chosen]
     assert all(e.observation.propensity == pytest.approx(0.9) for e in kept)
+
+
+def test_a_target_is_held_from_the_whole_fleets_decisions(
+        backends: tuple[str, str], tmp_path: Path, tiny_scorer_cfg: ScorerConfig,
+        tiny_extractor: FeatureExtractor) -> None:
+    """Only replica A is asked; replica B moves its threshold from the window they share in Redis."""
+    target = {"kind": "dear_share", "value": 0.0, "min_requests": 20, "refresh_s": 0.2, "gain": 0.0}
+    with ExitStack() as stack:
+        redis = stack.enter_context(redis_server(tmp_path / "redis", free_port()))
+        settings = make_settings(tmp_path, tiny_scorer_cfg, tiny_extractor.info, *backends,
+                                 policy={"target": target}, state={"redis_url": redis.url})
+        a, b = (stack.enter_context(running_gateway(settings)) for _ in range(2))
+        assert metric(b, "router_policy_threshold") == pytest.approx(0.8)  # the configured one, to begin with
+        with httpx.Client(timeout=30) as client:
+            for i in range(30):  # the policy sends all to large (0.70 < 0.8): a dear share of 1, not the target's 0
+                r = client.post(f"{a}/v1/chat/completions", json={
+                    "model": "router", "messages": [{"role": "user", "content": f"What is {i} + 1?"}]})
+                assert r.status_code == 200
+            _wait_for(lambda: metric(b, "router_policy_threshold") <= 0.70)
+            r = client.post(f"{b}/v1/chat/completions", json={
+                "model": "router", "messages": [{"role": "user", "content": "What is 1 + 1?"}]})
+            assert r.headers["x-router-backend"] == "small"  # B holds the fleet's target without traffic of its own
+            assert 0 < metric(a, "router_policy_target_realised") < 1  # all to large until the threshold moved
