@@ -142,6 +142,11 @@ class Metrics:
             "router_learning_refits", "Learner passes per backend, by result: promoted, kept (the serving probe won "
             "or too few labels)", ["backend", "result"], registry=r,
         )
+        self.guard_quality = Gauge(
+            "router_learning_guard", "The served probe's figures on its backend's guard ratings (labels no candidate "
+            "is fitted on) at the learner's last pass: auroc, ece, logloss (in the learner's process)",
+            ["backend", "measure"], registry=r,
+        )
         self.probe_version = Gauge(
             "router_probe_version", "The version of each backend's probe this replica serves (learning.registry): "
             "its number", ["backend"], registry=r,

@@ -113,6 +113,11 @@ def run_learner_pass(learner: Learner, metrics: Metrics | None = None) -> list[O
             log.info("learner: %s now serves %s (%s)", o.backend, o.promoted, o.kind)
         if metrics is not None:
             metrics.child(metrics.learning_refits, o.backend, "promoted" if o.promoted else "kept").inc()
+            verdict = o.verdicts.get(o.kind or "") or next((v for v in o.verdicts.values() if "serving" in v), {})
+            figures = verdict.get("candidate" if o.promoted else "serving")
+            for measure in ("auroc", "ece", "logloss"):
+                if isinstance(figures, dict) and measure in figures:
+                    metrics.guard_quality.labels(o.backend, measure).set(figures[measure])
     return outcomes
 
 

@@ -77,6 +77,9 @@ def test_ratings_on_either_replica_teach_the_probes_both_serve_and_roll_back(
 
             # both replicas serve the learner's version of large within seconds of its promotion
             _wait_for(lambda: all(_served_version(u, "large") >= 2 for u in urls))
+            # the learner's replica shows the promoted probe's guard figures
+            assert sum(metric(u, 'router_learning_guard{backend="large",measure="ece"}') for u in urls) < 0.2
+            assert sum(metric(u, 'router_learning_refits_total{backend="large",result="promoted"}') for u in urls) >= 1
             route = {"model": "router", "messages": [{"role": "user", "content": "What is 40 + 2?"}]}
             for url in urls:  # recalibrated toward its realised 0.15 (it served 0.95)
                 assert client.post(f"{url}/v1/route", json=route).json()["estimates"]["large"] < 0.6
