@@ -526,6 +526,12 @@ class LearningConfig(_Strict):
     )
     refit_every_labels: int = Field(100, ge=1, description="new ratings of a backend that trigger its next refit")
     refit_interval_s: float = Field(300.0, gt=0, description="how often the learner looks for new ratings")
+    in_process: bool = Field(
+        True, description="run the learner inside the gateway: every replica tries, the one holding the lock file "
+        "beside the registry refits (in a worker thread, never on the request path); false: run `python -m router "
+        "learn` as its own process instead")
+    reload_interval_s: float = Field(2.0, gt=0, description="how often each replica looks for a newly promoted or "
+                                     "rolled-back probe version in the registry and serves it")
     window: int = Field(4000, ge=100, description="most recent ratings per backend a refit learns from")
     min_labels: int = Field(150, ge=10, description="training ratings of a backend (after the guard's share) before "
                             "a candidate is fitted")
