@@ -10,7 +10,7 @@
 # time into /opt/probe-router/cache, so the container needs no network at run time.
 #
 # torch is the CPU build, even for GPU hosts: the GPUs stay with vLLM, and the CUDA build's nvidia-* wheels
-# would make the image several times larger (docs/deploy.md, The gateway image, has the sizes). It comes from
+# would make the image several times larger (docs/guides/deploy.md, The gateway image, has the sizes). It comes from
 # TORCH_INDEX_URL (PyTorch's CPU wheel index) or, where that index cannot be reached, from a wheel put in
 # wheels/ (scripts/build_image.sh does that), with TORCH_INDEX_URL=https://pypi.org/simple for its dependencies.
 # To score on a GPU instead: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128, set
