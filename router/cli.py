@@ -53,7 +53,7 @@ async def _run_servers(main: uvicorn.Server, metrics: uvicorn.Server | None) -> 
 def _settle_gc(freeze: bool, young_threshold: int) -> None:
     """Move everything loaded so far (the scorer model, torch, transformers: millions of objects that live as long
     as the process) out of the collector's sight, and collect the youngest generation less often. Without this,
-    collections that walk those objects cost more CPU than the rest of a forwarded request (docs/benchmarks.md)."""
+    collections that walk those objects cost more CPU than the rest of a forwarded request (docs/performance.md)."""
     if freeze:
         gc.collect()
         gc.freeze()

@@ -5,7 +5,7 @@ memory (one replica, the default) and in Redis (``state.redis_url``: limits coun
 answerable by any replica). Redis unreachable never fails a request: each call falls back to the replica's own
 memory (limits then hold per replica, feedback ids are answerable by the replica that issued them), Redis is left
 alone for ``state.retry_after_s``, and ``router_state_up`` / ``router_state_errors_total`` show it
-(docs/reliability.md).
+(docs/guides/operations.md).
 """
 
 from __future__ import annotations
