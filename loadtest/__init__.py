@@ -1,1 +1,1 @@
-"""Side-by-side load tests of the gateway: ``python -m loadtest`` (see docs/benchmarks.md)."""
+"""Side-by-side load tests of the gateway: ``python -m loadtest`` (see docs/performance.md)."""

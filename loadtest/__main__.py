@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the litellm executable (its own virtualenv)")
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results" / "latest.json")
-    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "performance.md")
     args = parser.parse_args(argv)
     if not hey_available():
         print("error: hey is not installed (apt-get install hey)", file=sys.stderr)

@@ -7,7 +7,7 @@ Starts ``python -m scripts.demo`` (two vLLM CPU servers running SmolLM2-135M-Ins
 scored) and ``routed`` (the gateway, ``model: "router"``: every request scored). Each round sends every target the
 same prompts (one seed per round). Stops the demo with SIGTERM to its process group.
 
-    python -m loadtest.demo_bench --out loadtest/results/demo.json --markdown docs/benchmarks.md
+    python -m loadtest.demo_bench --out loadtest/results/demo.json --markdown docs/performance.md
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results" / "demo.json")
-    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "performance.md")
     args = parser.parse_args(argv)
     # SIGTERM (timeout, a CI runner) unwinds like Ctrl-C, so each round's `finally` stops the demo it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

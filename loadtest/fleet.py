@@ -13,7 +13,7 @@ Scenarios: ``explicit c=64`` (requests naming a backend, nothing scored; ``hey``
 (``model: "router"``, 64 different GSM8K questions in turn; every request scored by the shared vLLM scorer).
 Each round runs every scenario on every target, the order rotating from round to round.
 
-    python -m loadtest.fleet --out loadtest/results/fleet.json --markdown docs/benchmarks.md
+    python -m loadtest.fleet --out loadtest/results/fleet.json --markdown docs/performance.md
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--run-seconds", type=float, default=3.0, help="aimed length of one load run")
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results" / "fleet.json")
-    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "performance.md")
     args = parser.parse_args(argv)
     if not hey_available():
         print("error: hey is not installed (apt-get install hey)", file=sys.stderr)

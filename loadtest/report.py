@@ -1,4 +1,4 @@
-"""The results as Markdown: the table that ``docs/benchmarks.md`` carries between its markers."""
+"""The results as Markdown: the table that ``docs/performance.md`` carries between its markers."""
 
 from __future__ import annotations
 

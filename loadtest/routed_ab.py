@@ -10,7 +10,7 @@ blocks 1-15 at batch 8, all cores, in its own process while the gateways idle), 
 also a ratio to it, measured in the same run (and, where the scorer's dtype is not bf16, to transformers' bf16
 pass, the issue's literal reference). Prints one JSON object: per variant, each figure's rounds and
 median, and the reference's. Used for the scorer's batching
-settings in docs/benchmarks.md, e.g.::
+settings in research/perf/README.md, e.g.::
 
     python -m loadtest.routed_ab --variant wait2 --variant wait10:ROUTER_SCORER__MAX_WAIT_MS=10
     python -m loadtest.routed_ab --variant default --variant math-pool=examples/math-pool.yaml

@@ -93,7 +93,7 @@ class Cell:
 
 # One torch thread per core, as the gateway runs by default: with passive OpenMP waiting and the packed pass, the
 # event loop finds its CPU between passes (routed c=16 here: 13-16 req/s with nproc - 1 = 1 thread, 18-22 with 2;
-# docs/benchmarks.md). The vLLM scorer gets as many OpenMP threads, bound to the same cores.
+# docs/performance.md). The vLLM scorer gets as many OpenMP threads, bound to the same cores.
 SCORER_THREADS = os.cpu_count() or 1
 
 

@@ -11,14 +11,14 @@ rounds (the median round counts), prompts per second of:
   (``scorer.workers: 2``), each on its own batches; and (in float32, where its projections run on weights
   oneDNN prepacked at load) with ``F.linear`` on the plain weights instead;
 - the packed pass of shallower recipes (``--fewer-blocks``, default layer 6 and layer 8 with last+mean pooling):
-  what reading an earlier block would buy, measured and not taken (docs/benchmarks.md gives their AUROC);
+  what reading an earlier block would buy, measured and not taken (research/perf/README.md gives their AUROC);
 - the shipped pass with its element-wise work fused by ``torch.compile`` (``--no-compiled`` to skip; inductor
-  needs a C++ compiler): measured, not taken (docs/benchmarks.md says why);
+  needs a C++ compiler): measured, not taken (research/perf/README.md says why);
 - int8 projections (weights per output channel, activations per token, ``torch._int_mm``) over the packed pass:
   the candidate that was measured and dropped; it also prints how far its features and the shipped probes'
   estimates move from the float32 reference.
 
-Prints one JSON object. The figures in docs/benchmarks.md ("The scorer's forward pass") come from it.
+Prints one JSON object. The figures in research/perf/README.md ("The scorer's forward pass") come from it.
 """
 
 from __future__ import annotations

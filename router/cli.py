@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import shlex
 import sys
@@ -52,7 +53,7 @@ async def _run_servers(main: uvicorn.Server, metrics: uvicorn.Server | None) -> 
 def _settle_gc(freeze: bool, young_threshold: int) -> None:
     """Move everything loaded so far (the scorer model, torch, transformers: millions of objects that live as long
     as the process) out of the collector's sight, and collect the youngest generation less often. Without this,
-    collections that walk those objects cost more CPU than the rest of a forwarded request (docs/benchmarks.md)."""
+    collections that walk those objects cost more CPU than the rest of a forwarded request (docs/performance.md)."""
     if freeze:
         gc.collect()
         gc.freeze()
@@ -186,7 +187,6 @@ def _probes_promote(args: argparse.Namespace) -> int:
 
 
 def _probes_refit(args: argparse.Namespace) -> int:
-    import json
 
     from router.learning import ExampleStore, Learner, LearnerSettings
 
@@ -202,6 +202,38 @@ def _probes_refit(args: argparse.Namespace) -> int:
         learner = Learner(store, registry, LearnerSettings.from_config(settings.learning), anchors)
         for outcome in learner.run_once():
             print(json.dumps(outcome.as_dict()))
+    return 0
+
+
+def _learn(args: argparse.Namespace) -> int:
+    """The learner as its own process: every learning.refit_interval_s, one pass over the backends that are due,
+    while this process holds the learner's lock (the gateway replicas then run with learning.in_process false)."""
+    import time
+    from pathlib import Path
+
+    from router.learning import ExampleStore, Registry
+    from router.learning.live import LOCK_FILE, LearnerLock, open_learner, run_learner_pass
+
+    settings = load_settings(args.config)
+    cfg = settings.learning
+    if not cfg.enabled or cfg.store is None or cfg.registry is None:
+        raise ConfigError(f"{args.config}: learning is not enabled (learning.enabled, learning.store, "
+                          "learning.registry)")
+    registry = Registry(cfg.registry)
+    lock = LearnerLock(Path(cfg.registry) / LOCK_FILE)
+    with ExampleStore(cfg.store, cfg.max_examples) as store:
+        learner = open_learner(settings, registry, store)
+        passes = 0
+        while args.passes is None or passes < args.passes:
+            if lock.acquire():
+                for outcome in run_learner_pass(learner):
+                    print(json.dumps(outcome.as_dict()), flush=True)
+            else:
+                log.info("another learner holds %s; waiting", lock.path)
+            passes += 1
+            if args.passes is None or passes < args.passes:
+                time.sleep(args.interval_s or cfg.refit_interval_s)
+        lock.release()
     return 0
 
 
@@ -268,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     refit.add_argument("--store", type=Path, help="default: learning.store of the config")
     refit.add_argument("--backend", help="only this backend")
     refit.set_defaults(run=_probes_refit)
+    learn = sub.add_parser("learn", help="run the learner as its own process (one per fleet: a lock file beside "
+                           "learning.registry); with learning.in_process false in the gateways' config")
+    learn.add_argument("--config", type=Path, default=Path("config.yaml"))
+    learn.add_argument("--passes", type=int, help="stop after this many passes (default: run until stopped)")
+    learn.add_argument("--interval-s", type=float, help="seconds between passes (default: learning.refit_interval_s)")
+    learn.set_defaults(run=_learn)
     ref = sub.add_parser("config-reference", help="print the configuration reference (every field of the config "
                          "file, generated from the settings models) as Markdown")
     ref.add_argument("--out", type=Path, help="write it to this file (docs/reference/configuration.md)")

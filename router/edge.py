@@ -17,7 +17,7 @@ of the fast protocol adds, per connection:
   (``CANCEL_ON_DISCONNECT``): one dict entry per request instead of a watcher task;
 - an answer's head and body, which uvicorn writes separately, go to the socket as one write
   (``CoalescedWrites``): one send() and one packet for the client to read instead of two.
-The idle keep-alive timeout is uvicorn's own (``keep_alive_s``). See docs/security.md for the defaults beside
+The idle keep-alive timeout is uvicorn's own (``keep_alive_s``). See docs/guides/security.md for the defaults beside
 Envoy's and nginx's.
 """
 

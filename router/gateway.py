@@ -18,6 +18,7 @@ from router.config import Settings
 from router.decision_log import DecisionLog
 from router.errors import NotFound, UpstreamFailed
 from router.feedback import Answered
+from router.learning.live import LiveLearning
 from router.metrics import Metrics
 from router.policy import Decision, Reason, request_cost
 from router.request import CompletionCall
@@ -51,9 +52,11 @@ SAVED_STATUSES = ("completed", "incomplete")  # responses whose conversation can
 class Gateway:
     def __init__(self, settings: Settings, router: Router, pool: Pool, metrics: Metrics,
                  answers: AnswerStore, decisions: DecisionLog | None, *,
-                 conversations: ConversationStore | None = None, affinity: AffinityStore | None = None) -> None:
+                 conversations: ConversationStore | None = None, affinity: AffinityStore | None = None,
+                 learning: LiveLearning | None = None) -> None:
         """``conversations``: where Responses conversations are kept (None: /v1/responses cannot be continued);
-        ``affinity``: where sessions are pinned (None: affinity off). Both from ``router.session_state``."""
+        ``affinity``: where sessions are pinned (None: affinity off). Both from ``router.session_state``.
+        ``learning``: what answers keep for their ratings and where ratings go (None: learning off)."""
         self.settings = settings
         self.router = router
         self.pool = pool
@@ -62,6 +65,7 @@ class Gateway:
         self.decisions = decisions
         self.conversations = conversations
         self.affinity = affinity
+        self.learning = learning
         self.reference = settings.reference_backend()
         self._writes: set[asyncio.Task[None]] = set()  # what ended streams leave behind, being written
 
@@ -231,8 +235,10 @@ class Gateway:
         """After a good answer from ``backend``: the answer awaits feedback, and the request's session is pinned
         to the backend that answered (after failover, the one that finally did), its pin renewed."""
         request = ex.call.request
+        observation = (self.learning.observation(ex.id, request, ex.routed, backend)
+                       if self.learning is not None else None)
         remember = self.answers.remember(ex.id, backend, ex.routed.probabilities.get(backend), outcome.completion_id,
-                                         request.client)
+                                         request.client, observation)
         affinity = ex.routed.affinity
         if self.affinity is None or request.session is None or affinity is None or not affinity.pin:
             await remember
@@ -273,6 +279,12 @@ class Gateway:
             m.child(m.cost, backend).inc(cost)
             m.child(m.reference_cost, backend).inc(request_cost(ref.input_cost_per_mtok, ref.output_cost_per_mtok,
                                                              usage.prompt_tokens, usage.completion_tokens))
+            if reason is Reason.EXPLORE and ex.routed.chosen is not None:
+                chosen = self.settings.backend(ex.routed.chosen)
+                m.child(m.explore_cost, "sent").inc(cost)
+                m.child(m.explore_cost, "chosen").inc(request_cost(chosen.input_cost_per_mtok,
+                                                                   chosen.output_cost_per_mtok, usage.prompt_tokens,
+                                                                   usage.completion_tokens))
         ex.grant.settle(usage.prompt_tokens + usage.completion_tokens if usage is not None else None)
         if self.decisions is not None:
             self.decisions.write({
@@ -287,6 +299,9 @@ class Gateway:
                 "threshold": ex.call.request.threshold,
                 "scorer_ms": ex.routed.scorer_ms,
                 "stage": ex.routed.estimate.stage if ex.routed.estimate is not None else None,
+                "chosen": ex.routed.chosen,
+                "propensity": ex.routed.propensity,
+                "probe_versions": dict(self.learning.served) if self.learning is not None else None,
                 "prompt_tokens": usage.prompt_tokens if usage else None,
                 "completion_tokens": usage.completion_tokens if usage else None,
                 "cost_usd": cost,
@@ -303,4 +318,6 @@ class Gateway:
                            code="answer_not_found")
         self.metrics.feedback.labels(answered.backend).inc()
         self.metrics.feedback_score.labels(answered.backend).inc(score)
+        if self.learning is not None:
+            self.learning.rated(answered, score, client)
         return answered

@@ -1,7 +1,7 @@
 """The completion routes straight from ASGI, past FastAPI's routing and dependency machinery.
 
 Per request, FastAPI's router, route matching, dependency solving and exception-stack middlewares cost about as
-much CPU as everything the gateway itself does (measured in docs/benchmarks.md). This middleware answers a POST
+much CPU as everything the gateway itself does (measured in docs/performance.md). This middleware answers a POST
 to a hot path by calling its handler directly, the same handler FastAPI would call. The routes stay declared
 in FastAPI too: they give the OpenAPI document, the 405 for other methods, and a slower but equal path when a
 request's path does not match exactly (behind a ``root_path``, say).

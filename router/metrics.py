@@ -114,6 +114,43 @@ class Metrics:
             "(not kept), expanded (a follow-up continued), not_found (a follow-up named none kept)", ["outcome"],
             registry=r,
         )
+        # Learning from traffic (router.learning; policy.explore, policy.target, learning:)
+        self.explored = Counter(
+            "router_explored", "Routed requests sent to a backend the policy did not choose (policy.explore), by the "
+            "backend they went to", ["backend"], registry=r,
+        )
+        self.explore_cost = Counter(
+            "router_explore_cost_usd", "Explored requests' cost as sent (as=\"sent\") and what the policy's choice "
+            "would have cost for the same tokens (as=\"chosen\"): exploration's extra cost is their difference",
+            ["as"], registry=r,
+        )
+        self.threshold = Gauge(
+            "router_policy_threshold", "The threshold a routed request gets when it sets none: policy.threshold, or "
+            "the one policy.target holds", registry=r,
+        )
+        self.target_realised = Gauge(
+            "router_policy_target_realised", "policy.target's measure over the controller's window, as realised",
+            registry=r,
+        )
+        self.learning_examples = Counter(
+            "router_learning_examples", "Ratings joined with what the probe saw and stored as labelled examples, by "
+            "backend and outcome: stored, no_observation (remembered without one: learning off, a failover, a "
+            "named backend), not_rater (the key may not teach the probes), error", ["backend", "outcome"],
+            registry=r,
+        )
+        self.learning_refits = Counter(
+            "router_learning_refits", "Learner passes per backend, by result: promoted, kept (the serving probe won "
+            "or too few labels)", ["backend", "result"], registry=r,
+        )
+        self.guard_quality = Gauge(
+            "router_learning_guard", "The served probe's figures on its backend's guard ratings (labels no candidate "
+            "is fitted on) at the learner's last pass: auroc, ece, logloss (in the learner's process)",
+            ["backend", "measure"], registry=r,
+        )
+        self.probe_version = Gauge(
+            "router_probe_version", "The version of each backend's probe this replica serves (learning.registry): "
+            "its number", ["backend"], registry=r,
+        )
 
     def observe_batch(self, stats: BatchStats) -> None:
         """One forward pass of a local scorer (called from its worker thread: prometheus-client is thread-safe)."""

@@ -293,6 +293,7 @@ class ProbeSet:
 
     def __init__(self, names: Sequence[str], probes: Sequence[Probe]) -> None:
         self.names = list(names)
+        self.probes = tuple(probes)  # as given, one per name
         texts = {m.text.digest: m.text for p in probes for m in (p, *p.stages.values()) if m.text is not None}
         if len(texts) > 1:
             raise ProbeError(f"the probes of {', '.join(self.names)} read different text features "

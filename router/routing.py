@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,8 @@ import numpy as np
 from router.affinity import Affinity, apply_affinity
 from router.config import Settings
 from router.errors import NotFound, PermissionDenied
+from router.learning.exploration import explore
+from router.learning.target import ThresholdController, make_entry
 from router.metrics import Metrics
 from router.policy import (
     Decision,
@@ -40,6 +43,7 @@ from router.scorer.interface import EarlyExit, Scored, Scorer, ScorerUnavailable
 from router.scorer.recipe import Message
 
 if TYPE_CHECKING:
+    from router.learning.shared_target import SharedTarget
     from router.session_state import AffinityStore
 
 log = logging.getLogger(__name__)
@@ -115,6 +119,8 @@ class Routed:
     scorer_ms: float | None = None
     estimate: Estimate | None = None  # None: not scored (a named backend, an unreadable prompt, the scorer down)
     affinity: Affinity | None = None  # what affinity did, for a routed request of a session; None: no session
+    chosen: str | None = None  # the policy's choice, where exploration (policy.explore) sent it elsewhere or not
+    propensity: float = 1.0  # the probability that the request went to decision.backend, given its estimates
 
 
 class Router:
@@ -125,10 +131,18 @@ class Router:
     conversation's later turn then stays on its session's backend while the pin holds (``router.affinity``)."""
 
     def __init__(self, settings: Settings, groups: Sequence[ProbeGroup], metrics: Metrics,
-                 cache: ScoreCache | None = None, affinity: AffinityStore | None = None) -> None:
+                 cache: ScoreCache | None = None, affinity: AffinityStore | None = None, *,
+                 target: ThresholdController | SharedTarget | None = None, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         """``cache``: the score cache (stage 0), None: off. ``affinity``: where sessions' pins are kept
-        (``router.session_state``); None: affinity off."""
+        (``router.session_state``); None: affinity off. ``target``: the controller holding policy.target, fed each
+        routed decision. ``rng``: draws exploration (policy.explore)."""
         self.settings = settings
+        self.target = target
+        self.rng = rng or random.Random()
+        self.clock = clock
+        cheapest = min((b.price_rank() for b in settings.backends), default=0.0)
+        self._dearer = {b.name for b in settings.backends if b.price_rank() > cheapest}
         self.affinity = affinity
         self.policy = settings.policy
         self.groups = tuple(groups)
@@ -160,8 +174,50 @@ class Router:
             self.metrics.scorer_errors.labels(e.kind).inc()
             return await self._keep(Routed(self._unscored(candidates, available, request)), request, pinned,
                                     available)
-        routed = Routed(self._decide(estimate, request), estimate.probabilities, estimate.scorer_ms, estimate)
+        routed = self._explore(self._decide(estimate, request), estimate, candidates, request)
         return await self._keep(routed, request, pinned, available)
+
+    def _explore(self, decision: Decision, estimate: Estimate, candidates: list[str], request: Routable) -> Routed:
+        """The policy's decision, or with probability policy.explore another candidate (router.learning.explore),
+        with the probability of where it went; the target's controller sees where it went."""
+        routed = Routed(decision, estimate.probabilities, estimate.scorer_ms, estimate, chosen=decision.backend)
+        if self.policy.explore > 0:
+            explored = explore(decision, candidates, self.policy.explore, self.rng)
+            routed = replace(routed, decision=explored.decision, propensity=explored.propensity)
+            if explored.explored:
+                self.metrics.child(self.metrics.explored, explored.decision.backend).inc()
+        if self.target is not None:
+            options = self._options(estimate.probabilities, estimate.prompt_tokens, request.output_tokens)
+            self.target.observe(make_entry(self.target.kind, options, fallback=self.policy.fallback,
+                                           dearer=self._dearer, sent_to=routed.decision.backend, at=self.clock()))
+        return routed
+
+    def serve_probes(self, probes: Mapping[str, Probe]) -> list[str]:
+        """Serve ``probes`` (backend → probe, e.g. a version promoted by the learner) in place of those served
+        now; the backends whose probe changed. A learned probe (``training.learning``) is served without its
+        cascade stages: their margins were chosen against the probe it replaces (re-choose them with
+        ``python -m probes calibrate`` and promote the result)."""
+        changed = []
+        groups = list(self.groups)
+        for i, group in enumerate(groups):
+            names = group.probes.names
+            if not any(n in probes for n in names):
+                continue
+            current = dict(zip(names, group.probes.probes, strict=True))
+            for name in names:
+                if name in probes:
+                    probe = probes[name]
+                    check_compatible(probe, group.scorer.info, f"the served probe of backend {name!r}")
+                    if probe.training.get("learning"):
+                        probe = replace(probe, stages={}, cascade={})
+                    current[name] = probe
+                    changed.append(name)
+            probe_set = ProbeSet(names, [current[n] for n in names])
+            groups[i] = replace(group, probes=probe_set, early_exit=group.early_exit and "early" in probe_set.stages)
+        self.groups = tuple(groups)
+        self._cascade = (self.settings.policy.cascade.enabled and len(self.groups) == 1
+                         and bool(self.groups[0].probes.stages))
+        return changed
 
     def _pinned(self, request: Routable) -> Awaitable[str | None] | None:
         """The lookup of the backend the request's session is pinned to, under way (None: nothing to look up)."""

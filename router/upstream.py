@@ -1,7 +1,7 @@
 """The backend pool: one HTTP client per backend, forwarding, and relaying streams as bytes.
 
 The client is aiohttp: under concurrency its connection pool costs a fraction of httpx's (see
-docs/benchmarks.md), and the gateway's throughput is bounded by it.
+docs/performance.md), and the gateway's throughput is bounded by it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ balancer ``ROUTER_SERVER__PORT`` (8000, like make demo), replicas ``DEMO_REPLICA
 
 The balancer retries on the other replica what never got an answer's first byte from the one it chose
 (connection refused or reset, replica gone before answering: ``proxy_next_upstream error timeout
-non_idempotent``, once); a stream that has started cannot move, and ends early (docs/reliability.md).
+non_idempotent``, once); a stream that has started cannot move, and ends early (docs/guides/operations.md).
 
 Stopping is ``make demo``'s: the first SIGTERM/SIGINT stops, in order, the balancer (gracefully), the replicas,
 Redis and the vLLM servers; later signals are ignored; killed outright, the demo takes them all with it.

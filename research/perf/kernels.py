@@ -15,7 +15,7 @@ after the shared prefix), GFLOP/s of:
 
 ONNX Runtime, OpenVINO and NNCF are not dependencies of the project: ``pip install onnxruntime openvino nncf``
 into the venv first; a kernel whose package is missing is reported as such. It also prints each kernel's error
-relative to the float32 product. Prints one JSON object; docs/benchmarks.md quotes it.
+relative to the float32 product. Prints one JSON object; research/perf/README.md quotes it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 OpenMP reads its wait settings when it loads, so each (round, policy) runs in a fresh process: the packed pass at
 batch 1 after 20 ms idle (median latency: what a lone request pays) and at batch 8 back to back (prompts/s), with
-the config's threads. Prints one JSON line per run; docs/deploy.md and docs/benchmarks.md quote it.
+the config's threads. Prints one JSON line per run; docs/guides/deploy.md and research/perf/README.md quote it.
 """
 
 from __future__ import annotations

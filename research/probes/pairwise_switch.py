@@ -1,6 +1,6 @@
 """Research screen (not part of the package): does a probe trained on the *difference* of two models' outcomes
 choose better which questions to move from the best single model to another than the difference of two
-separately trained probes does? (2026-12-06; docs/probes "Not tried: estimating the difference p_i − p_best".)
+separately trained probes does? (2026-12-06; research/probes "Not tried: estimating the difference p_i − p_best".)
 
 On MATH the best single model (Qwen2.5-Math-1.5B-Instruct) is also a cheapest one, and argmax over separately
 trained probes loses accuracy to it (a winner's curse). For each other model j, with d = y_j − y_best in

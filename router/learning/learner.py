@@ -311,8 +311,22 @@ class Verdict:
 
 def _scores(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, float]:
     n_eff = float(np.sum(w) ** 2 / max(float(np.sum(w**2)), EPS))  # what the weights leave of the sample
-    return {"logloss": round(log_loss(y, p, w), 6), "auroc": round(auroc(y, p, w), 6), "n": len(y),
-            "n_effective": round(n_eff, 1)}
+    return {"logloss": round(log_loss(y, p, w), 6), "auroc": round(auroc(y, p, w), 6), "ece": round(ece(y, p, w), 6),
+            "n": len(y), "n_effective": round(n_eff, 1)}
+
+
+def ece(y: np.ndarray, p: np.ndarray, w: np.ndarray, bins: int = 10) -> float:
+    """Weighted expected calibration error over ``bins`` equal-width bins of ``p``."""
+    which = np.minimum((np.asarray(p) * bins).astype(int), bins - 1)
+    total = float(np.sum(w))
+    if total <= 0:
+        return 0.0
+    gap = 0.0
+    for b in np.unique(which):
+        m = which == b
+        wb = float(np.sum(w[m]))
+        gap += wb * abs(float(np.sum(w[m] * y[m]) / wb) - float(np.sum(w[m] * p[m]) / wb))
+    return gap / total
 
 
 def guard_verdict(y: np.ndarray, w: np.ndarray, keys: np.ndarray, p_serving: np.ndarray, p_candidate: np.ndarray,

@@ -113,6 +113,10 @@ class ThresholdController:
     def extend(self, entries: Iterable[Entry]) -> None:
         self._entries.extend(entries)
 
+    def replace(self, entries: Iterable[Entry]) -> None:
+        """Hold ``entries`` (the newest ``window`` of them) as the window, e.g. a fleet's shared one."""
+        self._entries = deque(entries, maxlen=self.window)
+
     def entries(self) -> list[Entry]:
         return list(self._entries)
 

@@ -6,7 +6,7 @@ until the batch is full, or no request has joined for ``max_wait`` (a lone reque
 one forward pass and hands each caller its row.
 The event loop only enqueues and awaits; the forward pass happens in a worker. With several workers, passes run
 side by side, each on its own batch (torch releases the GIL inside its operations): on a CPU, two passes of one
-thread each score more prompts a second than one pass on two threads (docs/benchmarks.md).
+thread each score more prompts a second than one pass on two threads (research/perf/README.md).
 
 Keys share the scorer by tokens (``router.scorer.fair``): each key's requests wait in a queue of their own, and
 batches are formed by deficit round robin over the keys with a quantum in tokens; a batch holds at most

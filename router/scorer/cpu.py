@@ -12,12 +12,12 @@ threads for every thread that has run a parallel region, for as long as that thr
 more threads than there are cores it stops spinning altogether (every operation then pays a wake-up). Loading
 the model runs parallel regions, so the local scorer loads it on a thread of its own (``call_in_own_thread``)
 whose team goes when the thread ends, not on the event loop's thread, whose team would outlive the load: on
-2 cores a lone routed request's scoring went from 1.45× the pass to 1.02× (docs/benchmarks.md). torch's
+2 cores a lone routed request's scoring went from 1.45× the pass to 1.02× (research/perf/README.md). torch's
 thread count (``scorer.threads``) is process-wide, so the worker still gets it.
 
 The dtype: bfloat16 halves the bytes and, where the CPU multiplies it natively (AVX-512 bf16, AMX), runs the pass
 about 1.7× faster than float32; where it does not (AVX2 only), torch emulates it, and the same pass was 6.5×
-slower than float32 (docs/benchmarks.md). ``scorer.dtype: auto`` picks by the CPU's flags.
+slower than float32 (research/perf/README.md). ``scorer.dtype: auto`` picks by the CPU's flags.
 """
 
 from __future__ import annotations

@@ -320,7 +320,7 @@ def padded_rows(rows: int) -> int:
     oneDNN builds a kernel (a "primitive") for every shape of a matrix product it meets, and caches it. Packed
     rows are the sum of a batch's prompt lengths, so nearly every batch of live traffic has a shape of its own;
     on a 2-core CPU with AMX, the pass over batches it had not met before ran 1.18× as fast with its rows
-    rounded (docs/benchmarks.md). Rounded, the pass meets about 16 shapes per doubling of the row count, which
+    rounded (research/perf/README.md). Rounded, the pass meets about 16 shapes per doubling of the row count, which
     oneDNN's cache (1,024 kernels) keeps."""
     step = max(16, 1 << max(0, rows.bit_length() - 5))
     return -(-rows // step) * step
@@ -337,7 +337,7 @@ class PrepackedLinear:
     """A linear layer whose weight oneDNN reorders once, at load, into its own blocked layout, instead of the
     kernel reordering (bf16) or reading (MKL, float32) the plain matrix at every call (what torch's compiler does
     when it freezes a model). Same products: float32 to 6e-7 relative, bf16 bit for bit (tests). Measured at the
-    pass's shapes (docs/benchmarks.md): float32 on a 2-core AVX2 CPU 1.45× ``F.linear`` and 1.31× the whole
+    pass's shapes (research/perf/README.md): float32 on a 2-core AVX2 CPU 1.45× ``F.linear`` and 1.31× the whole
     pass; bf16 on a 2-core CPU with AMX 1.10× ``F.linear`` and 1.07× the whole pass."""
 
     ROWS_HINT = 512  # the rows of a typical call (8 prompts of ~80 tokens after the prefix): oneDNN's layout hint

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build_image.sh"
 IMAGE = os.environ.get("IMAGE", "probe-router:local")  # the tag `make image` builds; the build script reads it too
 NO_ENGINE = ("no Docker engine answers here: install one and start it "
-             "(README, Deploy with Docker: apt-get install docker.io mmdebstrap; dockerd)")
+             "(docs/guides/deploy.md: apt-get install docker.io mmdebstrap; dockerd)")
 NAME_PREFIX = f"probe-router-test-{os.getpid()}"  # every container these tests start, removed by name
 # scorer.timeout_s for the gateways under test. On a busy shared test machine one forward pass can take longer
 # than the default 10 s, and the request is then routed unscored to the fallback: right, but not what these tests

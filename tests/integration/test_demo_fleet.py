@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -191,10 +192,12 @@ def test_conversations_through_the_balancer_continue_on_either_replica(fleet: Fl
 async def _load(url: str, on_answer) -> list[httpx.Response | Exception]:  # type: ignore[no-untyped-def]
     body = {"model": "router", "max_tokens": 16, "messages": MESSAGES}
     slots = asyncio.Semaphore(CONCURRENCY)
+    run = uuid.uuid4().hex[:8]
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(keepalive_expiry=None)) as client:
         async def one(i: int) -> httpx.Response | Exception:
-            # a distinct prompt each: the score cache decides a repeated one without the scorer
-            asked = {**body, "messages": [{"role": "user", "content": f"What is {i} * 7?"}]}
+            # a prompt no other request (of this load or an earlier one) asked: the score cache would decide a
+            # repeated one without the scorer
+            asked = {**body, "messages": [{"role": "user", "content": f"[{run}] What is {i} * 7?"}]}
             async with slots:
                 try:
                     if i % 2:  # a stream, read to its end
@@ -283,8 +286,9 @@ def test_the_scorer_sigkilled_under_load_behind_the_balancer_then_restarted(flee
         if r.headers["content-type"].startswith("text/event-stream"):
             assert r.content.rstrip().endswith(b"data: [DONE]")  # the backends are up: every stream complete
     unscored = [r for r in responses if r.headers["x-router-reason"] == "unscored"]
+    routes = Counter((r.headers["x-router-reason"], r.headers.get("x-router-stage")) for r in responses)
     print(f"\nscorer killed under load behind the balancer: {REQUESTS} requests, {len(unscored)} unscored, "
-          "0 unanswered")
+          f"0 unanswered; (reason, stage): {dict(routes)}")
     assert len(unscored) >= REQUESTS - KILL_AFTER - CONCURRENCY
     assert all(r.headers["x-router-backend"] == settings.policy.fallback for r in unscored)
     assert all("x-router-scorer-ms" not in r.headers for r in unscored)

@@ -10,6 +10,7 @@ import itertools
 import os
 import signal
 import time
+import uuid
 
 import httpx
 import pytest
@@ -32,6 +33,7 @@ async def _load(url: str, on_answer, threshold: str | None = "0") -> list[httpx.
     threshold header sends everything to the cheap backend."""
     body = {"model": "router", "max_tokens": 4, "messages": [{"role": "user", "content": "What is 6 * 7?"}]}
     slots = asyncio.Semaphore(CONCURRENCY)
+    run = uuid.uuid4().hex[:8]
     # The kill below blocks this loop for up to 10 s. httpx's pool, given its default 5 s keep-alive expiry, may
     # then close an idle connection it has just handed to a request that has not run yet (ClosedResourceError
     # on the client: a client-side race, nothing reached the gateway). No expiry here; the gateway keeps
@@ -39,8 +41,9 @@ async def _load(url: str, on_answer, threshold: str | None = "0") -> list[httpx.
     limits = httpx.Limits(keepalive_expiry=None)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         async def one(i: int) -> httpx.Response:
-            # a distinct prompt each: the score cache decides a repeated one without the scorer
-            asked = {**body, "messages": [{"role": "user", "content": f"What is {i} * 7?"}]}
+            # a prompt no other request (of this load or an earlier one) asked: the score cache would decide a
+            # repeated one without the scorer
+            asked = {**body, "messages": [{"role": "user", "content": f"[{run}] What is {i} * 7?"}]}
             async with slots:
                 stream = i % 2 == 1
                 headers = {"x-router-threshold": threshold} if threshold is not None else {}

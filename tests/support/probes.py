@@ -18,3 +18,34 @@ def constant_probe(info: ScorerInfo, p: float) -> Probe:
 
 def write_constant_probes(folder: Path, info: ScorerInfo, estimates: dict[str, float]) -> dict[str, Path]:
     return {name: save_probe(constant_probe(info, p), folder / f"{name}.json") for name, p in estimates.items()}
+
+
+REAL_MODEL = Path(__file__).resolve().parents[2] / ".cache" / "SmolLM2-135M-Instruct"
+SMALL_MODEL, BIG_MODEL = "Qwen/Qwen2.5-Math-1.5B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct"
+
+
+def two_backend_config(folder: Path, extra: str = "") -> str:
+    """A config for ``python -m probes`` on the real scorer cut after two layers: backends small and big (the
+    Qwen2.5-Math models' labels), their probes under ``probes/``, threshold 0.85; ``extra`` appended as is."""
+    return f"""\
+scorer:
+  model: {REAL_MODEL}
+  layers: [2]
+  pooling: last
+  cache_dir: {folder / "cache"}
+backends:
+  - name: small
+    base_url: http://127.0.0.1:9/v1
+    model: {SMALL_MODEL}
+    input_cost_per_mtok: 0.1
+    output_cost_per_mtok: 0.2
+    probe: probes/small.json
+  - name: big
+    base_url: http://127.0.0.1:9/v1
+    model: {BIG_MODEL}
+    input_cost_per_mtok: 0.4
+    output_cost_per_mtok: 0.8
+    probe: probes/big.json
+policy:
+  threshold: 0.85   # keep me
+{extra}"""

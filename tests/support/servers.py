@@ -28,7 +28,7 @@ def serve(app: Any, port: int | None = None, timeout_s: float = 30.0, **options:
     """Run ``app`` on 127.0.0.1 until the block ends; yield its base URL. ``options`` go to uvicorn.Config; for a
     gateway, pass ``router.edge.server_options`` (its edge protocol and keep-alive: uvicorn's default keep-alive,
     5 s, equals httpx's pool expiry, and a client that reuses a connection just as the server closes it gets a
-    ReadError, docs/reliability.md)."""
+    ReadError, docs/guides/operations.md)."""
     port = port or free_port()
     options = {"timeout_keep_alive": 5.0, **options}
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 
 from router.app import create_app
 from router.config import ScorerConfig, Settings
@@ -15,7 +17,7 @@ from router.edge import server_options
 from router.routing import load_probe_groups
 from router.scorer.recipe import ScorerInfo
 from tests.support.probes import write_constant_probes
-from tests.support.servers import serve
+from tests.support.servers import FakeBackend, serve
 
 ESTIMATES = {"small": 0.70, "large": 0.95}
 
@@ -49,3 +51,25 @@ def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
     """The sum of every sample on ``url``/metrics whose line starts with ``name``."""
     text = httpx.get(f"{url}/metrics", headers=headers).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+@dataclass
+class Stack:
+    """A gateway (``make_settings``) in front of two fake backends, and an OpenAI client of it."""
+
+    url: str
+    small: FakeBackend
+    large: FakeBackend
+    client: openai.OpenAI
+
+    def metric(self, name: str) -> float:
+        return metric(self.url, name)
+
+
+@contextmanager
+def fake_stack(folder: Path, scorer: ScorerConfig, info: ScorerInfo) -> Iterator[Stack]:
+    small, large = FakeBackend("org/small", "small says 4"), FakeBackend("org/large", "large says 4")
+    with serve(small.app) as small_url, serve(large.app) as large_url:
+        settings = make_settings(folder, scorer, info, small_url, large_url)
+        with running_gateway(settings) as url:
+            yield Stack(url, small, large, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -14,33 +13,16 @@ import pytest
 from router.config import ScorerConfig
 from router.scorer.features import FeatureExtractor
 from tests.support.servers import FakeBackend, free_port, serve
-from tests.support.stack import make_settings, running_gateway
+from tests.support.stack import Stack, fake_stack, make_settings, running_gateway
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
-
-
-@dataclass
-class Stack:
-    url: str
-    small: FakeBackend
-    large: FakeBackend
-    client: openai.OpenAI
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.url}/metrics").text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name) and not line.startswith("#"))
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_scorer_cfg: ScorerConfig,
           tiny_extractor: FeatureExtractor) -> Iterator[Stack]:
-    small, large = FakeBackend("org/small", "small says 4"), FakeBackend("org/large", "large says 4")
-    with serve(small.app) as small_url, serve(large.app) as large_url:
-        settings = make_settings(tmp_path_factory.mktemp("probes"), tiny_scorer_cfg, tiny_extractor.info,
-                                 small_url, large_url)
-        with running_gateway(settings) as url:
-            yield Stack(url, small, large, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))
+    with fake_stack(tmp_path_factory.mktemp("probes"), tiny_scorer_cfg, tiny_extractor.info) as stack:
+        yield stack
 
 
 def test_routed_chat_goes_to_the_cheapest_backend_clearing_the_threshold(stack: Stack) -> None:

@@ -5,7 +5,6 @@ broken, moved by failover) and the decision-only POST /v1/route. The real stand-
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +18,17 @@ from hypothesis import strategies as st
 from router.config import ScorerConfig
 from router.scorer.features import FeatureExtractor
 from tests.support.servers import FakeBackend, serve
-from tests.support.stack import make_settings, metric, running_gateway
+from tests.support.stack import Stack, fake_stack, make_settings, metric, running_gateway
 from tests.unit.test_conversation_view import conversation
 
 QUESTION = "What is 2 + 2?"
 
 
-@dataclass
-class Stack:
-    url: str
-    small: FakeBackend
-    large: FakeBackend
-    client: openai.OpenAI
-
-    def metric(self, name: str) -> float:
-        return metric(self.url, name)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_scorer_cfg: ScorerConfig,
           tiny_extractor: FeatureExtractor) -> Iterator[Stack]:
-    small, large = FakeBackend("org/small", "small says 4"), FakeBackend("org/large", "large says 4")
-    with serve(small.app) as small_url, serve(large.app) as large_url:
-        settings = make_settings(tmp_path_factory.mktemp("probes"), tiny_scorer_cfg, tiny_extractor.info,
-                                 small_url, large_url)
-        with running_gateway(settings) as url:
-            yield Stack(url, small, large, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))
+    with fake_stack(tmp_path_factory.mktemp("probes"), tiny_scorer_cfg, tiny_extractor.info) as stack:
+        yield stack
 
 
 @pytest.fixture(autouse=True)

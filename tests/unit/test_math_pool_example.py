@@ -1,6 +1,6 @@
 """examples/math-pool.yaml: four backends, probes that read the scorer's activations and the prompt's text
 features, loaded by the gateway and used for a routed request (the backends here are small fakes; the same
-config against a real vLLM CPU stand-in is in docs/probes/README.md)."""
+config against a real vLLM CPU stand-in is in research/probes/README.md)."""
 
 from __future__ import annotations
 

@@ -14,10 +14,10 @@ from probes.cli import build_parser, main
 from probes.data import load_dataset
 from router.config import load_settings
 from router.probe import ProbeError, load_probe
+from tests.support.probes import BIG_MODEL, REAL_MODEL, SMALL_MODEL, two_backend_config
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = ROOT / ".cache" / "SmolLM2-135M-Instruct"
-SMALL, BIG = "Qwen/Qwen2.5-Math-1.5B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct"
+MODEL, SMALL, BIG = REAL_MODEL, SMALL_MODEL, BIG_MODEL
 
 pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason="the scorer model is not cached")
 
@@ -31,28 +31,7 @@ def workspace(tmp_path: Path) -> tuple[Path, Path]:
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in chosen))
     config = tmp_path / "config.yaml"
-    config.write_text(f"""\
-scorer:
-  model: {MODEL}
-  layers: [2]
-  pooling: last
-  cache_dir: {tmp_path / "cache"}
-backends:
-  - name: small
-    base_url: http://127.0.0.1:9/v1
-    model: {SMALL}
-    input_cost_per_mtok: 0.1
-    output_cost_per_mtok: 0.2
-    probe: probes/small.json
-  - name: big
-    base_url: http://127.0.0.1:9/v1
-    model: {BIG}
-    input_cost_per_mtok: 0.4
-    output_cost_per_mtok: 0.8
-    probe: probes/big.json
-policy:
-  threshold: 0.85   # keep me
-""")
+    config.write_text(two_backend_config(tmp_path))
     return data, config
 
 

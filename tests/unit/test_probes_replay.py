@@ -11,10 +11,10 @@ import pytest
 
 from probes.cli import main
 from router.probe import load_probe
+from tests.support.probes import BIG_MODEL, REAL_MODEL, SMALL_MODEL, two_backend_config
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = ROOT / ".cache" / "SmolLM2-135M-Instruct"
-SMALL, BIG = "Qwen/Qwen2.5-Math-1.5B-Instruct", "Qwen/Qwen2.5-Math-7B-Instruct"
+MODEL, SMALL, BIG = REAL_MODEL, SMALL_MODEL, BIG_MODEL
 
 pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason="the scorer model is not cached")
 
@@ -27,32 +27,13 @@ def test_replay_writes_windows_for_both_arms_and_rates_only_the_answering_backen
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
     (tmp_path / "stream.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stream))
     config = tmp_path / "config.yaml"
-    config.write_text(f"""\
-scorer:
-  model: {MODEL}
-  layers: [2]
-  cache_dir: {tmp_path / "cache"}
-backends:
-  - name: small
-    base_url: http://127.0.0.1:9/v1
-    model: {SMALL}
-    input_cost_per_mtok: 0.1
-    output_cost_per_mtok: 0.2
-    probe: probes/small.json
-  - name: big
-    base_url: http://127.0.0.1:9/v1
-    model: {BIG}
-    input_cost_per_mtok: 0.4
-    output_cost_per_mtok: 0.8
-    probe: probes/big.json
-policy:
-  threshold: 0.85
+    config.write_text(two_backend_config(tmp_path, extra="""\
   fallback: big
 learning:
   min_labels: 10
   guard_min_labels: 10
   guard_fraction: 0.3
-""")
+"""))
     common = ["--config", str(config), "--no-progress"]
     assert main(["train", *common, "--data", str(tmp_path / "train.jsonl"), "--folds", "2",
                  "--train-labels", f"big={SMALL}"]) == 0

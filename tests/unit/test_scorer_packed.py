@@ -64,7 +64,7 @@ def test_bf16_projections_are_prepacked_only_where_the_cpu_multiplies_bf16_nativ
     for name in ("qkv", "o", "gate_up", "down"):  # the same pass on the plain weights, through F.linear
         setattr(plain.packed, name, [partial(F.linear, weight=p.weight, bias=p.bias)
                                      for p in getattr(plain.packed, name)])
-    # bit for bit on the AMX machine of docs/benchmarks.md; within bf16's rounding wherever oneDNN blocks the
+    # bit for bit on the AMX machine of research/perf/README.md; within bf16's rounding wherever oneDNN blocks the
     # product differently
     np.testing.assert_allclose(bf16.features_from_ids(ids), plain.features_from_ids(ids), rtol=1e-2, atol=1e-2)
     fp32 = FeatureExtractor(tiny_scorer_cfg)
