@@ -8,9 +8,12 @@ estimates anywhere within the margin of the stage's would send the request to th
 
 The margins are chosen on held-out estimates of the training rows (each model's inner cross-validation, C and
 Platt as the shipped model's) for one policy: the smallest margins whose cascade agrees with the full probes'
-decisions on at least ``agreement`` of the rows, and among those the ones that run the fewest scorer blocks (a
-request decided by ``text`` runs none, by ``early`` the blocks up to it, by the full probes all of them). So one
-stage may take more of the disagreement budget than another where that saves more passes.
+decisions on enough of the rows, and among those the ones that run the fewest scorer blocks (a request decided by
+``text`` runs none, by ``early`` the blocks up to it, by the full probes all of them). So one stage may take more
+of the disagreement budget than another where that saves more passes. "Enough": the disagreements e allowed on
+n rows satisfy e + z·√e ≤ (1 − ``agreement``)·n (z = ``CONFIDENCE_Z``, a one-sided 95% bound on the
+disagreement rate), not e ≤ (1 − agreement)·n: margins chosen at the budget's very edge on the training rows
+fell short of the agreement on rows they were not chosen on (research/cascade/README.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from router import PolicyConfig, Rule, ScorerConfig, Settings
 log = logging.getLogger(__name__)
 
 DEFAULT_AGREEMENT = 0.99
+CONFIDENCE_Z = 1.645  # the disagreement budget's margin of safety: a one-sided 95% normal bound
 AGREEMENT_LEVELS = (0.95, 0.98, 0.99, 0.995, 0.999)  # the single-stage curves stored beside the chosen margins
 THRESHOLD_GRID = tuple(round(0.01 * i, 2) for i in range(101))  # margins stored for these thresholds too
 MAX_CANDIDATES = 128  # first-stage margins tried when choosing two at once
@@ -100,19 +104,31 @@ def _outcome(full: np.ndarray, stages: Mapping[str, tuple[np.ndarray, np.ndarray
                         sum(decided[s] * cost.get(s, 1.0) for s in names), len(full))
 
 
-def choose_margins(full: np.ndarray, stages: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
-                   agreement: float = DEFAULT_AGREEMENT, cost: Mapping[str, float] | None = None) -> MarginChoice:
-    """The stages' margins for rows whose full-probe decisions are ``full``: the cascade agrees with them on at
-    least ``agreement`` of the rows, at the least expected ``cost`` (per stage, as a share of the full pass: by
-    default text 0, the full probes 1, any other stage 1), ties going to the smaller first margin. One or two
-    stages (``stages``: decision and radius per row, in the order asked)."""
+def disagreement_budget(agreement: float, n: int, z: float = CONFIDENCE_Z) -> int:
+    """The most rows of ``n`` on which the cascade may disagree with the full probes: the largest whole e with
+    e + z·√e ≤ (1 − ``agreement``)·n, so that a one-sided normal bound on the disagreement rate (z = 1.645: 95%)
+    stays within 1 − ``agreement``; z = 0: e ≤ (1 − agreement)·n."""
     if not 0 < agreement <= 1:
         raise ValueError("agreement must be in (0, 1]")
+    if z < 0:
+        raise ValueError("z must be at least 0")
+    allowed = (1.0 - agreement) * n + 1e-9
+    root = (-z + math.sqrt(z * z + 4 * allowed)) / 2  # √e where e + z·√e = allowed
+    return max(0, math.floor(root * root + 1e-9))
+
+
+def choose_margins(full: np.ndarray, stages: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
+                   agreement: float = DEFAULT_AGREEMENT, cost: Mapping[str, float] | None = None,
+                   confidence_z: float = CONFIDENCE_Z) -> MarginChoice:
+    """The stages' margins for rows whose full-probe decisions are ``full``: the cascade disagrees with them on at
+    most ``disagreement_budget(agreement, rows, confidence_z)`` rows, at the least expected ``cost`` (per stage,
+    as a share of the full pass: by default text 0, the full probes 1, any other stage 1), ties going to the
+    smaller first margin. One or two stages (``stages``: decision and radius per row, in the order asked)."""
     if len(stages) > 2:
         raise ValueError("at most two stages before the full probes")
     cost = {"text": 0.0, "full": 1.0, **(cost or {})}  # another stage not costed: as the full pass
     n = len(full)
-    budget = math.floor((1.0 - agreement) * n + 1e-9)
+    budget = disagreement_budget(agreement, n, confidence_z)
     items = list(stages.items())
     if not items:
         return _outcome(full, stages, {}, cost)
@@ -179,9 +195,12 @@ def cascade_block(p: Mapping[str, np.ndarray], cost: np.ndarray, names: Sequence
         "agreement": agreement,
         "policy": rule.as_dict(),
         **chosen.as_dict(),
+        "agreement_target": agreement,  # "agreement" (of chosen.as_dict()): what the margins reach on those rows
+        "confidence_z": CONFIDENCE_Z,
         "chosen_on": (f"inner out-of-fold estimates of {data or 'the training data'} (every stage's and the full "
-                      "probes'), the margins that keep the cascade's decisions the full probes' on at least "
-                      "`agreement` of the questions at the least expected scorer compute"),
+                      "probes'), the margins that keep the cascade's decisions the full probes' at the least "
+                      "expected scorer compute, with at most e disagreements of the n questions where "
+                      "e + confidence_z·√e ≤ (1 − agreement)·n (a one-sided bound on the disagreement rate)"),
         "curves": {s: stage_curve(full, *decisions(p[s], cost, names, rule)) for s in order},
     }
     if rule.mode == "threshold":

@@ -22,6 +22,7 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
 from probes.cascade import (
+    CONFIDENCE_Z,
     DEFAULT_AGREEMENT,
     choose_margins,
     decisions,
@@ -201,7 +202,8 @@ def evaluate_cascade(
         "protocol": ("one outer split for every backend (stratified by how many backends answer right), "
                      f"{folds} folds" if test is None else "trained on data, scored on test"),
         "margins_chosen_on": "each fold's training rows: inner out-of-fold estimates of every model, as "
-                             "`probes train` chooses them; never the rows routed",
+                             "`probes train` chooses them (disagreements e of n rows with e + "
+                             f"{CONFIDENCE_Z}·√e ≤ (1 − agreement)·n); never the rows routed",
         "agreement_target": agreement, "early_layer": early_layer if "early" in stages else None,
         "compute_per_stage": compute, "policy": rule.as_dict(),
         "held_out_auroc": {b: {s: round(auroc(y[:, j], held[s][:, j]), 4) for s in held}

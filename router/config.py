@@ -242,7 +242,10 @@ class CascadeConfig(_Strict):
 
     enabled: bool = Field(
         False, description="decide with the cheaper stages first (every backend's probe file must carry them); "
-        "off: every routed request runs the full scorer pass")
+        "off: every routed request runs the full scorer pass. Off by default: trained on GSM8K train and scored on "
+        "GSM8K test, the cascade agreed with the full probes' decisions on 98.2% of the questions at the shipped "
+        "threshold, short of the 99% its margins are chosen for (research/cascade/README.md); turn it on where "
+        "that is close enough for the scorer work it saves (about three quarters of the blocks there)")
     text_margin: float | None = Field(
         None, ge=0, le=1, description="stage 1 decides a request when no estimate within this of its text-only "
         "estimates would change the decision (probability units). None: the margin the probe files carry, "

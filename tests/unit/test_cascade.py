@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 
 from probes.cascade import (
     THRESHOLD_GRID,
+    MarginChoice,
     TextOnly,
     cascade_block,
     choose_margins,
     decisions,
+    disagreement_budget,
     route,
     stage_curve,
 )
@@ -213,15 +215,41 @@ def test_a_single_stage_margin_is_the_smallest_that_meets_the_agreement() -> Non
     decision = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 0])
     radius = np.array([0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.3, 0.2, 0.01, 0.0])
     stages = {"text": (decision, radius)}
-    assert choose_margins(full, stages, agreement=0.7).margins == {"text": 0.0}  # 3 wrong of 10 are allowed
-    got = choose_margins(full, stages, agreement=0.8)  # 2 allowed: only the one at 0.01 must wait
+
+    def exact(agreement: float) -> MarginChoice:  # the budget without its margin of safety: e ≤ (1 − agreement)·n
+        return choose_margins(full, stages, agreement=agreement, confidence_z=0.0)
+
+    assert exact(0.7).margins == {"text": 0.0}  # 3 wrong of 10 are allowed
+    got = exact(0.8)  # 2 allowed: only the one at 0.01 must wait
     assert got.margins == {"text": 0.01} and got.agreement == pytest.approx(0.8) and got.decided["text"] == 0.8
-    got = choose_margins(full, stages, agreement=0.9)  # 1 allowed: the ones at 0.2 and below wait
+    got = exact(0.9)  # 1 allowed: the ones at 0.2 and below wait
     assert got.margins == {"text": 0.2} and got.agreement == pytest.approx(0.9)
     assert got.decided == {"text": 0.4, "full": 0.6} and got.compute == pytest.approx(0.6)
-    got = choose_margins(full, stages, agreement=1.0)
+    got = exact(1.0)
     assert got.margins == {"text": 0.3} and got.agreement == 1.0 and got.decided["text"] == 0.2
-    assert [c["margin"] for c in stage_curve(full, decision, radius, (0.8, 1.0))] == [0.01, 0.3]
+    # by default the budget keeps a one-sided 95% bound within it: of 10 rows at 0.7, 1 wrong (1 + 1.645 ≤ 3), not 3
+    got = choose_margins(full, stages, agreement=0.7)
+    assert got.margins == {"text": 0.2} and got.agreement == pytest.approx(0.9)
+    assert [c["margin"] for c in stage_curve(full, decision, radius, (0.7, 1.0))] == [0.2, 0.3]
+
+
+@pytest.mark.parametrize(("agreement", "n", "z", "budget"), [
+    (0.99, 1000, 0.0, 10), (0.99, 1000, 1.645, 5),  # 5 + 1.645·√5 = 8.7 ≤ 10 < 6 + 1.645·√6
+    (0.99, 5978, 1.645, 48), (0.99, 100, 1.645, 0), (1.0, 500, 1.645, 0), (0.5, 4, 0.0, 2),
+])
+def test_the_disagreement_budget_keeps_its_bound_within_the_agreement(agreement: float, n: int, z: float,
+                                                                      budget: int) -> None:
+    got = disagreement_budget(agreement, n, z)
+    allowed = (1 - agreement) * n
+    assert got + z * math.sqrt(got) <= allowed + 1e-9 < (got + 1) + z * math.sqrt(got + 1)  # the largest such
+    assert got == budget
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(0.8, 1.0), st.integers(1, 20_000), st.floats(0.0, 3.0))
+def test_a_wider_bound_never_allows_more_disagreements(agreement: float, n: int, z: float) -> None:
+    assert disagreement_budget(agreement, n, z) <= disagreement_budget(agreement, n, 0.0)
+    assert disagreement_budget(agreement, n, z) >= disagreement_budget(agreement, n, z + 0.5)
 
 
 def test_route_lets_each_stage_decide_where_its_radius_exceeds_its_margin() -> None:
@@ -235,8 +263,9 @@ def test_route_lets_each_stage_decide_where_its_radius_exceeds_its_margin() -> N
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 10_000), st.sampled_from([0.9, 0.95, 0.99]), st.floats(0.1, 0.6))
-def test_two_margins_meet_the_agreement_at_the_least_compute(seed: int, agreement: float, early_cost: float) -> None:
+@given(st.integers(0, 10_000), st.sampled_from([0.9, 0.95, 0.99]), st.floats(0.1, 0.6), st.sampled_from([0.0, 1.645]))
+def test_two_margins_meet_the_agreement_at_the_least_compute(seed: int, agreement: float, early_cost: float,
+                                                             z: float) -> None:
     rng = np.random.default_rng(seed)
     n = 200
     full = rng.integers(0, 3, n)
@@ -247,15 +276,17 @@ def test_two_margins_meet_the_agreement_at_the_least_compute(seed: int, agreemen
     stages = {"text": (np.where(wrong1, (full + 1) % 3, full), radius1),
               "early": (np.where(wrong2, (full + 2) % 3, full), radius2)}
     cost = {"text": 0.0, "early": early_cost}
-    got = choose_margins(full, stages, agreement=agreement, cost=cost)
+    got = choose_margins(full, stages, agreement=agreement, cost=cost, confidence_z=z)
+    budget = disagreement_budget(agreement, n, z)
     choice, by = route(full, stages, got.margins)
-    assert got.agreement == pytest.approx(np.mean(choice == full)) and got.agreement >= agreement - 1e-12
+    assert got.agreement == pytest.approx(np.mean(choice == full)) and np.sum(choice != full) <= budget
+    assert got.agreement >= agreement - 1e-12
     assert got.compute == pytest.approx(np.mean(by == 1) * early_cost + np.mean(by == 2))
-    # no pair of margins on the grid of radii does better
+    # no pair of margins on the grid of radii within the budget does better
     for m1, m2 in itertools.product(np.unique(np.concatenate([[0.0], radius1])),
                                     np.unique(np.concatenate([[0.0], radius2]))):
         choice, by = route(full, stages, {"text": m1, "early": m2})
-        if np.mean(choice == full) >= agreement - 1e-12:
+        if np.sum(choice != full) <= budget:
             assert np.mean(by == 1) * early_cost + np.mean(by == 2) >= got.compute - 1e-9
 
 
@@ -269,7 +300,9 @@ def test_the_cascade_block_records_the_policy_and_every_threshold() -> None:
     rule = Rule("threshold", 0.8, fallback="dear")
     block = cascade_block(p, cost, ["cheap", "dear"], rule, agreement=0.95, compute={"early": 0.4}, data="d.jsonl")
     assert block["policy"] == {"mode": "threshold", "threshold": 0.8, "fallback": "dear"}
-    assert block["agreement"] == 0.95 and block["n"] == n and "d.jsonl" in block["chosen_on"]
+    assert block["agreement_target"] == 0.95 and block["n"] == n and "d.jsonl" in block["chosen_on"]
+    # reached on the rows chosen on, with the budget's bound: at most e wrong where e + 1.645·√e ≤ 5% of them
+    assert 1 - block["agreement"] <= disagreement_budget(0.95, n) / n + 1e-4 and block["confidence_z"] == 1.645
     assert block["margins"]["text"] > 0 and sum(block["decided"].values()) == pytest.approx(1, abs=1e-3)
     assert [e["threshold"] for e in block["by_threshold"]] == list(THRESHOLD_GRID)
     at = next(e for e in block["by_threshold"] if e["threshold"] == 0.8)
