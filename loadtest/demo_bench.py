@@ -61,7 +61,9 @@ class Demo:
         self.ports = {"small": free_port(), "large": free_port(), "gateway": free_port(), "scorer": free_port()}
         env = dict(os.environ, QWEN_SMALL_URL=f"http://127.0.0.1:{self.ports['small']}/v1",
                    QWEN_LARGE_URL=f"http://127.0.0.1:{self.ports['large']}/v1",
-                   ROUTER_SERVER__PORT=str(self.ports["gateway"]), DEMO_SCORER_PORT=str(self.ports["scorer"]))
+                   ROUTER_SERVER__PORT=str(self.ports["gateway"]), DEMO_SCORER_PORT=str(self.ports["scorer"]),
+                   # the rounds repeat their prompts: no score cache, so every routed request is scored
+                   ROUTER_SCORER__CACHE__ENTRIES="0")
         self._log = log.open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "scripts.demo", "--scorer", scorer], cwd=ROOT, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
