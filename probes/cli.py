@@ -85,8 +85,10 @@ def _label(args: argparse.Namespace) -> int:
     print(f"{summary.done_now} answered now, {summary.done_before} done before, {summary.failed} failed "
           f"(rerun to retry them); results log {summary.results}; dataset {summary.out}")
     for name, stats in summary.per_backend.items():
-        print(f"  {name}: {int(stats['answered'])} answered, accuracy {stats['accuracy']:.3f}, "
-              f"mean cost ${stats['mean_cost']:.6f}, mean latency {stats['mean_latency_s']:.2f}s")
+        print(f"  {name}: {int(stats['right'])}/{int(stats['answered'])} right ({stats['accuracy']:.1%}), "
+              f"{int(stats['prompt_tokens']):,} prompt + {int(stats['completion_tokens']):,} completion tokens, "
+              f"${stats['cost']:.6f} (${stats['mean_cost']:.6f} a question), mean latency "
+              f"{stats['mean_latency_s']:.2f}s")
     return 1 if summary.failed else 0
 
 
@@ -387,7 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "argv"):
         args.argv = argv
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Libraries log at WARNING and above unless --log-level debug: their INFO lines (the HTTP client's one line per
+    # request while labelling) are what the progress bars and the commands' own summaries say.
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level if level == logging.DEBUG else max(level, logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for ours in ("probes", "router"):
+        logging.getLogger(ours).setLevel(level)
     try:
         return args.run(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
