@@ -121,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
     short = [s for name, (_, y, _, _) in labelled.items() if (s := label_shortfall(name, y, args.folds))]
     if labelled and len(short) == len(labelled) and not args.force:  # nothing to fit, not even a sweep
         for s in short:
-            print(f"{s.message()}. No probe written.", file=sys.stderr)
+            print(f"{s.message()}. No probe written (--force writes it anyway).", file=sys.stderr)
         print(f"error: no probe written ({', '.join(s.backend for s in short)}): too few labels", file=sys.stderr)
         return 1
     extra: dict[str, object] = {}
