@@ -98,6 +98,10 @@ def test_extract_train_eval_calibrate(workspace, tmp_path: Path, capsys) -> None
     assert 0 <= report["routing"]["apgr"] <= 1.5
     assert (report_dir / "frontier.png").stat().st_size > 1000
     assert "| small | probe |" in (report_dir / "report.md").read_text()
+    # the operating point of the config's threshold (0.85), as the gateway would route these questions
+    at = report["pool"]["policies"]["probe"]["at_threshold"]
+    assert at["threshold"] == 0.85 and sum(at["share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert "At the config's `policy.threshold` (0.85)" in (report_dir / "report.md").read_text()
     # what the features depend on is recorded, the prompt cut included
     assert report["scorer"]["max_prompt_tokens"] == settings.scorer.max_prompt_tokens
     assert f"at most {settings.scorer.max_prompt_tokens} prompt tokens" in (report_dir / "report.md").read_text()
