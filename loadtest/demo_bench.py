@@ -103,8 +103,8 @@ def _client(base_url: str, model: str, tokenizer: Path, seed: int, args: argpars
 
 
 def run_kind(scorer: str, args: argparse.Namespace, say: Any) -> dict[str, Any]:
-    from router.config import load_settings
-    from router.scorer.source import resolve_model
+    from router import load_settings
+    from router.scorer import resolve_model
 
     settings = load_settings(ROOT / "config.yaml")
     tokenizer = resolve_model(settings.scorer.model, settings.scorer.cache_dir).path

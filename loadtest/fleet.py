@@ -35,7 +35,7 @@ from loadtest.procs import Service, Usage, Watch, free_port
 from loadtest.prompts import chat_body, median_question, questions
 from loadtest.report import fmt, publish, run_line
 from loadtest.run import ROOT, SMALL_NAME, VLLM_PYTHON, Cell, Scenario, _gateway_config, _scorer_server, machine
-from router.config import load_settings
+from router import load_settings
 from scripts.nginx_balancer import nginx_command, nginx_conf
 from scripts.redis_server import RedisServer
 

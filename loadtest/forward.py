@@ -26,8 +26,8 @@ import numpy as np
 
 from loadtest.prompts import questions
 from loadtest.roofline import roofline
-from router.config import load_settings
-from router.scorer.features import FeatureExtractor
+from router import load_settings
+from router.scorer import FeatureExtractor
 
 Features = Callable[[Sequence[Sequence[int]]], np.ndarray]
 

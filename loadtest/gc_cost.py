@@ -14,9 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from router.app import create_app
-from router.config import load_settings
-from router.routing import load_probe_groups
+from router import create_app, load_probe_groups, load_settings
 
 
 def full_collection_s(repeats: int) -> float:

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from router.scorer.features import FeatureExtractor
-from router.scorer.packed import PrepackedLinear
+from router.scorer import FeatureExtractor, PrepackedLinear
 
 
 class Shapes:

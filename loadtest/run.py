@@ -115,9 +115,8 @@ def _gateway_config(folder: Path, backend_url: str, port: int, scorer_url: str |
 
 def _scorer_server(port: int) -> tuple[list[str], dict[str, str]]:
     """The command and environment of a vLLM CPU pooling server for the shipped scorer recipe."""
-    from router.config import load_settings
-    from router.scorer.source import resolve_model, truncate_model
-    from router.scorer.vllm import vllm_pooling_args
+    from router import load_settings
+    from router.scorer import resolve_model, truncate_model, vllm_pooling_args
 
     cfg = load_settings(ROOT / "config.yaml").scorer
     served = truncate_model(resolve_model(cfg.model, cfg.cache_dir), max(cfg.layers), cfg.cache_dir)
@@ -212,9 +211,8 @@ class Bench:
 
     def scorer_load(self, concurrency: int, requests: int) -> tuple[Load, Watch]:
         """The pooling server alone: token ids of the routed scenarios' prompts, as the gateway sends them."""
-        from router.config import load_settings
-        from router.scorer.prompt import PromptEncoder
-        from router.scorer.source import resolve_model
+        from router import load_settings
+        from router.scorer import PromptEncoder, resolve_model
 
         cfg = load_settings(ROOT / "config.yaml").scorer
         encoder = PromptEncoder(resolve_model(cfg.model, cfg.cache_dir).path, cfg.max_prompt_tokens)

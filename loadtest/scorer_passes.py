@@ -39,10 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from loadtest.prompts import questions
-from router.config import load_settings
-from router.probe import load_probe
-from router.scorer.features import FeatureExtractor
-from router.scorer.packed import PrepackedLinear
+from router import load_probe, load_settings
+from router.scorer import FeatureExtractor, PrepackedLinear
 
 Features = Callable[[Sequence[Sequence[int]]], Any]
 

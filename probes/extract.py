@@ -19,10 +19,8 @@ from tqdm import tqdm
 
 from probes.data import Dataset
 from probes.fit import Inputs
-from router.config import ScorerConfig
-from router.scorer.cpu import compute_dtype
-from router.scorer.interface import Scorer, open_scorer
-from router.text_features import prompt_text
+from router import ScorerConfig, prompt_text
+from router.scorer import Scorer, compute_dtype, open_scorer
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,11 @@ async def _score_all(scorer: Scorer, conversations: list, concurrency: int, prog
 def extract_features(
     cfg: ScorerConfig, dataset: Dataset, *, scorer: Scorer | None = None, progress: bool = True,
 ) -> tuple[np.ndarray, Scorer]:
-    """Features of every question of ``dataset`` (one row each) and the scorer that made them."""
+    """Features of every question of ``dataset`` (one row each) and the scorer that made them. A subset
+    (``Dataset.subset``) reads its rows of the whole file's features."""
+    if dataset.parent is not None:
+        features, scorer = extract_features(cfg, dataset.parent, scorer=scorer, progress=progress)
+        return features[np.array(dataset.rows, dtype=np.int64)], scorer
     scorer = scorer or open_scorer(cfg)
     path = cache_path(cfg, scorer.info.fingerprint, dataset)
     if path.is_file():

@@ -22,8 +22,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from router.probe import Probe
-from router.text_features import TOKEN_PATTERN, TextFeatures
+from router import TOKEN_PATTERN, Probe, TextFeatures
 
 DEFAULT_CS: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -72,7 +71,7 @@ class LinearScorer:
 
 def _lr_path(xs: np.ndarray, ys: Sequence[np.ndarray], cs: Sequence[float]) -> list[tuple[np.ndarray, float]]:
     """(weight, bias) of an L2 logistic regression (unpenalised bias) for each C, on the label sets stacked
-    (as weights, ``_stack_as_weights``). With more features than rows the fit runs in the rows' span (an exact
+    (as weights, ``stack_as_weights``). With more features than rows the fit runs in the rows' span (an exact
     rotation: the L2 optimum lies there), so wide concatenations of layers cost no more than the number of
     questions."""
     basis = None
@@ -81,7 +80,7 @@ def _lr_path(xs: np.ndarray, ys: Sequence[np.ndarray], cs: Sequence[float]) -> l
         keep = s > s[0] * 1e-10
         basis = vt[keep].T  # (d, r)
         xs = xs @ basis
-    rows, y_all, w_all = _stack_as_weights(ys)
+    rows, y_all, w_all = stack_as_weights(ys)
     x_all = xs[rows]
     lr = LogisticRegression(C=cs[0], max_iter=1000, warm_start=True, solver="newton-cholesky")
     out = []
@@ -120,7 +119,7 @@ class TfidfLogistic:
     def fit_path(self, x: Sequence[str], ys: Sequence[np.ndarray], cs: Sequence[float]) -> list[Scorer]:
         vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
         m = vectorizer.fit_transform(list(x))
-        rows, y_all, w_all = _stack_as_weights(ys)
+        rows, y_all, w_all = stack_as_weights(ys)
         m_all = m[rows]
         lr = LogisticRegression(C=cs[0], max_iter=5000, warm_start=True)
         out: list[Scorer] = []
@@ -176,7 +175,7 @@ class JointScorer:
         return Probe(mean=self.mean, scale=self.scale, weight=self.weight, bias=self.bias, text=self.text)
 
 
-def _stack_as_weights(ys: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def stack_as_weights(ys: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows stacked once per label set, as (row index, label, weight): each row at most twice, with weights
     counting its successes and failures, the same objective as stacking the rows ``len(ys)`` times. A graded
     label set (a success rate in [0, 1], ``Dataset.training_labels``) counts as that fraction of a success and
@@ -195,7 +194,7 @@ class SparseLogistic:
     """L2 logistic regression on sparse rows as they are (TF-IDF), label sets stacked as weights."""
 
     def fit_path(self, x: Any, ys: Sequence[np.ndarray], cs: Sequence[float]) -> list[Scorer]:
-        rows, y_all, w_all = _stack_as_weights(ys)
+        rows, y_all, w_all = stack_as_weights(ys)
         m = x[rows]
         lr = LogisticRegression(C=cs[0], max_iter=5000, warm_start=True, solver="liblinear", intercept_scaling=100.0)
         out: list[Scorer] = []
@@ -247,7 +246,7 @@ class Stacked:
         # The combination is part of the weights: learnt from the training label sets (stacked as weights);
         # Platt on its out-of-fold output then calibrates against the backend's own labels.
         z = np.column_stack(columns)
-        rows, y_all, w_all = _stack_as_weights(ys)
+        rows, y_all, w_all = stack_as_weights(ys)
         with quiet_fits():
             combiner = LogisticRegression(C=1e4, max_iter=1000).fit(z[rows], y_all, sample_weight=w_all)
         k = combiner.coef_[0]
@@ -260,8 +259,50 @@ class Stacked:
         scale = np.concatenate([act.scale, np.ones(vocab), [l_scale] if self.length else []])
         bias = float(k[0] * act.bias + k[1] * txt.bias + combiner.intercept_[0])
         scorer = JointScorer(text, mean, scale, weight, bias)
-        inner = InnerResult((inner_act.c, inner_txt.c), inner_act.oof_logits, {})
+        inner = InnerResult((inner_act.c, inner_txt.c), z @ k + combiner.intercept_[0], {})  # the combination's
         return Calibrated(scorer, a, b, (inner_act.c, inner_txt.c, *(round(float(v), 4) for v in k)), inner)
+
+
+@dataclass(frozen=True)
+class TextScorer:
+    """z = [TF-IDF ‖ log(1 + words)] · weight + bias: a model of the prompt's text alone."""
+
+    text: TextFeatures
+    weight: np.ndarray
+    bias: float
+
+    def decision(self, x: Inputs | Sequence[str]) -> np.ndarray:
+        texts = x.texts if isinstance(x, Inputs) else x
+        return np.asarray(self.text.sparse(list(texts)) @ self.weight).ravel() + self.bias
+
+    def probe(self) -> Probe:
+        n = len(self.weight)
+        return Probe(mean=np.zeros(n), scale=np.ones(n), weight=self.weight, bias=self.bias, text=self.text)
+
+
+class TextOnly:
+    """The prompt's text features alone (``router.text_features``: TF-IDF of word 1–2-grams ‖ log(1 + words)),
+    L2 logistic regression on them as they are, C by inner CV, Platt on its out-of-fold logits: a cascade's first
+    stage, which the gateway computes in microseconds without a scorer pass. It reads ``Inputs`` (their texts) or
+    the texts themselves; the vocabulary and idf come from the training texts (no labels), so every backend's
+    model trained on the same rows shares them with each other and with ``Stacked`` probes."""
+
+    def __init__(self, *, length: bool = True, text_cs: Sequence[float] = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+                 max_features: int | None = 20000) -> None:
+        self.length = length
+        self.text_cs = tuple(text_cs)
+        self.max_features = max_features
+
+    def fit_calibrated(self, x: Inputs | Sequence[str], ys: Sequence[np.ndarray], target: np.ndarray, *,
+                       folds: int, seed: int) -> Calibrated:
+        texts = list(x.texts if isinstance(x, Inputs) else x)
+        text = fit_text_features(texts, length=self.length, max_features=self.max_features)
+        m = text.sparse(texts)
+        inner = inner_cv(m, ys, target, cs=self.text_cs, folds=folds, seed=seed, model=SparseLogistic())
+        a, b = fit_platt(inner.oof_logits, target)
+        fitted = SparseLogistic().fit_path(m, ys, [inner.c])[0]
+        assert isinstance(fitted, _SparseScorer)
+        return Calibrated(TextScorer(text, fitted.weight, fitted.bias), a, b, inner.c, inner)
 
 
 def _take(x: Any, idx: np.ndarray) -> Any:
@@ -334,13 +375,19 @@ class Calibrated:
     def probability(self, x: Any) -> np.ndarray:
         return sigmoid(self.a * self.scorer.decision(x) + self.b)
 
+    @property
+    def inner_probability(self) -> np.ndarray:
+        """Calibrated estimates of the training rows from the inner cross-validation's held-out models (at the
+        chosen C): what the cascade's margins are chosen on."""
+        return sigmoid(self.a * self.inner.oof_logits + self.b)
+
 
 def fit_calibrated(
     x: Any, ys: Sequence[np.ndarray], target: np.ndarray, *, cs: Sequence[Any] = DEFAULT_CS, folds: int = 5,
-    seed: int = 0, model: Model | Stacked | None = None,
+    seed: int = 0, model: Model | Stacked | TextOnly | None = None,
 ) -> Calibrated:
     """C by inner CV, Platt on the inner out-of-fold logits at that C, weights on all of ``x``."""
-    if isinstance(model, Stacked):
+    if isinstance(model, Stacked | TextOnly):
         return model.fit_calibrated(x, ys, target, folds=folds, seed=seed)
     model = model or StandardisedLogistic()
     inner = inner_cv(x, ys, target, cs=cs, folds=folds, seed=seed, model=model)
@@ -379,6 +426,7 @@ class FittedProbe:
     oof_probability: np.ndarray  # calibrated nested out-of-fold estimates, one per training row
     c: float
     oof_auroc: float  # of the nested out-of-fold estimates, against the target labels
+    inner_probability: np.ndarray  # the final fit's inner out-of-fold estimates (``Calibrated.inner_probability``)
 
 
 def fit_probe(
@@ -396,7 +444,8 @@ def fit_probe(
     nested = nested_oof(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
     fitted = fit_calibrated(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
     probe = replace(fitted.scorer.probe(), platt_a=fitted.a, platt_b=fitted.b)  # type: ignore[attr-defined]
-    return FittedProbe(probe, nested.probability, fitted.c, float(roc_auc_score(y, nested.probability)))
+    return FittedProbe(probe, nested.probability, fitted.c, float(roc_auc_score(y, nested.probability)),
+                       fitted.inner_probability)
 
 
 TEXT_SOURCES = ("none", "tfidf", "tfidf+length")
@@ -410,3 +459,40 @@ def probe_model(text: str = "none", cs: Sequence[Any] | None = None) -> tuple[An
     if text == "none":
         return StandardisedLogistic(), grid
     return Stacked(length=text == "tfidf+length", cs=grid), grid
+
+
+@dataclass(frozen=True)
+class Estimates:
+    name: str
+    probability: np.ndarray
+    chosen: list[Any] | None = None
+
+
+def held_out(
+    x: Any, ys: Sequence[np.ndarray], y: np.ndarray, *, x_test: Any = None, cs: Sequence[Any] = DEFAULT_CS,
+    folds: int = 5, seed: int = 0, model: Any = None,
+) -> Estimates:
+    """Success estimates no model saw the labels of: nested out-of-fold on (x, y), or, with ``x_test``, a
+    probe fitted on all of (x, y) (C and Platt by inner CV there) applied to ``x_test``."""
+    if x_test is None:
+        nested = nested_oof(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
+        return Estimates("", nested.probability, nested.chosen)
+    fitted = fit_calibrated(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
+    return Estimates("", fitted.probability(x_test), [fitted.c])
+
+
+def probe_logits(probe: Probe, x: Any) -> np.ndarray:
+    """The probe's uncalibrated logits for inputs ``x`` (activations, or ``Inputs`` for a text-reading probe)."""
+    if isinstance(x, Inputs):
+        if probe.text is None:
+            return probe.decision(x.activations)
+        return probe.decision(np.hstack([x.activations, probe.text.dense(x.texts)]))
+    return probe.decision(x)
+
+
+def recalibrated(probe: Probe, logits: np.ndarray, y: np.ndarray) -> Probe:
+    """The probe with Platt re-fitted on (its logits, labels) of other data; the weights unchanged."""
+    if len(np.unique(y)) < 2:
+        raise ValueError("calibration labels must contain both successes and failures")
+    a, b = fit_platt(logits, y)
+    return replace(probe, platt_a=a, platt_b=b)

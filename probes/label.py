@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from probes.data import Dataset
 from probes.grading import extract_answer, get_grader
-from router import policy
-from router.config import BackendConfig, Settings
+from router import BackendConfig, Settings
+from router import request_cost as price
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ def results_path(out: Path) -> Path:
 
 def request_cost(backend: BackendConfig, prompt_tokens: int, completion_tokens: int) -> float:
     """US dollars for one call at the backend's per-million-token prices (the gateway's own formula)."""
-    return policy.request_cost(backend.input_cost_per_mtok, backend.output_cost_per_mtok, prompt_tokens,
-                               completion_tokens)
+    return price(backend.input_cost_per_mtok, backend.output_cost_per_mtok, prompt_tokens, completion_tokens)
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:

@@ -21,14 +21,14 @@ import numpy as np
 from sklearn.metrics import brier_score_loss, roc_auc_score
 from tqdm import tqdm
 
+from probes.cascade import CascadeTraining, StageInputs, add_margins, cascade_inputs, stage_probes
 from probes.data import Dataset
 from probes.extract import extract_features, probe_inputs
-from probes.fit import DEFAULT_CS, Inputs, fit_platt, fit_probe, inner_cv, probe_model
+from probes.fit import DEFAULT_CS, fit_probe, inner_cv, probe_logits, probe_model, recalibrated
 from probes.guards import Chance, auroc_check, label_shortfall
 from probes.recipes import Recipe, columns
-from router.config import Settings
-from router.probe import Probe, save_probe, scorer_block
-from router.scorer.interface import Scorer
+from router import Probe, Settings, save_probe, scorer_block
+from router.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ def train_probes(
     settings: Settings, dataset: Dataset, *, out_dir: Path | None = None, folds: int = 5, seed: int = 0,
     cs: tuple[Any, ...] | None = None, label_keys: dict[str, str] | None = None,
     train_keys: dict[str, list[str]] | None = None, extra_training: dict[str, object] | None = None,
-    text: str = "none", calibration: Dataset | None = None, progress: bool = True, force: bool = False,
-    rounds: int = 1000,
+    text: str = "none", calibration: Dataset | None = None, progress: bool = True,
+    cascade: CascadeTraining | None = None, force: bool = False, rounds: int = 1000,
 ) -> TrainResult:
     """Train a probe for every backend that has labels in ``dataset`` and write it where the config says (or to
     ``out_dir``).
@@ -115,6 +115,9 @@ def train_probes(
     own); C, Platt and the reported metrics always use its own labels (``label_keys``, default its model).
     ``text`` adds text features of the prompt beside the activations (see ``probes.fit.probe_model``). With
     ``calibration``, Platt is re-fitted on that data's labels (the weights stay those learnt on ``dataset``).
+
+    With ``cascade``, each file also carries the backend's cascade stages and the margins they decide with
+    (``probes.cascade``), chosen for the config's policy on the held-out estimates of every trained backend.
 
     A backend's probe is refused (not written) when its own labels hold fewer than ``min_per_class(folds)``
     successes or failures (checked before any fitting), or when the nested out-of-fold AUROC's bootstrap 95%
@@ -136,6 +139,9 @@ def train_probes(
         if (short := label_shortfall(name, y, folds)) is not None:
             refuse(name, short.message())
     extracted: dict[str, tuple[Any, Any, Scorer]] = {}  # by scorer: a self-probe reads its backend's own
+    stage_inputs: dict[str, StageInputs] = {}
+    held: dict[str, dict[str, np.ndarray]] = {}  # for the cascade's margins: per backend, each model's estimates
+    costs: dict[str, np.ndarray] = {}
     for backend in settings.backends:
         if backend.name not in labels or backend.name in result.refused:
             continue
@@ -149,6 +155,9 @@ def train_probes(
             x_cal = None if calibration is None else probe_inputs(cfg, calibration, text, scorer=extractor,
                                                                   progress=progress)[0]
             extracted[scorer_key] = (x, x_cal, extractor)
+            if cascade is not None:
+                stage_inputs[scorer_key] = cascade_inputs(cfg, dataset, calibration, text, cascade, extractor,
+                                                          progress=progress)
         x, x_cal, extractor = extracted[scorer_key]
         key, y, keys, ys = labels[backend.name]
         try:
@@ -194,27 +203,22 @@ def train_probes(
             },
             metrics=metrics,
         )
+        if cascade is not None:
+            staged = stage_inputs[scorer_key]
+            stages, estimates = stage_probes(
+                staged.train, staged.early_block, ys, y, text=text, model=model, cs=grid, folds=folds, seed=seed,
+                calibration=None if calibration is None else (staged.calibration, calibration.labels(key)))
+            probe = replace(probe, stages=stages)
+            full = (fitted.inner_probability if calibration is None
+                    else probe.predict_logits(probe_logits(probe, x_cal)))
+            held[backend.name] = {"full": full, **estimates}
+            costs[backend.name] = staged.cost(backend, settings.policy.expected_output_tokens)
         result.written[backend.name] = save_probe(probe, target)
         log.debug("%s: out-of-fold AUROC %.3f [%.3f, %.3f] (C=%s) → %s", backend.name, fitted.oof_auroc,
-                 chance.low, chance.high, fitted.c, target)
+                  chance.low, chance.high, fitted.c, target)
+    if cascade is not None and held:
+        add_margins(settings, result.written, held, costs, cascade, data=(calibration or dataset).path.name)
     return result
-
-
-def probe_logits(probe: Probe, x: Any) -> np.ndarray:
-    """The probe's uncalibrated logits for inputs ``x`` (activations, or ``Inputs`` for a text-reading probe)."""
-    if isinstance(x, Inputs):
-        if probe.text is None:
-            return probe.decision(x.activations)
-        return probe.decision(np.hstack([x.activations, probe.text.dense(x.texts)]))
-    return probe.decision(x)
-
-
-def recalibrated(probe: Probe, logits: np.ndarray, y: np.ndarray) -> Probe:
-    """The probe with Platt re-fitted on (its logits, labels) of other data; the weights unchanged."""
-    if len(np.unique(y)) < 2:
-        raise ValueError("calibration labels must contain both successes and failures")
-    a, b = fit_platt(logits, y)
-    return replace(probe, platt_a=a, platt_b=b)
 
 
 def calibration_summary(probe: Probe, x: Any, y: np.ndarray, data: Dataset, y_train: np.ndarray) -> dict[str, Any]:

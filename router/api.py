@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -13,11 +12,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from router.auth import CHARS_PER_TOKEN, CLIENT_SCOPE_KEY, Client
-from router.edge import CANCEL_ON_DISCONNECT, CLIENT_GONE
-from router.errors import APIError
-from router.gateway import CompletionCall, Gateway
-from router.routing import RoutableRequest
+from router.auth import CLIENT_SCOPE_KEY, Client
+from router.errors import InvalidRequest, TooLarge
+from router.gateway import Gateway
+from router.http import to_response, unless_client_leaves
+from router.request import CompletionCall, Resolver
+from router.responses import ResponsesRequest
 from router.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, parse_body
 
 THRESHOLD_HEADER = "x-router-threshold"
@@ -54,8 +54,8 @@ def _threshold(request: Request) -> float | None:
     except ValueError:
         t = float("nan")
     if not 0.0 <= t <= 1.0:
-        raise APIError(400, f"header {THRESHOLD_HEADER} must be a number between 0 and 1, got {value!r}",
-                       param=THRESHOLD_HEADER, code="invalid_header")
+        raise InvalidRequest(f"header {THRESHOLD_HEADER} must be a number between 0 and 1, got {value!r}",
+                             param=THRESHOLD_HEADER, code="invalid_header")
     return t
 
 
@@ -67,7 +67,7 @@ async def _read_body(request: Request) -> bytes:
     limit = request.app.state.settings.server.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+        raise TooLarge(f"request body is larger than {limit} bytes", code="body_too_large")
     chunks, size = [], 0
     while True:  # ASGI's receive() directly: Request.stream()'s async generator costs more than the read
         message = await request.receive()
@@ -76,32 +76,10 @@ async def _read_body(request: Request) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise APIError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+            raise TooLarge(f"request body is larger than {limit} bytes", code="body_too_large")
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
-    """Await ``work``; if the client disconnects first, cancel it (which closes the upstream request, so the
-    backend stops generating). The edge (router/edge.py) cancels this task when the connection is lost: a
-    request costs two dict entries, not a watcher task of its own."""
-    scope = request.scope
-    if scope.get(CLIENT_GONE):  # gone already (while its key's budget was checked, say)
-        work.close()
-        return Response(status_code=499)
-    handler = asyncio.current_task()
-    assert handler is not None
-    scope[CANCEL_ON_DISCONNECT] = handler
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if not scope.get(CLIENT_GONE):
-            raise
-        handler.uncancel()
-        return Response(status_code=499)  # nobody is listening; the status is for the access log
-    finally:
-        scope.pop(CANCEL_ON_DISCONNECT, None)
 
 
 def _client(request: Request) -> Client:
@@ -109,68 +87,74 @@ def _client(request: Request) -> Client:
     return request.scope.get(CLIENT_SCOPE_KEY) or request.app.state.auth.anonymous
 
 
-async def _handle(request: Request, call: CompletionCall, threshold: float | None, prompt_tokens: int) -> Response:
-    settings = request.app.state.settings
-    route = call.route
-    grant = await _client(request).admit(
-        call.body, model=route.model, alias=settings.policy.alias, threshold_sent=threshold is not None,
-        scorable=bool(route.messages), messages=route.messages, prompt_tokens=prompt_tokens,
-        output_tokens=route.output_tokens or settings.policy.expected_output_tokens,
-    )
+async def _complete(request: Request, call: CompletionCall) -> Response:
+    """Admit a resolved call under its key's policy, then route and forward it while its client listens."""
+    grant = await _client(request).admit(call)
     request_id = secrets.token_hex(16)  # as random as uuid4().hex, at a third of its cost
-    return await _unless_client_leaves(request, _gateway(request).handle(call, threshold, request_id, grant))
+    send_timeout_s = request.app.state.settings.server.send_timeout_s
+
+    async def answer() -> Response:
+        return to_response(await _gateway(request).handle(call, request_id, grant), send_timeout_s)
+
+    return await unless_client_leaves(request, answer())
 
 
-def _chat_prompt_tokens(messages: list[Any]) -> int:
-    return sum(len(str(m.get("content") or "")) for m in messages) // CHARS_PER_TOKEN
+def _resolver(request: Request) -> Resolver:
+    return request.app.state.resolver
 
 
 @routes.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     threshold = _threshold(request)
     body, req = parse_body(await _read_body(request), ChatCompletionRequest)
-    call = CompletionCall(
-        route=RoutableRequest(req.model, body["messages"], req.max_completion_tokens or req.max_tokens),
-        path="chat/completions",
-        body=body,
-        stream=req.stream,
-        client_wants_usage=bool(req.stream_options and req.stream_options.include_usage),
-    )
-    return await _handle(request, call, threshold, _chat_prompt_tokens(body["messages"]))
-
-
-def _prompt_text(prompt: str | list[Any]) -> str | None:
-    """The text the scorer reads for /v1/completions; None for token-id prompts, which it cannot read."""
-    if isinstance(prompt, str):
-        return prompt
-    if prompt and all(isinstance(p, str) for p in prompt):
-        return "\n".join(prompt)
-    return None
-
-
-def _token_count(prompt: list[Any]) -> int:
-    """Tokens of a token-id prompt (one list, or a batch of lists)."""
-    return sum(len(p) if isinstance(p, list) else 1 for p in prompt)
+    client = _client(request)
+    call = _resolver(request).chat(body, req, threshold=threshold, client=client.name, backends=client.backends,
+                                   headers=request.headers)
+    return await _complete(request, call)
 
 
 @routes.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
 async def completions(request: Request) -> Response:
     threshold = _threshold(request)
     body, req = parse_body(await _read_body(request), CompletionRequest)
-    text = _prompt_text(req.prompt)
-    messages = [{"role": "user", "content": text}] if text is not None else []
-    call = CompletionCall(
-        route=RoutableRequest(req.model, messages, req.max_tokens),
-        path="completions",
-        body=body,
-        stream=req.stream,
-        client_wants_usage=bool(req.stream_options and req.stream_options.include_usage),
-    )
-    tokens = len(text) // CHARS_PER_TOKEN if text is not None else _token_count(req.prompt)
-    return await _handle(request, call, threshold, tokens)
+    client = _client(request)
+    call = _resolver(request).completion(body, req, threshold=threshold, client=client.name,
+                                         backends=client.backends, headers=request.headers)
+    return await _complete(request, call)
 
 
-HOT_ROUTES = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
+@routes.post("/v1/responses", openapi_extra=_body_schema(ResponsesRequest))
+async def responses(request: Request) -> Response:
+    """OpenAI's Responses API, routed like a chat; ``previous_response_id`` is continued by the gateway."""
+    threshold = _threshold(request)
+    body, req = parse_body(await _read_body(request), ResponsesRequest)
+    req.check()
+    client = _client(request)
+    conversation = await _gateway(request).conversation(body, req, client.name)
+    call = _resolver(request).responses(conversation, req, threshold=threshold, client=client.name,
+                                        backends=client.backends, headers=request.headers)
+    return await _complete(request, call)
+
+
+@routes.post("/v1/route", openapi_extra=_body_schema(ChatCompletionRequest))
+async def route(request: Request) -> Response:
+    """The decision for a chat completion request (where it would go, each backend's estimate, why), without
+    forwarding it: for clients that call their backends themselves."""
+    threshold = _threshold(request)
+    body, req = parse_body(await _read_body(request), ChatCompletionRequest)
+    client = _client(request)
+    call = _resolver(request).chat(body, req, threshold=threshold, client=client.name, backends=client.backends,
+                                   headers=request.headers)
+    await client.admit(call, decision_only=True)
+    send_timeout_s = request.app.state.settings.server.send_timeout_s
+
+    async def answer() -> Response:
+        return to_response(await _gateway(request).decide(call, secrets.token_hex(16)), send_timeout_s)
+
+    return await unless_client_leaves(request, answer())
+
+
+HOT_ROUTES = {"/v1/chat/completions": chat_completions, "/v1/completions": completions, "/v1/responses": responses}
 """The routes that ``hot_routes.HotRoutes`` answers without FastAPI's routing (same handlers)."""
 
 

@@ -14,12 +14,15 @@ from router.api import HOT_ROUTES, metrics, routes
 from router.auth import APIKeyMiddleware, Authenticator
 from router.config import Settings
 from router.decision_log import DecisionLog
-from router.errors import install_error_handlers
 from router.feedback import FeedbackStore
 from router.gateway import Gateway
 from router.hot_routes import HotRoutes
-from router.metrics import BackendStates, Metrics
+from router.http import install_error_handlers
+from router.metrics import BackendStates, CacheCounts, Metrics
+from router.request import Resolver
 from router.routing import ProbeGroup, Router
+from router.score_cache import ScoreCache
+from router.session_state import open_affinity, open_conversations
 from router.state import SharedState
 from router.upstream import Pool
 
@@ -30,19 +33,25 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
     obs = settings.observability
     shared = SharedState(settings.state, FeedbackStore(obs.feedback_max_entries, obs.feedback_ttl_s),
                          app_metrics.registry)
+    affinity = open_affinity(settings.affinity, shared.redis)
+    conversations = open_conversations(settings.responses, shared.redis)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for group in probe_groups:
-            await group.scorer.start(on_batch=lambda stats: app_metrics.scorer_batch_size.observe(stats.size))
+            await group.scorer.start(on_batch=app_metrics.observe_batch)
         app_metrics.scorer_up.set_function(lambda: all(g.scorer.alive for g in probe_groups))
         pool = Pool(settings.backends, settings.resilience)
         states = BackendStates(pool.states)
         app_metrics.registry.register(states)
         decisions = DecisionLog(obs.decision_log) if obs.decision_log else None
-        router = Router(settings, probe_groups, app_metrics)
+        cache = ScoreCache(settings.scorer.cache, shared.redis)
+        cache_counts = CacheCounts(lambda: {"hit": cache.hits, "shared_hit": cache.shared_hits, "miss": cache.misses})
+        app_metrics.registry.register(cache_counts)
+        router = Router(settings, probe_groups, app_metrics, cache, affinity)
         app.state.pool = pool
-        app.state.gateway = Gateway(settings, router, pool, app_metrics, shared.answers, decisions)
+        app.state.gateway = Gateway(settings, router, pool, app_metrics, shared.answers, decisions,
+                                    conversations=conversations, affinity=affinity)
         health = asyncio.create_task(pool.run_health_checks(), name="backend-health")
         try:
             yield
@@ -58,6 +67,7 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
             if decisions is not None:
                 decisions.close()
             app_metrics.registry.unregister(states)
+            app_metrics.registry.unregister(cache_counts)
 
     app = FastAPI(
         title="probe-router",
@@ -70,6 +80,7 @@ def create_app(settings: Settings, probe_groups: Sequence[ProbeGroup]) -> FastAP
     app.state.probe_groups = tuple(probe_groups)
     app.state.metrics = app_metrics
     app.state.auth = Authenticator(settings.auth, shared.limiter)
+    app.state.resolver = Resolver(settings.policy, affinity=settings.affinity)
     app.state.started = int(time.time())
     install_error_handlers(app)
     app.include_router(routes)

@@ -10,75 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.config import DANGEROUS_EXTRAS, AccessPolicy, AuthConfig
-from router.errors import APIError
-
-if TYPE_CHECKING:
-    from router.state import Limiter
+from router.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, RateLimited, RouterError
+from router.http import error_response
+from router.limits import Limiter, TokenBucket
+from router.request import CompletionCall
 
 CLIENT_SCOPE_KEY = "router.client"  # where the middleware leaves the identified Client in the ASGI scope
-CHARS_PER_TOKEN = 4  # a prompt's tokens, estimated before any tokeniser has seen it
-MEDIA_PARTS = ("image_url", "audio_url", "video_url")
+MEDIA_PARTS = ("image_url", "audio_url", "video_url", "file_url")  # chat parts, and Responses' input_image/_file
 FAILED_AUTH_BURST = 10
 MAX_TRACKED_ADDRESSES = 10_000
 
 
-@dataclass
-class TokenBucket:
-    rate_per_s: float
-    burst: float
-    clock: Callable[[], float] = time.monotonic
-    tokens: float = field(init=False)
-    updated: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.tokens = float(self.burst)
-        self.updated = self.clock()
-
-    def _refill(self) -> None:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_s)
-        self.updated = now
-
-    def wait(self, amount: float = 1) -> float:
-        """0 if ``amount`` is available now, else the seconds until it is (nothing is taken)."""
-        self._refill()
-        return 0.0 if self.tokens >= amount else (amount - self.tokens) / self.rate_per_s
-
-    def take(self, amount: float = 1) -> float:
-        """0 if ``amount`` may go now (and take it), else the seconds until it may."""
-        wait = self.wait(amount)
-        if wait == 0:
-            self.tokens -= amount
-        return wait
-
-    def adjust(self, amount: float) -> None:
-        """Give back (positive) or charge more (negative, down below zero if need be)."""
-        self._refill()
-        self.tokens = min(self.burst, self.tokens + amount)
-
-
-def _too_many(message: str, wait: float, code: str = "rate_limit_exceeded") -> APIError:
-    return APIError(429, message, code=code, headers={"retry-after": str(max(1, math.ceil(wait)))})
-
-
 @dataclass(frozen=True)
 class Grant:
-    """What one admitted request may do: where it may go, and how to settle its token charge."""
+    """An admitted request's token charge, to settle once the backend has reported its usage."""
 
-    client: str
-    backends: frozenset[str] | None  # None: any
-    may_name_backend: bool
     settle: Callable[[int | None], None] = lambda _used: None  # the backend's usage (prompt + completion)
+
+
+NO_CHARGE = Grant()
 
 
 @dataclass(frozen=True)
@@ -104,40 +63,45 @@ class Client:
         self.tokens = (Budget(f"tokens:{name}", policy.tokens_per_minute / 60, policy.tokens_per_minute)
                        if policy.tokens_per_minute else None)
         self.in_flight = 0
-        self._grant = Grant(name, self.backends, policy.may_name_backend)  # the same for every request without a budget
         self._corrections: set[asyncio.Future[None]] = set()  # token-budget corrections under way
 
     async def take(self, budget: Budget, amount: float = 1) -> float:
         return await self.limiter.take(budget.bucket, budget.rate_per_s, budget.burst, amount)
 
-    async def admit(self, body: Mapping[str, Any], *, model: str, alias: str, threshold_sent: bool, scorable: bool,
-                    messages: Sequence[Mapping[str, Any]], prompt_tokens: int, output_tokens: int) -> Grant:
-        """Check a parsed request against this key's policy; charge its estimated tokens. APIError if refused."""
-        p = self.policy
-        if threshold_sent and not p.may_override_threshold:
-            raise APIError(403, f"key {self.name!r} may not override the threshold (x-router-threshold)",
-                           param="x-router-threshold", code="permission_denied")
-        if model != alias and not p.may_name_backend:
-            raise APIError(403, f"key {self.name!r} may only use the model {alias!r}", param="model",
-                           code="model_not_allowed")
-        if model == alias and not scorable and not p.may_name_backend:
-            raise APIError(403, f"key {self.name!r} may not send token-id prompts: they cannot be scored, and "
-                           "unscored requests go to the fallback backend", param="prompt", code="permission_denied")
-        self._check_extras(body, messages)
+    async def admit(self, call: CompletionCall, *, decision_only: bool = False) -> Grant:
+        """Check a resolved request against this key's policy; charge its estimated tokens (``decision_only``, for
+        POST /v1/route: only the prompt's, which the scorer reads; nothing is generated). A RouterError if
+        refused."""
+        p, request, body = self.policy, call.request, call.body
+        if request.threshold_sent and not p.may_override_threshold:
+            raise PermissionDenied(f"key {self.name!r} may not override the threshold (x-router-threshold)",
+                                   param="x-router-threshold", code="permission_denied")
+        if not request.routed and not p.may_name_backend:
+            raise PermissionDenied(f"key {self.name!r} may only use the routed model", param="model",
+                                   code="model_not_allowed")
+        if request.routed and not request.scorable and not p.may_name_backend:
+            raise PermissionDenied(f"key {self.name!r} may not send prompts without text (token ids, input with no "
+                                   "text): they cannot be scored, and unscored requests go to the fallback backend",
+                                   param="input" if call.conversation is not None else "prompt",
+                                   code="permission_denied")
+        if call.conversation is not None:  # its messages are text only: the media parts are in the raw items
+            self._check_extras(body, call.conversation.items, "input")
+        else:
+            self._check_extras(body, request.messages, "messages")
         for name in ("n", "best_of"):
             value = body.get(name)
             if isinstance(value, int) and value > p.max_n:
-                raise APIError(400, f"{name} may be at most {p.max_n} for key {self.name!r}", param=name,
-                               code="invalid_value")
+                raise InvalidRequest(f"{name} may be at most {p.max_n} for key {self.name!r}", param=name,
+                                     code="invalid_value")
         if p.max_output_tokens is not None:
-            for name in ("max_tokens", "max_completion_tokens"):
+            for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                 value = body.get(name)
                 if isinstance(value, int) and value > p.max_output_tokens:
-                    raise APIError(400, f"{name} may be at most {p.max_output_tokens} for key {self.name!r}",
-                                   param=name, code="invalid_value")
+                    raise InvalidRequest(f"{name} may be at most {p.max_output_tokens} for key {self.name!r}",
+                                         param=name, code="invalid_value")
         if self.tokens is None:
-            return self._grant
-        charged = await self._charge(prompt_tokens + output_tokens)
+            return NO_CHARGE
+        charged = await self._charge(request.prompt_tokens + (0 if decision_only else request.output_tokens))
         tokens, limiter, corrections = self.tokens, self.limiter, self._corrections
 
         def settle(used: int | None) -> None:  # from the answer's bookkeeping: the correction runs on its own
@@ -146,31 +110,32 @@ class Client:
                 corrections.add(task := asyncio.ensure_future(correction))
                 task.add_done_callback(corrections.discard)
 
-        return Grant(self.name, self.backends, p.may_name_backend, settle)
+        return Grant(settle)
 
-    def _check_extras(self, body: Mapping[str, Any], messages: Sequence[Mapping[str, Any]]) -> None:
+    def _check_extras(self, body: Mapping[str, Any], messages: Sequence[Mapping[str, Any]], param: str) -> None:
         denied = self.guarded.intersection(body)
         if denied:
             name = sorted(denied)[0]
-            raise APIError(403, f"key {self.name!r} may not send {name!r} (allow it in its allowed_extras)",
-                           param=name, code="extra_not_allowed")
+            raise PermissionDenied(f"key {self.name!r} may not send {name!r} (allow it in its allowed_extras)",
+                                   param=name, code="extra_not_allowed")
         if "remote_media" in self.guarded:
             for m in messages:
-                content = m.get("content")
-                if isinstance(content, list) and any(_remote_media(part) for part in content):
-                    raise APIError(403, f"key {self.name!r} may not send media by URL (allowed_extras: "
-                                   "remote_media); send it inline as a data: URL", param="messages",
-                                   code="extra_not_allowed")
+                for content in (m.get("content"), m.get("output")):  # a message's parts, a tool output's parts
+                    if isinstance(content, list) and any(_remote_media(part) for part in content):
+                        raise PermissionDenied(f"key {self.name!r} may not send media by URL (allowed_extras: "
+                                               "remote_media); send it inline as a data: URL", param=param,
+                                               code="extra_not_allowed")
 
     async def _charge(self, estimate: int) -> int:
         assert self.tokens is not None
         if estimate > self.tokens.burst:
-            raise APIError(429, f"this request needs about {estimate} tokens, more than key {self.name!r} may use "
-                           f"in a minute ({int(self.tokens.burst)})", code="token_budget_exceeded")
+            raise RateLimited(f"this request needs about {estimate} tokens, more than key {self.name!r} may use "
+                              f"in a minute ({int(self.tokens.burst)})", retry_after_s=None,
+                              code="token_budget_exceeded")
         wait = await self.take(self.tokens, estimate)
         if wait > 0:
-            raise _too_many(f"token budget of key {self.name!r} spent; retry in {wait:.1f}s", wait,
-                            "token_budget_exceeded")
+            raise RateLimited(f"token budget of key {self.name!r} spent; retry in {wait:.1f}s", retry_after_s=wait,
+                              code="token_budget_exceeded")
         return estimate
 
 
@@ -212,18 +177,20 @@ class Authenticator:
         return found
 
     async def identify(self, authorization: str | None, address: str) -> Client:
-        """The key's Client; APIError 401 for a wrong key, 429 past the key's rate or the address's failures."""
+        """The key's Client; AuthenticationFailed for a wrong key, RateLimited past the key's rate or the address's
+        failures."""
         failures = self._failures.get(address)
         if failures is not None and (wait := failures.wait()) > 0:
-            raise _too_many(f"too many requests with a wrong key from this address; retry in {wait:.1f}s", wait)
+            raise RateLimited(f"too many requests with a wrong key from this address; retry in {wait:.1f}s",
+                              retry_after_s=wait)
         scheme, _, token = (authorization or "").partition(" ")
         client = self._match(token.strip().encode()) if scheme.lower() == "bearer" else None
         if client is None:
             self._failed(address)
-            raise APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"www-authenticate": "Bearer"})
+            raise AuthenticationFailed("a valid API key is required: send 'Authorization: Bearer <key>'",
+                                       code="invalid_api_key")
         if client.requests is not None and (wait := await client.take(client.requests)) > 0:
-            raise _too_many(f"rate limit reached for this key; retry in {wait:.1f}s", wait)
+            raise RateLimited(f"rate limit reached for this key; retry in {wait:.1f}s", retry_after_s=wait)
         return client
 
     def _failed(self, address: str) -> None:
@@ -254,10 +221,10 @@ class APIKeyMiddleware:
         try:
             client = await self.auth.identify(authorization, address)
             if client.in_flight >= client.policy.max_concurrent_requests:
-                raise _too_many(f"key {client.name!r} has {client.in_flight} requests in flight, its limit", 1,
-                                "concurrency_limit_exceeded")
-        except APIError as e:
-            await e.response()(scope, receive, send)
+                raise RateLimited(f"key {client.name!r} has {client.in_flight} requests in flight, its limit",
+                                  retry_after_s=1, code="concurrency_limit_exceeded")
+        except RouterError as e:
+            await error_response(e)(scope, receive, send)
             return
         scope[CLIENT_SCOPE_KEY] = client
         client.in_flight += 1

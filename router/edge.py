@@ -36,17 +36,9 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from router.config import ServerConfig
-from router.errors import error_body
+from router.http import CANCEL_ON_DISCONNECT, CLIENT_GONE, error_body
 
 log = logging.getLogger(__name__)
-
-CANCEL_ON_DISCONNECT = "router.cancel_on_disconnect"
-"""ASGI scope key: the task that the edge cancels if the request's client disconnects before its answer is
-complete (set while the work is pointless without the client, removed after: the completion handler while it
-waits on the backend, api._unless_client_leaves; a relayed stream, gateway.RelayResponse)."""
-CLIENT_GONE = "router.client_gone"
-"""ASGI scope key, set by the edge to True once the request's client has disconnected before its answer was sent."""
-
 
 class _Refuse(Exception):
     """Raised in a parser callback to refuse the request (the parser stops at once)."""

@@ -18,7 +18,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from router.errors import APIError
+from router.errors import RouterError
+from router.http import error_response
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -35,8 +36,8 @@ class HotRoutes:
             return
         try:
             response = await handler(Request(scope, receive, send))
-        except APIError as e:
-            response = e.response()
+        except RouterError as e:
+            response = error_response(e)
         except ClientDisconnect:  # gone while sending its body: nobody to answer, nothing was forwarded
             return
         await response(scope, receive, send)

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from router.errors import APIError
+from router.errors import InvalidRequest
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -60,20 +60,20 @@ class FeedbackRequest(BaseModel):
 
 
 def parse_body(raw: bytes, schema: type[T]) -> tuple[dict[str, Any], T]:
-    """Raw JSON → (the body as a dict, to forward; the fields we read, validated). Bad input → APIError 400."""
+    """Raw JSON → (the body as a dict, to forward; the fields we read, validated). Bad input → InvalidRequest."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from e
+        raise InvalidRequest(f"request body is not valid JSON: {e}", code="invalid_json") from e
     if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
     try:  # the body is re-encoded to be forwarded; orjson refuses nesting deeper than it reads (254 vs 1024)
         orjson.dumps(body)
     except orjson.JSONEncodeError as e:
-        raise APIError(400, f"request body cannot be forwarded: {e}", code="invalid_json") from e
+        raise InvalidRequest(f"request body cannot be forwarded: {e}", code="invalid_json") from e
     try:
         return body, schema.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value") from e
+        raise InvalidRequest(f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value") from e

@@ -1,10 +1,11 @@
 """What gateway replicas share: per-key rate limits and the answers awaiting feedback.
 
-Two implementations of each small interface (``Limiter``, ``AnswerStore``): in the replica's own memory (one
-replica, the default) and in Redis (``state.redis_url``: limits counted across replicas, feedback answerable by
-any replica). Redis unreachable never fails a request: each call falls back to the replica's own memory (limits
-then hold per replica, feedback ids are answerable by the replica that issued them), Redis is left alone for
-``state.retry_after_s``, and ``router_state_up`` / ``router_state_errors_total`` show it (docs/reliability.md).
+Two implementations of each small interface (``router.limits.Limiter``, ``AnswerStore``): in the replica's own
+memory (one replica, the default) and in Redis (``state.redis_url``: limits counted across replicas, feedback
+answerable by any replica). Redis unreachable never fails a request: each call falls back to the replica's own
+memory (limits then hold per replica, feedback ids are answerable by the replica that issued them), Redis is left
+alone for ``state.retry_after_s``, and ``router_state_up`` / ``router_state_errors_total`` show it
+(docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -22,22 +23,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from router.auth import TokenBucket
 from router.config import StateConfig
 from router.feedback import Answered, FeedbackStore
+from router.limits import Limiter, LocalLimiter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class Limiter(Protocol):
-    async def take(self, bucket: str, rate_per_s: float, burst: float, amount: float = 1) -> float:
-        """0 if ``amount`` may go now from the named bucket (and take it), else the seconds until it may."""
-        ...
-
-    async def adjust(self, bucket: str, rate_per_s: float, burst: float, amount: float) -> None:
-        """Give back (positive) or charge more (negative, below zero if need be)."""
-        ...
 
 
 class AnswerStore(Protocol):
@@ -48,26 +39,6 @@ class AnswerStore(Protocol):
         """The answer's record, once (by the gateway's request id or the backend's completion id), for the key
         that received it (``owner``); for any other key, nothing, as for an unknown id."""
         ...
-
-
-class LocalLimiter:
-    """One ``auth.TokenBucket`` per bucket name, in this process (names come from the config: bounded)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._buckets: dict[str, TokenBucket] = {}
-        self._clock = clock
-
-    def _bucket(self, name: str, rate_per_s: float, burst: float) -> TokenBucket:
-        bucket = self._buckets.get(name)
-        if bucket is None:
-            bucket = self._buckets[name] = TokenBucket(rate_per_s, burst, self._clock)
-        return bucket
-
-    async def take(self, bucket: str, rate_per_s: float, burst: float, amount: float = 1) -> float:
-        return self._bucket(bucket, rate_per_s, burst).take(amount)
-
-    async def adjust(self, bucket: str, rate_per_s: float, burst: float, amount: float) -> None:
-        self._bucket(bucket, rate_per_s, burst).adjust(amount)
 
 
 class LocalAnswers:

@@ -16,6 +16,7 @@ import torch
 
 from router.config import ScorerConfig
 from router.scorer.cpu import compute_dtype
+from router.scorer.interface import EarlyExit
 from router.scorer.packed import SUPPORTED_MODEL_TYPES, PackedDecoder
 from router.scorer.prompt import PromptEncoder
 from router.scorer.recipe import Message, ScorerInfo, describe
@@ -57,7 +58,8 @@ class FeatureExtractor:
         self.final_norm = model.norm.to(cfg.device).eval() if cfg.final_norm else None
         model.norm = torch.nn.Identity()
         self.model = model.to(cfg.device).eval()
-        self.encoder = PromptEncoder(folder.path, cfg.max_prompt_tokens)
+        self.encoder = PromptEncoder(folder.path, cfg.max_prompt_tokens, conversation=cfg.conversation,
+                                     context_tokens=cfg.context_tokens)
         self.packed: PackedDecoder | None = None
         if cfg.packing and PackedDecoder.supports(self.model):
             self.packed = PackedDecoder(self.model, layers=cfg.layers, pooling=cfg.pooling,
@@ -65,6 +67,8 @@ class FeatureExtractor:
         elif cfg.packing:
             log.info("scorer %s (%s) runs padded: packing supports %s", folder.name,
                      getattr(model_cfg, "model_type", "?"), ", ".join(SUPPORTED_MODEL_TYPES))
+        self._weights_sha256 = folder.weights_sha256
+        self._early_infos: dict[int, ScorerInfo] = {}
         self.info: ScorerInfo = describe(
             model=folder.name, weights_sha256=folder.weights_sha256, template=self.encoder.template,
             layers=cfg.layers, pooling=cfg.pooling, final_norm=cfg.final_norm, hidden_size=int(text_cfg.hidden_size))
@@ -77,6 +81,32 @@ class FeatureExtractor:
         if self.packed is not None:
             return self.packed.features(batch).numpy()
         return self.padded_features(batch)
+
+    def early_exit_info(self, layer: int) -> ScorerInfo | None:
+        """The recipe of the features an early exit at ``layer`` gives (a scorer configured with ``layers:
+        [layer]`` gives the same), or None where the pass cannot stop there (padded, or not before the deepest
+        configured layer)."""
+        if self.packed is None or layer not in self.packed.exit_layers:
+            return None
+        if layer not in self._early_infos:
+            self._early_infos[layer] = describe(
+                model=self.info.model, weights_sha256=self._weights_sha256, template=self.encoder.template,
+                layers=[layer], pooling=self.cfg.pooling, final_norm=self.cfg.final_norm,
+                hidden_size=self.info.hidden_size)
+        return self._early_infos[layer]
+
+    @torch.inference_mode()
+    def staged_features_from_ids(self, batch: Sequence[Sequence[int]], exits: Sequence[EarlyExit | None]
+                                 ) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+        """Per prompt, (its features at its early exit, or None without one; its configured features, or None where
+        its exit stopped the pass). Exits this pass cannot take (``early_exit_info`` None) are ignored: those
+        prompts get their configured features and no early ones."""
+        if len(exits) != len(batch):
+            raise ValueError(f"{len(exits)} exits for {len(batch)} prompts")
+        exits = [e if e is not None and self.early_exit_info(e.layer) is not None else None for e in exits]
+        if self.packed is None or not any(exits):
+            return [(None, row) for row in self.features_from_ids(batch)]
+        return self.packed.staged_features(batch, exits)
 
     @torch.inference_mode()
     def padded_features(self, batch: Sequence[Sequence[int]]) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The ``local`` scorer: the feature function in this process, micro-batched on ``scorer.workers`` worker threads."""
+"""The ``local`` scorer: the feature function in this process, micro-batched on ``scorer.workers`` worker threads,
+shared among keys by tokens (``router.scorer.batcher``), with early exits where the pass is packed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from router.config import ScorerConfig
 from router.scorer.batcher import MicroBatcher
 from router.scorer.cpu import call_in_own_thread
 from router.scorer.features import FeatureExtractor
-from router.scorer.interface import BatchStats, Scored, ScorerUnavailable
+from router.scorer.interface import BatchStats, EarlyExit, Scored, ScorerUnavailable
 from router.scorer.recipe import Message, ScorerInfo
 
 # A question of typical length (the median GSM8K test question has 55 words) for the warm-up pass, which also
@@ -50,20 +51,33 @@ class LocalScorer:
             warmup=self.encoder.encode([{"role": "user", "content": WARMUP_QUESTION}]),
             workers=self.cfg.workers,
             worker_setup=lambda: torch.set_num_threads(threads),
+            max_batch_tokens=self.cfg.max_batch_tokens or self.cfg.max_prompt_tokens,
+            quantum_tokens=self.cfg.max_prompt_tokens,
+            staged=self.extractor.staged_features_from_ids if self.extractor.packed is not None else None,
         )
 
     def threads_per_worker(self) -> int:
         """``scorer.threads``, or torch's thread count (one per core unless set) shared among the workers."""
         return self.cfg.threads or max(1, torch.get_num_threads() // self.cfg.workers)
 
-    async def score(self, messages: Sequence[Message], timeout_s: float | None = None) -> Scored:
+    async def score(self, messages: Sequence[Message], timeout_s: float | None = None, *, key: str = "",
+                    early: EarlyExit | None = None, ids: Sequence[int] | None = None) -> Scored:
         if self._batcher is None:
             raise ScorerUnavailable("stopped", "scorer is not started")
         start = time.perf_counter()
-        ids = self.encoder.encode(messages)
-        result = await self._batcher.run(ids, timeout_s=timeout_s)
+        if ids is None:
+            # a request refused for the key's backlog costs no tokenising: its tokens are at least ``min_tokens``
+            self._batcher.admit(key, self.encoder.min_tokens(messages), timeout_s)
+            ids = await self.encoder.encode_async(messages)
+        if early is not None and self.early_exit_info(early.layer) is None:
+            early = None  # not a layer this pass can stop at: scored in full, as the protocol says
+        result = await self._batcher.run(ids, timeout_s=timeout_s, key=key, early=early)
         return Scored(result.row, prompt_tokens=len(ids), queue_s=result.queue_s,
-                      total_s=time.perf_counter() - start)
+                      total_s=time.perf_counter() - start, early=result.early,
+                      stopped=early is not None and result.row is None)
+
+    def early_exit_info(self, layer: int) -> ScorerInfo | None:
+        return self.extractor.early_exit_info(layer)
 
     @property
     def alive(self) -> bool:

@@ -9,17 +9,29 @@ transformers' padded pass), so features, and the probes trained on them, do not 
 
 It reuses the model's own modules (embeddings, norms, rotary embedding, projections, activation); it supports the
 decoder layout of Llama and Qwen2 (``PackedDecoder.supports``). Other architectures run transformers' padded pass.
+
+An early exit (``PackedDecoder.staged_features``): a prompt may ask for its features at a shallower block too, and
+for a decision there (``router.scorer.interface.EarlyExit``). The whole batch runs up to that block, each asking
+prompt's features there are pooled as the configured ones are and handed to its decision; the prompts that stop
+leave the pass (the rows of those that go on are packed anew, their states kept), and the blocks after run only
+for the others. A prompt that goes on pays one more pooling of the early block's rows and, if others stopped, a
+copy of its rows; its features are those of the plain pass (bit for bit when no prompt of its batch stopped).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from router.scorer.cpu import native_cpu_dtype
+from router.scorer.interface import EarlyExit
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
@@ -31,7 +43,7 @@ class _Prefix:
     ids: list[int]
     keys: list[torch.Tensor]  # per block: (kv_heads, len, head_dim), rotary applied
     values: list[torch.Tensor]
-    sums: dict[int, torch.Tensor]  # probed layer -> sum over the prefix of its (normed) states, float32
+    sums: dict[int, torch.Tensor]  # block -> sum over the prefix of its (normed) states, float32
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,68 @@ class PackedDecoder:
     @torch.inference_mode()
     def features(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
         """Token ids (one list per prompt) → pooled features, (len(batch), feature_dim), float32."""
+        token_ids, positions, packing = self._pack(batch)
+        pooled = self._run(token_ids, positions, packing, prefix=self.prefix)
+        return torch.cat([pooled[layer] for layer in self.layers], dim=-1)
+
+    @torch.inference_mode()
+    def staged_features(self, batch: Sequence[Sequence[int]], exits: Sequence[EarlyExit | None]
+                        ) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+        """Per prompt, (its features at its early exit's layer, its configured features): the first None where it
+        asked for no exit, the second where its exit stopped the pass. Each exit's layer must come before the
+        deepest configured layer (``exit_layers``)."""
+        if len(exits) != len(batch):
+            raise ValueError(f"{len(exits)} exits for {len(batch)} prompts")
+        for e in exits:
+            if e is not None and e.layer not in self.exit_layers:
+                raise ValueError(f"an early exit at layer {e.layer}: this pass stops early at layers 1 to "
+                                 f"{self.depth - 1}")
+        p = self.prefix
+        token_ids, positions, packing = self._pack(batch)
+        x = self.embed(token_ids)
+        cos, sin = self._rotary(x, positions)
+        masks = packing.masks() if p is not None else [None] * len(packing.starts)
+        live = list(range(len(batch)))  # the prompt (index in ``batch``) at each place of the packing
+        kept: list[dict[int, torch.Tensor]] = [{} for _ in batch]  # configured layer -> pooled row
+        early: list[np.ndarray | None] = [None] * len(batch)
+        stopped = [False] * len(batch)
+        last_only = self.pooling == "last"
+        for index in range(len(self.blocks)):
+            depth = index + 1
+            trimmed = last_only and depth == self.depth
+            x = self._block(index, x, cos, sin, packing, masks, p, trimmed, None)
+            asking = [place for place, i in enumerate(live) if (e := exits[i]) is not None and e.layer == depth]
+            if depth not in self.layers and not asking:
+                continue
+            pooled = self._pool(depth, x, packing, p, trimmed, False)
+            if depth in self.layers:
+                for place, i in enumerate(live):
+                    kept[i][depth] = pooled[place]
+            leaving = set()
+            for place in asking:
+                i = live[place]
+                early[i] = pooled[place].numpy().copy()
+                if _decide(exits[i], early[i]):  # type: ignore[arg-type]
+                    leaving.add(place)
+                    stopped[i] = True
+            if leaving:
+                staying = [place for place in range(len(live)) if place not in leaving]
+                if not staying:
+                    break
+                x, cos, sin, packing = self._repack(x, cos, sin, packing, staying)
+                masks = packing.masks() if p is not None else [None] * len(packing.starts)
+                live = [live[place] for place in staying]
+        return [(early[i], None if stopped[i] else torch.cat([kept[i][layer] for layer in self.layers]).numpy())
+                for i in range(len(batch))]
+
+    @property
+    def exit_layers(self) -> range:
+        """The layers an early exit may stop at: those before the deepest configured one."""
+        return range(1, self.depth)
+
+    def _pack(self, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, _Packing]:
+        """The batch's token ids packed into one sequence (each prompt that continues the shared prefix without
+        it), their positions, and where each prompt sits."""
         p = self.prefix
         prefixed = [p is not None and len(ids) > len(p.ids) and list(ids[:len(p.ids)]) == p.ids for ids in batch]
         skip = len(p.ids) if p is not None else 0
@@ -114,8 +188,32 @@ class PackedDecoder:
         positions = torch.cat([torch.arange(skip if pre else 0, (skip if pre else 0) + len(tail))
                                for tail, pre in zip(tails, prefixed, strict=True)]
                               + [torch.zeros(padding, dtype=torch.long)])
-        pooled = self._run(token_ids, positions, packing, prefix=p)
-        return torch.cat([pooled[layer] for layer in self.layers], dim=-1)
+        return token_ids, positions, packing
+
+    def _repack(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: _Packing,
+                staying: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Packing]:
+        """The rows (states, rotary tables) of the prompts at places ``staying`` packed anew, padded again."""
+        rows = torch.cat([torch.arange(packing.starts[place], packing.ends[place]) for place in staying])
+        ends, total = [], 0
+        for place in staying:
+            total += packing.ends[place] - packing.starts[place]
+            ends.append(total)
+        padding = padded_rows(total) - total if self.round_rows else 0
+        repacked = _Packing(starts=[e - (packing.ends[place] - packing.starts[place])
+                                    for e, place in zip(ends, staying, strict=True)],
+                            ends=ends, prefixed=[packing.prefixed[place] for place in staying],
+                            shared=packing.shared, padding=padding)
+        x, cos, sin = x[rows], cos[rows], sin[rows]
+        if padding:  # padding rows attend to nothing and are read by no prompt: any finite values do
+            x = torch.cat([x, x.new_zeros(padding, x.shape[1])])
+            cos = torch.cat([cos, cos[:1].expand(padding, -1, -1)])
+            sin = torch.cat([sin, sin[:1].expand(padding, -1, -1)])
+        return x, cos, sin, repacked
+
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the rotary embedding, (rows, 1, head_dim): one row per token, across heads."""
+        cos, sin = self.rotary(x[None], positions[None])
+        return cos[0, :, None], sin[0, :, None]
 
     def prefix_state(self, ids: list[int]) -> _Prefix:
         """The shared prefix run once: its keys and values at every block, its pooled-state sums."""
@@ -131,8 +229,7 @@ class PackedDecoder:
              keep_kv: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
              sums_only: bool = False) -> dict[int, torch.Tensor]:
         x = self.embed(token_ids)
-        cos, sin = self.rotary(x[None], positions[None])
-        cos, sin = cos[0, :, None], sin[0, :, None]  # (rows, 1, head_dim): one row per token, across heads
+        cos, sin = self._rotary(x, positions)
         masks = packing.masks() if prefix is not None else [None] * len(packing.starts)
         pooled: dict[int, torch.Tensor] = {}
         last_only = self.pooling == "last" and keep_kv is None
@@ -140,7 +237,7 @@ class PackedDecoder:
             depth = index + 1
             trimmed = last_only and depth == self.depth
             x = self._block(index, x, cos, sin, packing, masks, prefix, trimmed, keep_kv)
-            if depth in self.layers:
+            if depth in self.layers or sums_only:  # the prefix's sums at every block: any may be an early exit
                 pooled[depth] = self._pool(depth, x, packing, prefix, trimmed, sums_only)
         return pooled
 
@@ -177,7 +274,7 @@ class PackedDecoder:
         qkv = self.qkv[index](self.blocks[index].input_layernorm(x))
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         # the rotary embedding of q and k in one go: (rows, heads + kv_heads, head_dim)
-        qk = _rotate(qkv[:, :q_width + kv_width].view(rows, self.heads + self.kv_heads, self.head_dim), cos, sin)
+        qk = rotate(qkv[:, :q_width + kv_width].view(rows, self.heads + self.kv_heads, self.head_dim), cos, sin)
         q = qk[:, :self.heads].transpose(0, 1)[None]
         k = qk[:, self.heads:].transpose(0, 1)[None]
         v = qkv[:, q_width + kv_width:].view(rows, self.kv_heads, self.head_dim).transpose(0, 1)[None]
@@ -208,6 +305,15 @@ class PackedDecoder:
         return torch.cat(parts, dim=-1)
 
 
+def _decide(exit: EarlyExit, features: np.ndarray) -> bool:
+    """The exit's decision; one that fails counts as going on (the prompt is scored in full)."""
+    try:
+        return bool(exit.should_stop(features))
+    except Exception:
+        log.exception("an early exit's decision failed: the prompt is scored in full")
+        return False
+
+
 def padded_rows(rows: int) -> int:
     """``rows`` rounded up to a multiple of 16, or of a 16th of the largest power of two up to it (≤ 1/16 more rows).
 
@@ -220,7 +326,7 @@ def padded_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The rotary position embedding, as transformers' ``apply_rotary_pos_emb`` computes it (same operations, same
     order), on (rows, heads, head_dim) with cos and sin of shape (rows, 1, head_dim)."""
     half = x.shape[-1] // 2

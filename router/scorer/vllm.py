@@ -8,6 +8,11 @@ The gateway renders and tokenises (``router.scorer.prompt``, shared with the loc
 ids, so truncation and the template are the same by construction; vLLM's continuous batching does the
 batching. This process loads no model.
 
+Keys share the server by tokens: at most ``scorer.max_key_tokens_in_flight`` of one key's prompt tokens are at the
+server at once (``router.scorer.fair.TokenBudget``); a key's further requests wait for its own to come back, before
+they are sent, so a key flooding the server with long prompts queues behind itself. There is no early exit here:
+the server's pass always runs to the configured block (``early_exit_info`` is None).
+
 A server that refuses connections or fails is counted by a circuit breaker: after a few failures requests go
 unscored at once (``down``) instead of trying, one trial request goes through after the cooldown, and a
 success closes the circuit again.
@@ -29,7 +34,8 @@ import orjson
 from router.breaker import Breaker
 from router.config import ScorerConfig
 from router.scorer.cpu import compute_dtype
-from router.scorer.interface import BatchStats, Scored, ScorerUnavailable
+from router.scorer.fair import TokenBudget
+from router.scorer.interface import BatchStats, EarlyExit, Scored, ScorerUnavailable
 from router.scorer.prompt import PromptEncoder
 from router.scorer.recipe import Message, ScorerInfo, describe
 from router.scorer.source import resolve_model
@@ -60,7 +66,8 @@ class VllmScorer:
         model_cfg = json.loads((folder.path / "config.json").read_text())
         hidden = int(model_cfg.get("text_config", model_cfg)["hidden_size"])
         self.cfg = cfg
-        self.encoder = PromptEncoder(folder.path, cfg.max_prompt_tokens)
+        self.encoder = PromptEncoder(folder.path, cfg.max_prompt_tokens, conversation=cfg.conversation,
+                                     context_tokens=cfg.context_tokens)
         self.info: ScorerInfo = describe(
             model=folder.name, weights_sha256=folder.weights_sha256, template=self.encoder.template,
             layers=cfg.layers, pooling=cfg.pooling, final_norm=cfg.final_norm, hidden_size=hidden)
@@ -71,6 +78,7 @@ class VllmScorer:
         self.breaker = Breaker(cfg.failure_threshold, cfg.cooldown_s)
         self._session: aiohttp.ClientSession | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._shares = TokenBudget(cfg.max_key_tokens_in_flight)
 
     async def start(self, on_batch: Callable[[BatchStats], None] | None = None) -> None:
         """Open the connection pool (``on_batch`` is not called: vLLM batches, and exports its own metrics)."""
@@ -80,20 +88,41 @@ class VllmScorer:
             timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s))
         self._slots = asyncio.Semaphore(self.cfg.max_in_flight)
 
-    async def score(self, messages: Sequence[Message], timeout_s: float | None = None) -> Scored:
+    async def score(self, messages: Sequence[Message], timeout_s: float | None = None, *, key: str = "",
+                    early: EarlyExit | None = None, ids: Sequence[int] | None = None) -> Scored:
+        """``early`` is not honoured (``early_exit_info``): the full features come back, ``early`` None."""
         if self._session is None or self._slots is None:
             raise ScorerUnavailable("stopped", "scorer is not started")
         if not self.breaker.available():
             raise ScorerUnavailable("down", f"the scorer at {self.cfg.url} is failing; retrying after "
                                     f"{self.cfg.cooldown_s:g}s")
         start = time.perf_counter()
-        ids = self.encoder.encode(messages)
+        if ids is None:
+            ids = await self.encoder.encode_async(messages)
+        ids = list(ids)
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._shares.acquire(key, len(ids))
+        except TimeoutError as e:
+            raise ScorerUnavailable("key_share", f"this key's prompts already at the scorer did not come back "
+                                    f"within {timeout_s:g}s") from e
+        try:
+            return await self._post(ids, start, deadline, timeout_s)
+        finally:
+            self._shares.release(key, len(ids))
+
+    def early_exit_info(self, layer: int) -> ScorerInfo | None:
+        return None
+
+    async def _post(self, ids: list[int], start: float, deadline: float | None, timeout_s: float | None) -> Scored:
+        assert self._session is not None and self._slots is not None
         request = {"model": self.cfg.served_model, "input": [ids], "encoding_format": "base64"}
         if self.per_token:
             request["task"] = "token_embed"
         body = orjson.dumps(request)
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout_at(deadline):
                 async with self._slots:
                     queued = time.perf_counter() - start
                     self.breaker.begin()

@@ -15,8 +15,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from router.config import ScorerConfig, StateConfig
+from router.limits import LocalLimiter
 from router.scorer.features import FeatureExtractor
-from router.state import LocalLimiter, RedisLimiter, RedisState
+from router.state import RedisLimiter, RedisState
 from scripts.redis_server import RedisServer, redis_server
 from tests.support.servers import FakeBackend, free_port, serve
 from tests.support.stack import make_settings, metric, running_gateway

@@ -19,13 +19,14 @@ from router.auth import APIKeyMiddleware, Authenticator
 from router.cli import _settle_gc
 from router.config import AuthConfig, ScorerConfig
 from router.edge import CoalescedWrites
-from router.errors import APIError, install_error_handlers
+from router.errors import InvalidRequest
 from router.feedback import FeedbackStore
 from router.hot_routes import HotRoutes
+from router.http import install_error_handlers
+from router.limits import LocalLimiter
 from router.metrics import Metrics
 from router.routing import load_probe_groups
 from router.scorer.features import FeatureExtractor
-from router.state import LocalLimiter
 from tests.support.stack import make_settings
 
 
@@ -36,7 +37,7 @@ def _app(with_key: str | None = None) -> tuple[FastAPI, list[str]]:
     async def hot(request: Request) -> Response:
         body = await request.json()
         if body.get("fail") == "api":
-            raise APIError(400, "bad value", param="fail", code="invalid_value")
+            raise InvalidRequest("bad value", param="fail", code="invalid_value")
         if body.get("fail") == "crash":
             raise RuntimeError("boom")
         seen.append("handler")

@@ -12,9 +12,9 @@ import openai
 import pytest
 
 from router.app import create_app, create_metrics_app
-from router.auth import TokenBucket
 from router.config import ScorerConfig
 from router.feedback import FeedbackStore
+from router.limits import TokenBucket
 from router.routing import load_probe_groups
 from router.scorer.features import FeatureExtractor
 from tests.support.servers import FakeBackend, serve

@@ -7,6 +7,7 @@ statuses); tests/unit/test_probes_cli.py runs the same commands on the real scor
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -82,8 +83,8 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def probe_inputs(cfg, dataset, text, *, scorer=None, progress=True):
         return features[dataset.digest()], extractor
 
-    monkeypatch.setattr("probes.train.probe_inputs", probe_inputs)
-    monkeypatch.setattr("probes.evaluate.probe_inputs", probe_inputs)
+    for module in ("probes.train", "probes.evaluate"):  # modules: the face's `probes.evaluate` is the function
+        monkeypatch.setattr(importlib.import_module(module), "probe_inputs", probe_inputs)
     config = tmp_path / "config.yaml"
     config.write_text(f"""\
 scorer:

@@ -208,7 +208,7 @@ async def test_the_wait_estimate_shares_the_queue_among_the_workers() -> None:
         batcher = MicroBatcher(lambda b: np.zeros((len(b), 2), dtype=np.float32), max_batch_size=1, max_wait_s=0.0,
                                max_queue=8, workers=workers)
         try:
-            batcher._prompt_s = 0.4  # as if timed: one prompt takes 0.4 s in one worker
+            batcher._token_s = 0.4  # as if timed: a token (this one-token prompt) takes 0.4 s in one worker
             estimates.append(batcher.expected_wait_s())
         finally:
             batcher.close()

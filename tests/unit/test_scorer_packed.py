@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from router.config import ScorerConfig
 from router.scorer.cpu import native_cpu_dtype
 from router.scorer.features import FeatureExtractor
+from router.scorer.interface import EarlyExit
 from router.scorer.packed import PrepackedLinear, padded_rows
 
 CONVERSATIONS = [
@@ -114,3 +115,109 @@ def test_padding_rows_change_no_feature(tiny_scorer_cfg: ScorerConfig) -> None:
     rounded = extractor.features_from_ids(ids)
     extractor.packed.round_rows = False
     np.testing.assert_allclose(rounded, extractor.features_from_ids(ids), rtol=1e-5, atol=1e-6)
+
+
+# An early exit inside the pass (PackedDecoder.staged_features): the blocks after it run for the prompts that go on
+
+
+def _go_on(layer: int) -> EarlyExit:
+    return EarlyExit(layer, lambda features: False)
+
+
+def _stop(layer: int) -> EarlyExit:
+    return EarlyExit(layer, lambda features: True)
+
+
+@pytest.mark.parametrize(("layers", "pooling", "exit_at"), [([2], "last", 1), ([4], "last", 2), ([4], "mean", 3),
+                                                            ([1, 4], "last+mean", 2), ([3], "last+mean", 1)])
+def test_prompts_that_go_on_get_the_plain_pass_and_early_features_of_that_layer(
+        tiny_scorer_cfg: ScorerConfig, layers: list[int], pooling: str, exit_at: int) -> None:
+    cfg = tiny_scorer_cfg.model_copy(update={"layers": layers, "pooling": pooling})
+    extractor = FeatureExtractor(cfg)
+    ids = [extractor.encoder.encode(c) for c in CONVERSATIONS]
+    staged = extractor.staged_features_from_ids(ids, [_go_on(exit_at)] * len(ids))
+    # no prompt stopped: the same operations as the plain pass, bit for bit
+    np.testing.assert_array_equal(np.stack([full for _, full in staged]), extractor.features_from_ids(ids))
+    early = np.stack([e for e, _ in staged])
+    shallow = FeatureExtractor(cfg.model_copy(update={"layers": [exit_at]}))  # what an early probe trains on
+    np.testing.assert_allclose(early, shallow.features_from_ids(ids), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(early, shallow.padded_features(ids), rtol=1e-4, atol=1e-5)
+    info = extractor.early_exit_info(exit_at)
+    assert info is not None and info.fingerprint == shallow.info.fingerprint
+    assert info.feature_dim == early.shape[1]
+
+
+def test_a_mixed_batch_stops_some_prompts_and_scores_the_others_as_the_plain_pass(
+        tiny_scorer_cfg: ScorerConfig) -> None:
+    extractor = FeatureExtractor(tiny_scorer_cfg.model_copy(update={"layers": [1, 4], "pooling": "last+mean"}))
+    ids = [extractor.encoder.encode(c) for c in CONVERSATIONS]
+    plain = extractor.features_from_ids(ids)
+    exits = [_stop(2), _go_on(2), None, _stop(1), _go_on(3)]
+    staged = extractor.staged_features_from_ids(ids, exits)
+    assert [(early is not None, full is not None) for early, full in staged] == [
+        (True, False), (True, True), (False, True), (True, False), (True, True)]
+    for i in (1, 2, 4):  # packed anew after the others left: the same features within float32's rounding
+        np.testing.assert_allclose(staged[i][1], plain[i], rtol=1e-5, atol=1e-6)
+    for i, layer in ((0, 2), (1, 2), (3, 1), (4, 3)):
+        shallow = FeatureExtractor(extractor.cfg.model_copy(update={"layers": [layer]}))
+        np.testing.assert_allclose(staged[i][0], shallow.features_from_ids([ids[i]])[0], rtol=1e-5, atol=1e-6)
+    everyone = extractor.staged_features_from_ids(ids, [_stop(2)] * len(ids))
+    assert all(full is None and early is not None for early, full in everyone)
+
+
+def test_a_stopped_prompts_rows_skip_every_block_after_its_exit(tiny_scorer_cfg: ScorerConfig) -> None:
+    extractor = FeatureExtractor(tiny_scorer_cfg.model_copy(update={"layers": [4]}))
+    decoder = extractor.packed
+    assert decoder is not None and decoder.prefix is not None
+    decoder.round_rows = False  # rows counted exactly
+    rows: list[list[int]] = [[] for _ in decoder.blocks]  # rows each block's q/k/v projection saw
+
+    def counting(index: int, projection):  # type: ignore[no-untyped-def]
+        def project(x):  # type: ignore[no-untyped-def]
+            rows[index].append(x.shape[0])
+            return projection(x)
+        return project
+
+    decoder.qkv = [counting(i, p) for i, p in enumerate(decoder.qkv)]
+    ids = [extractor.encoder.encode(c) for c in CONVERSATIONS]
+    prefix = len(decoder.prefix.ids)
+    tails = [len(i) - prefix if i[:prefix] == decoder.prefix.ids and len(i) > prefix else len(i) for i in ids]
+    seen: list[np.ndarray] = []
+
+    def stop_first_two(features: np.ndarray) -> bool:
+        seen.append(features)
+        return len(seen) <= 2
+
+    staged = extractor.staged_features_from_ids(ids, [EarlyExit(2, stop_first_two)] * len(ids))
+    assert rows == [[sum(tails)], [sum(tails)], [sum(tails[2:])], [sum(tails[2:])]]
+    assert [full is None for _, full in staged] == [True, True, False, False, False]
+    for (early, _), decided in zip(staged, seen, strict=True):  # each decision saw the prompt's early features
+        np.testing.assert_array_equal(early, decided)
+
+
+def test_a_decision_that_fails_scores_the_prompt_in_full(tiny_scorer_cfg: ScorerConfig,
+                                                         tiny_extractor: FeatureExtractor) -> None:
+    def broken(features: np.ndarray) -> bool:
+        raise RuntimeError("no probe")
+
+    ids = [tiny_extractor.encoder.encode(c) for c in CONVERSATIONS[:2]]
+    staged = tiny_extractor.staged_features_from_ids(ids, [EarlyExit(1, broken), _stop(1)])
+    np.testing.assert_array_equal(staged[0][1], tiny_extractor.features_from_ids(ids)[0])
+    assert staged[1][1] is None
+
+
+def test_where_the_pass_cannot_stop_early_it_says_so_and_scores_in_full(tiny_scorer_cfg: ScorerConfig,
+                                                                        tiny_extractor: FeatureExtractor) -> None:
+    assert tiny_extractor.cfg.layers == [2]
+    assert tiny_extractor.early_exit_info(1) is not None
+    assert tiny_extractor.early_exit_info(2) is None and tiny_extractor.early_exit_info(3) is None  # not before 2
+    padded = FeatureExtractor(tiny_scorer_cfg.model_copy(update={"packing": False}))
+    assert padded.early_exit_info(1) is None
+    ids = [padded.encoder.encode(c) for c in CONVERSATIONS[:2]]
+    for extractor, layer in ((padded, 1), (tiny_extractor, 2)):
+        staged = extractor.staged_features_from_ids(ids, [_stop(layer)] * 2)
+        assert all(early is None for early, _ in staged)
+        np.testing.assert_array_equal(np.stack([full for _, full in staged]), extractor.features_from_ids(ids))
+    assert tiny_extractor.packed is not None
+    with pytest.raises(ValueError, match="stops early at layers 1 to 1"):
+        tiny_extractor.packed.staged_features(ids, [_stop(2)] * 2)

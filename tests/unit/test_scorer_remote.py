@@ -3,9 +3,11 @@ its circuit; and that a gateway with a remote scorer never loads torch."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from router.config import ScorerConfig
-from router.scorer.interface import Scored, ScorerUnavailable
+from router.scorer.interface import EarlyExit, Scored, ScorerUnavailable
 from router.scorer.vllm import VllmScorer
 from tests.conftest import ROOT
 from tests.support.probes import write_constant_probes
@@ -30,6 +32,8 @@ class FakePooling:
         self.dim = dim
         self.received: list[dict] = []
         self.status = 200
+        self.gate = threading.Event()  # answers wait for it
+        self.gate.set()
         self.app = FastAPI()
         self.app.add_api_route("/v1/embeddings", self.embeddings, methods=["POST"])
         self.app.add_api_route("/pooling", self.pooling, methods=["POST"])
@@ -38,6 +42,7 @@ class FakePooling:
     async def embeddings(self, request: Request) -> JSONResponse:
         body = orjson.loads(await request.body())
         self.received.append(body)
+        await asyncio.to_thread(self.gate.wait, 10)
         vector = np.arange(self.dim, dtype="<f4")
         return JSONResponse({"data": [{"embedding": base64.b64encode(vector.tobytes()).decode()}]},
                             status_code=self.status)
@@ -86,6 +91,35 @@ async def test_last_plus_mean_asks_for_every_token_and_pools_them_here(tiny_scor
     assert sent["task"] == "token_embed" and sent["input"] == [scorer.encoder.encode(MESSAGES)]
     states = np.arange(scored.prompt_tokens * 32, dtype=np.float32).reshape(scored.prompt_tokens, 32)
     np.testing.assert_allclose(scored.features, np.concatenate([states[-1], states.mean(axis=0)]))
+
+
+async def test_a_key_waits_for_its_own_tokens_in_flight_not_for_another_keys(tiny_scorer_cfg: ScorerConfig) -> None:
+    fake = FakePooling(dim=32)
+    fake.gate.clear()
+    with serve(fake.app) as url:
+        scorer = VllmScorer(remote_cfg(tiny_scorer_cfg, f"{url}/v1", max_key_tokens_in_flight=1))
+        await scorer.start()
+        try:
+            flood = [asyncio.create_task(scorer.score(MESSAGES, timeout_s=10, key="a")) for _ in range(3)]
+            other = asyncio.create_task(scorer.score(MESSAGES, timeout_s=10, key="b"))
+            for _ in range(200):  # a's first and b's reach the server; a's others wait at the gateway
+                if len(fake.received) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            assert len(fake.received) == 2
+            with pytest.raises(ScorerUnavailable) as e:  # a's turn does not come within its timeout
+                await scorer.score(MESSAGES, timeout_s=0.05, key="a")
+            assert e.value.kind == "key_share" and scorer.alive  # the server is not to blame
+            fake.gate.set()
+            results = await asyncio.wait_for(asyncio.gather(*flood, other), 10)
+            assert len(fake.received) == 4 and all(r.features is not None for r in results)  # the refused never went
+            assert scorer.early_exit_info(1) is None  # the server's pass runs to the configured block
+            scored = await scorer.score(MESSAGES, timeout_s=5, early=EarlyExit(1, lambda f: True))
+            assert not scored.stopped and scored.early is None and scored.features is not None
+        finally:
+            fake.gate.set()
+            await scorer.aclose()
 
 
 async def test_a_vector_of_the_wrong_size_or_an_error_is_refused_and_counted(tiny_scorer_cfg: ScorerConfig) -> None:
