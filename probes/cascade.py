@@ -383,7 +383,7 @@ def recalibrate_margins(
 
     label_keys, train_keys = label_keys or {}, train_keys or {}
     backends = [settings.backend(n) for n in estimates.names]
-    paths = [b.probe for b in backends if b.probe is not None]
+    paths = [b.probe for b in backends if b.probe is not None and b.probe.exists()]  # none trained yet: no stages
     probes = [load_probe(path) for path in paths]
     if len(probes) < len(backends) or not all(p.stages for p in probes):
         return None

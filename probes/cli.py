@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from probes.data import Dataset
 
 DEFAULT_SWEEP_LAYERS = "3,6,9,12,15,18,21,24,27,30"
+FORCE_HELP = ("write {what} even where a backend's own labels hold too few successes or failures to learn from "
+              "(fewer than max(10, 2K²/(K−1)) of either with K folds: two of each in every inner held-out fold; "
+              "13 at 5 folds), or where its out-of-fold AUROC's 95%% interval reaches 0.5 (chance); without it, "
+              "those are refused, said why, and the command exits 1")
 
 
 def _label_keys(items: list[str]) -> dict[str, str]:
@@ -95,8 +99,10 @@ def _label(args: argparse.Namespace) -> int:
     print(f"{summary.done_now} answered now, {summary.done_before} done before, {summary.failed} failed "
           f"(rerun to retry them); results log {summary.results}; dataset {summary.out}")
     for name, stats in summary.per_backend.items():
-        print(f"  {name}: {int(stats['answered'])} answered, accuracy {stats['accuracy']:.3f}, "
-              f"mean cost ${stats['mean_cost']:.6f}, mean latency {stats['mean_latency_s']:.2f}s")
+        print(f"  {name}: {int(stats['right'])}/{int(stats['answered'])} right ({stats['accuracy']:.1%}), "
+              f"{int(stats['prompt_tokens']):,} prompt + {int(stats['completion_tokens']):,} completion tokens, "
+              f"${stats['cost']:.6f} (${stats['mean_cost']:.6f} a question), mean latency "
+              f"{stats['mean_latency_s']:.2f}s")
     return 1 if summary.failed else 0
 
 
@@ -114,8 +120,9 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from probes.data import load_dataset
+    from probes.guards import label_shortfall
     from probes.recipes import parse_recipes
-    from probes.train import sweep_recipes, train_probes
+    from probes.train import backend_labels, sweep_recipes, train_probes
 
     settings = _settings(args)
     dataset = load_dataset(args.data)
@@ -124,10 +131,17 @@ def _train(args: argparse.Namespace) -> int:
         dataset = dataset.where(_where(args.where))
         extra["where"] = args.where
     labels, train_keys = _label_keys(args.label), _all_train_keys(args, settings, dataset)
+    labelled = backend_labels(settings, dataset, labels, train_keys)
+    short = [s for name, (_, y, _, _) in labelled.items() if (s := label_shortfall(name, y, args.folds))]
+    if labelled and len(short) == len(labelled) and not args.force:  # nothing to fit, not even a sweep
+        for s in short:
+            print(f"{s.message()}. No probe written (--force writes it anyway).", file=sys.stderr)
+        print(f"error: no probe written ({', '.join(s.backend for s in short)}): too few labels", file=sys.stderr)
+        return 1
     if args.sweep:
         recipes = parse_recipes(args.sweep_layers.split(","), args.sweep_pooling.split(","))
         outcome = sweep_recipes(settings, dataset, recipes, folds=args.folds, seed=args.seed, label_keys=labels,
-                                train_keys=train_keys, progress=not args.no_progress)
+                                train_keys=train_keys, progress=not args.no_progress, force=args.force)
         chosen = outcome.recipe
         print(f"sweep chose {chosen} (mean inner-CV AUROC over backends)")
         scorer = type(settings.scorer).model_validate(
@@ -142,15 +156,28 @@ def _train(args: argparse.Namespace) -> int:
               f"scorer.pooling: {settings.scorer.pooling} in {args.config}", file=sys.stderr)
         return 1
     calibration = load_dataset(args.calibration) if args.calibration else None
-    written = train_probes(settings, dataset, out_dir=args.out, folds=args.folds, seed=args.seed, label_keys=labels,
-                           train_keys=train_keys, extra_training=extra, text=args.text_features,
-                           calibration=calibration, progress=not args.no_progress, cascade=_cascade(args, settings))
-    if not written:
+    result = train_probes(settings, dataset, out_dir=args.out, folds=args.folds, seed=args.seed, label_keys=labels,
+                          train_keys=train_keys, extra_training=extra, text=args.text_features,
+                          calibration=calibration, progress=not args.no_progress, cascade=_cascade(args, settings),
+                          force=args.force)
+    if not (result.written or result.refused):
         print("error: no backend of the config has labels in the data", file=sys.stderr)
         return 1
-    for name, path in written.items():
-        print(f"{name}: {path}")
-    print(f"scorer for these probes: layers: {settings.scorer.layers}, pooling: {settings.scorer.pooling}")
+    for name, reasons in result.forced.items():
+        if name in result.written:
+            for why in reasons:
+                print(f"{why}. Written anyway (--force).", file=sys.stderr)
+    for name, path in result.written.items():
+        chance = result.auroc[name]
+        print(f"{name}: out-of-fold AUROC {chance.auroc:.3f}, 95% interval [{chance.low:.3f}, {chance.high:.3f}] "
+              f"on {chance.n} questions → {path}")
+    if result.written:
+        print(f"scorer for these probes: layers: {settings.scorer.layers}, pooling: {settings.scorer.pooling}")
+    for why in result.refused.values():
+        print(f"{why}. No probe written{'' if args.force else ' (--force writes it anyway)'}.", file=sys.stderr)
+    if result.refused:
+        print(f"error: no probe written for {', '.join(result.refused)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -193,27 +220,49 @@ def _eval(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from probes.calibrate import choose_threshold, write_threshold
     from probes.data import load_dataset
-    from probes.evaluate import pool_estimates
+    from probes.evaluate import labelled_backends, pool_estimates
+    from probes.guards import auroc_check, label_shortfall
 
     settings = _settings(args)
     dataset = load_dataset(args.data)
-    estimates = pool_estimates(settings, dataset, calibration=load_dataset(args.calibration) if args.calibration
-                               else None, text=args.text_features, folds=args.folds, seed=args.seed,
-                               label_keys=_label_keys(args.label), train_keys=_all_train_keys(args, settings, dataset),
-                               progress=not args.no_progress)
+    label_keys = _label_keys(args.label)
+    short = [s for b, y in labelled_backends(settings, dataset, label_keys)
+             if (s := label_shortfall(b.name, y, args.folds))]
+    for s in short:
+        print(f"{s.message()}.", file=sys.stderr)
+    if short and not args.force:
+        print(f"error: no threshold chosen or written: too few labels for {', '.join(s.backend for s in short)} "
+              "(--force chooses one anyway)", file=sys.stderr)
+        return 1
+    calibration = load_dataset(args.calibration) if args.calibration else None
+    estimates = pool_estimates(settings, dataset, calibration=calibration, text=args.text_features, folds=args.folds,
+                               seed=args.seed, label_keys=label_keys,
+                               train_keys=_all_train_keys(args, settings, dataset), progress=not args.no_progress)
+    checks = [auroc_check(name, estimates.y[:, i], estimates.p[:, i], seed=args.seed,
+                          what="out-of-fold" if calibration is None else "held-out")
+              for i, name in enumerate(estimates.names)]
     choice = choose_threshold(estimates.threshold_frontier(), min_accuracy=args.min_accuracy,
                               max_cost=args.max_cost_per_request, max_dear_share=args.max_dear_share)
     expected = estimates.at_threshold(choice.threshold)
     print(json.dumps({"cheap": estimates.names[estimates.cheap], "dear": estimates.names[estimates.dear],
                       **choice.as_dict(), "expected_share": expected["share"],
                       "calibration_data": str(args.calibration or args.data),
-                      "base_rate": {n: round(v, 4) for n, v in estimates.base_rate.items()}}, indent=2))
+                      "base_rate": {n: round(v, 4) for n, v in estimates.base_rate.items()},
+                      "auroc": {c.backend: {"auroc": round(c.auroc, 4), "ci95": [round(c.low, 4), round(c.high, 4)]}
+                                for c in checks}}, indent=2))
     for shift in estimates.base_rate_shifts():
         print(f"warning: base rates differ ({shift}): estimates trained on the one are calibrated on the other; "
               "the gateway's predicted-vs-realised accuracy panel shows whether live traffic drifts further",
               file=sys.stderr)
     if not choice.met:
         print("warning: no threshold meets the target; chose the closest operating point", file=sys.stderr)
+    chance = [c for c in checks if not c.ok]
+    for c in chance:
+        print(f"{c.message()}.", file=sys.stderr)
+    if chance and not args.force and not args.dry_run:
+        print(f"error: threshold not written: the estimates of {', '.join(c.backend for c in chance)} do no better "
+              "than chance (--force writes it anyway)", file=sys.stderr)
+        return 1
     cascade = None
     if args.cascade and settings.policy.mode == "threshold":
         from probes.cascade import recalibrate_margins
@@ -230,9 +279,10 @@ def _calibrate(args: argparse.Namespace) -> int:
                   + " (decided by " + ", ".join(f"{s} {v:.1%}" for s, v in block["decided"].items())
                   + f"; agreement {block['agreement']:.4f})")
     if args.dry_run:
-        return 0 if choice.met else 1
+        return 0 if choice.met and not chance else 1
     write_threshold(args.config, choice.threshold)
-    print(f"wrote policy.threshold: {choice.threshold:.4f} to {args.config}")
+    print(f"wrote policy.threshold: {choice.threshold:.4f} to {args.config}"
+          + (" (--force)" if chance or short else ""))
     if cascade is not None:
         from probes.cascade import write_cascade
 
@@ -431,7 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fit one probe per backend (standardised L2 logistic regression, "
                            "C by inner CV, Platt on out-of-fold scores)",
                            description="Fit one probe per backend and write it where the config points (or to "
-                           "--out). With --sweep, first choose the scorer's layers × pooling by inner CV.")
+                           "--out). With --sweep, first choose the scorer's layers × pooling by inner CV. A backend "
+                           "whose own labels hold too few successes or failures, or whose probe's out-of-fold AUROC "
+                           "does no better than chance (its 95%% interval reaches 0.5), gets no probe: the command "
+                           "says why and how many more questions to label, and exits 1 (--force writes it anyway).")
     _common(train)
     _scorer_override(train)
     train.add_argument("--out", type=Path, help="write DIR/<backend>.json instead of each backend's probe path")
@@ -445,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--where", action="append", default=[], metavar="FIELD=V1[,V2...]",
                        help="train only on questions whose FIELD is one of the values (e.g. subject=Algebra); their "
                        "features come from the whole file's cache")
+    train.add_argument("--force", action="store_true", help=FORCE_HELP.format(what="a probe"))
     train.add_argument("--sweep", action="store_true", help="choose scorer layers × pooling by inner CV")
     train.add_argument("--sweep-layers", default=DEFAULT_SWEEP_LAYERS,
                        help="candidate layer groups, comma-separated; '+' joins layers into one recipe, e.g. "
@@ -479,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "policy over all backends, on held-out estimates (nested out-of-fold on --data, or "
                          "probes trained on --data applied to --calibration), print the expected share of "
                          "requests per backend and the accuracy, warn when the base rates of the training and "
-                         "calibration data differ, and write it to the config's policy.threshold (comments kept).")
+                         "calibration data differ, and write it to the config's policy.threshold (comments kept). "
+                         "Like train, it refuses (exit 1, no threshold written) where a backend has too few "
+                         "successes or failures, or estimates no better than chance, unless --force.")
     _common(cal)
     _scorer_override(cal)
     cal.add_argument("--calibration", type=Path, help="labelled JSONL to choose the threshold on (probes trained "
@@ -497,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cascade_opts(cal, early=False, switch="where the config's probe files carry cascade stages, choose their "
                   "margins for the new threshold on held-out estimates made the same way, and write them into the "
                   "probe files (default: on; threshold mode)")
+    cal.add_argument("--force", action="store_true", help=FORCE_HELP.format(what="the threshold"))
     cal.set_defaults(run=_calibrate)
 
     recal = sub.add_parser("recalibrate", help="re-fit only the probes' calibration on a labelled sample",
@@ -553,7 +610,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "argv"):
         args.argv = argv
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Libraries log at WARNING and above unless --log-level debug: their INFO lines (the HTTP client's one line per
+    # request while labelling) are what the progress bars and the commands' own summaries say.
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level if level == logging.DEBUG else max(level, logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for ours in ("probes", "router"):
+        logging.getLogger(ours).setLevel(level)
     try:
         return args.run(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -232,7 +232,8 @@ def _pool(
     routers = {r: np.stack([estimates[n][r] for n in names], axis=1)
                for r in ("probe", "tfidf_logreg", "paper_probe") if all(r in estimates[n] for n in names)}
     fallback = names.index(settings.policy.fallback) if settings.policy.fallback in names else None
-    out = pool_report(names, y, cost, routers, fallback=fallback, out_dir=out_dir)
+    out = pool_report(names, y, cost, routers, fallback=fallback, out_dir=out_dir,
+                      threshold=settings.policy.threshold if settings.policy.mode == "threshold" else None)
     out["threshold_policy"] = ("the cheapest backend whose estimate is at least the threshold; when none is, "
                                + (f"the fallback {settings.policy.fallback}" if fallback is not None
                                   else "the highest estimate"))
@@ -403,6 +404,14 @@ def render_pool(pool: dict[str, Any]) -> list[str]:
     oracle = pool["oracle"]
     lines.append(f"| oracle (upper bound) | – | {oracle['accuracy']:.3f} | {_usd(oracle['cost_per_request'])} | "
                  "– | – | – | – |")
+    fixed = [(router, entry["at_threshold"]) for router, entry in pool["policies"].items() if "at_threshold" in entry]
+    if fixed:
+        lines += ["", f"At the config's `policy.threshold` ({fixed[0][1]['threshold']:g}), the one operating point "
+                  "the gateway runs at:", "", "| router | accuracy | cost /1k | share of requests |",
+                  "| --- | --- | --- | --- |"]
+        for router, e in fixed:
+            shares = ", ".join(f"{n} {v:.1%}" for n, v in e["share"].items())
+            lines.append(f"| {router} | {e['accuracy']:.3f} | {_usd(e['cost_per_request'])} | {shares} |")
     lines += ["", "Calibration across backends: argmax p (λ = 0) against the best single backend's accuracy "
               f"{best['accuracy']:.3f}; mean p − accuracy per backend.", "",
               "| router | argmax-p accuracy | reaches the best single | mean p − accuracy |",

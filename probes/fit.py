@@ -9,7 +9,8 @@ chosen, Platt is fitted and AUROC is measured against one ``target`` label set: 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -24,6 +25,24 @@ from sklearn.preprocessing import StandardScaler
 from router import TOKEN_PATTERN, Probe, TextFeatures
 
 DEFAULT_CS: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+@contextmanager
+def quiet_fits() -> Iterator[None]:
+    """Silence what scikit-learn says about small or lopsided label sets ("the least populated class in y has
+    only 2 members", ConvergenceWarning): the user cannot act on it in those words. ``probes train`` and
+    ``calibrate`` say it in theirs instead (``probes.guards``: too few of an outcome, an AUROC interval that
+    includes chance)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
+def stratified_folds(folds: int, seed: int, target: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, held-out) row indices of seeded stratified K-fold over ``target``."""
+    with quiet_fits():
+        return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(target)), target))
 
 
 class Scorer(Protocol):
@@ -65,8 +84,7 @@ def _lr_path(xs: np.ndarray, ys: Sequence[np.ndarray], cs: Sequence[float]) -> l
     x_all = xs[rows]
     lr = LogisticRegression(C=cs[0], max_iter=1000, warm_start=True, solver="newton-cholesky")
     out = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with quiet_fits():
         for c in cs:
             lr.set_params(C=c).fit(x_all, y_all, sample_weight=w_all)
             w = lr.coef_[0].astype(np.float64)
@@ -105,8 +123,7 @@ class TfidfLogistic:
         m_all = m[rows]
         lr = LogisticRegression(C=cs[0], max_iter=5000, warm_start=True)
         out: list[Scorer] = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with quiet_fits():
             for c in cs:
                 lr.set_params(C=c).fit(m_all, y_all, sample_weight=w_all)
                 out.append(_TfidfScorer(vectorizer, lr.coef_[0].copy(), float(lr.intercept_[0])))
@@ -181,8 +198,7 @@ class SparseLogistic:
         m = x[rows]
         lr = LogisticRegression(C=cs[0], max_iter=5000, warm_start=True, solver="liblinear", intercept_scaling=100.0)
         out: list[Scorer] = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with quiet_fits():
             for c in cs:
                 lr.set_params(C=c).fit(m, y_all, sample_weight=w_all)
                 out.append(_SparseScorer(lr.coef_[0].astype(np.float64), float(lr.intercept_[0])))
@@ -231,7 +247,8 @@ class Stacked:
         # Platt on its out-of-fold output then calibrates against the backend's own labels.
         z = np.column_stack(columns)
         rows, y_all, w_all = stack_as_weights(ys)
-        combiner = LogisticRegression(C=1e4, max_iter=1000).fit(z[rows], y_all, sample_weight=w_all)
+        with quiet_fits():
+            combiner = LogisticRegression(C=1e4, max_iter=1000).fit(z[rows], y_all, sample_weight=w_all)
         k = combiner.coef_[0]
         a, b = fit_platt(z @ k + combiner.intercept_[0], target)
         act = StandardisedLogistic().fit_path(x.activations, ys, [inner_act.c])[0]
@@ -319,8 +336,7 @@ def inner_cv(
     n = len(target)
     oof = np.zeros((len(cs), n))
     aucs = np.zeros((len(cs), folds))
-    split = StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(n), target)
-    for f, (tr, te) in enumerate(split):
+    for f, (tr, te) in enumerate(stratified_folds(folds, seed, target)):
         path = model.fit_path(_take(x, tr), [y[tr] for y in ys], cs)
         x_te = _take(x, te)
         for j, scorer in enumerate(path):
@@ -337,7 +353,8 @@ def _point(c: Any) -> Any:
 
 def fit_platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(a, b) so that sigmoid(a·z + b) is calibrated on held-out logits z."""
-    lr = LogisticRegression(C=1e6, max_iter=1000).fit(np.asarray(scores).reshape(-1, 1), y)
+    with quiet_fits():
+        lr = LogisticRegression(C=1e6, max_iter=1000).fit(np.asarray(scores).reshape(-1, 1), y)
     return float(lr.coef_[0, 0]), float(lr.intercept_[0])
 
 
@@ -394,8 +411,7 @@ def nested_oof(
     model = model or StandardisedLogistic()
     n = len(target)
     prob, logits, chosen = np.zeros(n), np.zeros(n), []
-    outer = StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(n), target)
-    for tr, te in outer:
+    for tr, te in stratified_folds(folds, seed, target):
         fitted = fit_calibrated(_take(x, tr), [y[tr] for y in ys], target[tr], cs=cs, folds=folds, seed=seed,
                                 model=model)
         logits[te] = fitted.scorer.decision(_take(x, te))

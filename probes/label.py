@@ -209,6 +209,7 @@ async def label_dataset(
     clients = {b.name: _client(b, retries) for b in chosen}
     gates = {b.name: asyncio.Semaphore(concurrency) for b in chosen}
     bar = tqdm(total=len(todo), desc="label", unit="answer", disable=not progress)
+    right = {b.name: [0, 0] for b in chosen}  # answered now: [right, answered], shown beside the bar
 
     async def one(i: int, record: dict[str, Any], backend: BackendConfig, sample: int) -> None:
         async with gates[backend.name]:
@@ -217,11 +218,16 @@ async def label_dataset(
                                  temperature=temperature, grader=grader, system=system)
                 if run is not None:
                     row |= {"run": run, "sample": sample}
+                right[backend.name][0] += row["correct"]
+                right[backend.name][1] += 1
             except Exception as e:  # one failed request must not stop the run; it is retried next time
                 summary.failed += 1
                 log.warning("%s, question %d: %s", backend.name, i, e)
                 return
             finally:
+                if progress:
+                    bar.set_postfix_str(", ".join(f"{n} {r}/{a} right" for n, (r, a) in right.items())
+                                        + (f", {summary.failed} failed" if summary.failed else ""), refresh=False)
                 bar.update(1)
         writer.write(row)
         summary.done_now += 1
@@ -240,7 +246,11 @@ async def label_dataset(
             if mine:
                 summary.per_backend[b.name] = {
                     "answered": len(mine),
+                    "right": sum(r["correct"] for r in mine),
                     "accuracy": sum(r["correct"] for r in mine) / len(mine),
+                    "prompt_tokens": sum(r["prompt_tokens"] for r in mine),
+                    "completion_tokens": sum(r["completion_tokens"] for r in mine),
+                    "cost": sum(r["cost"] for r in mine),
                     "mean_cost": sum(r["cost"] for r in mine) / len(mine),
                     "mean_latency_s": sum(r["latency_s"] for r in mine) / len(mine),
                 }

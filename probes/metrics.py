@@ -8,12 +8,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from scipy.stats import rankdata
 
 
 def auroc(y: np.ndarray, p: np.ndarray) -> float:
-    """Area under the ROC curve of scores ``p`` for 0/1 labels ``y`` (ties count a half)."""
-    return float(roc_auc_score(np.asarray(y), np.asarray(p, dtype=np.float64)))
+    """Area under the ROC curve of scores ``p`` for 0/1 labels ``y`` (ties count a half).
+
+    The Mann–Whitney form on average ranks (scipy), equal to scikit-learn's ``roc_auc_score`` and a twentieth of
+    its time on a few hundred rows, which counts in bootstrap intervals of a thousand resamples. ValueError when
+    ``y`` holds one outcome only (scikit-learn ≥ 1.8 warns and returns NaN there instead): ``bootstrap_ci`` skips
+    such resamples."""
+    positive = np.asarray(y) == 1
+    n1 = int(positive.sum())
+    n0 = len(positive) - n1
+    if n1 == 0 or n0 == 0:
+        raise ValueError("AUROC is undefined with one outcome only")
+    ranks = rankdata(np.asarray(p, dtype=np.float64))
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def brier(y: np.ndarray, p: np.ndarray) -> float:

@@ -186,8 +186,10 @@ def summarise(points: Points, best_accuracy: float, best_cost: float) -> dict[st
 def pool_report(
     names: Sequence[str], y: np.ndarray, cost: np.ndarray, routers: dict[str, np.ndarray], *,
     fallback: int | None = None, out_dir: Path | None = None, plot: str = "pool_frontier.png",
+    threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Frontiers of both policies for each router's estimates ``routers[name]`` (n, k), with the baselines."""
+    """Frontiers of both policies for each router's estimates ``routers[name]`` (n, k), with the baselines; with
+    ``threshold`` (the config's ``policy.threshold``), also the one operating point the gateway would run at."""
     names = list(names)
     acc, mean_cost = y.mean(axis=0), cost.mean(axis=0)
     best = int(np.lexsort((mean_cost, -acc))[0])
@@ -217,6 +219,10 @@ def pool_report(
         argmax = _outcome(utility_choices(p, cost, names, 0.0), y, cost)
         entry["argmax_p"] = {"accuracy": round(argmax[0], 4), "cost_per_request": argmax[1],
                              "reaches_best_single": bool(argmax[0] >= best_acc - 1e-12)}
+        if threshold is not None:
+            a, c, shares = _outcome(threshold_choices(p, cost, names, threshold, fallback), y, cost)
+            entry["at_threshold"] = {"threshold": threshold, "accuracy": round(a, 4), "cost_per_request": c,
+                                     "share": {n: round(float(v), 4) for n, v in zip(names, shares, strict=True)}}
         held = [_outcome(utility_choices(p, cost, names, 0.0, best, m), y, cost) for m in MARGINS]
         entry["argmax_p_margin"] = {
             "toward": names[best],

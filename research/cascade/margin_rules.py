@@ -30,14 +30,29 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from probes.cascade import choose_margins, decisions, early_layer_for, policy_rule, route, stage_costs
-from probes.cascade_eval import Fold, Routed, _at, _points, _policy_apgr, accuracy_at_equal_cost, fit_folds
-from probes.cli import _label_keys, _train_keys
-from probes.data import load_dataset
-from probes.evaluate import estimate_costs, labelled_backends
-from probes.extract import extract_features
-from router.config import load_settings
-from router.scorer.cpu import configure_openmp
+from probes.cascade import (  # private on purpose: screen
+    choose_margins,
+    decisions,
+    early_layer_for,
+    policy_rule,
+    route,
+    stage_costs,
+)
+from probes.cascade_eval import (  # private on purpose: screen
+    Fold,
+    Routed,
+    _at,
+    _points,
+    _policy_apgr,
+    accuracy_at_equal_cost,
+    fit_folds,
+)
+from probes.cli import _label_keys, _train_keys  # private on purpose: screen
+from probes.data import load_dataset  # private on purpose: screen
+from probes.evaluate import estimate_costs, labelled_backends  # private on purpose: screen
+from probes.extract import extract_features  # private on purpose: screen
+from router.config import load_settings  # private on purpose: screen
+from router.scorer.cpu import configure_openmp  # private on purpose: screen
 
 
 def margins_by(rule_name: str, full: np.ndarray, stages: dict, p: dict, agreement: float, compute: dict) -> dict:

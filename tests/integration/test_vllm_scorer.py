@@ -124,9 +124,10 @@ def test_a_backend_scored_by_its_own_model_routes_end_to_end(vllm_pool: Pool, vl
         cheap, dear = vllm_pool.settings.backends
         cheap = cheap.model_copy(update={"scorer": own.cfg, "probe": tmp_path / "own" / f"{cheap.name}.json"})
         settings = vllm_pool.settings.model_copy(update={"scorer": vllm_scorer.cfg, "backends": [cheap, dear]})
-        written = train_probes(settings.model_copy(update={"backends": [cheap]}), load_dataset(data),
-                               out_dir=tmp_path / "own", folds=3, progress=False)  # through the layer-24 server
-        assert set(written) == {cheap.name}
+        # 64 questions are too few to clear the guard rails (probes.guards): forced, as this checks the plumbing
+        trained = train_probes(settings.model_copy(update={"backends": [cheap]}), load_dataset(data),
+                               out_dir=tmp_path / "own", folds=3, progress=False, force=True)  # the layer-24 server
+        assert set(trained.written) == {cheap.name}
         groups = load_probe_groups(settings)
         assert sorted(len(g.probes.names) for g in groups) == [1, 1]  # two scorers, one probe each
         self_group = next(g for g in groups if cheap.name in g.probes.names)

@@ -49,9 +49,11 @@ def test_extract_train_eval_calibrate(workspace, tmp_path: Path, capsys) -> None
     assert main(["extract", *common]) == 0
     assert list((tmp_path / "cache" / "features").glob("*/*.npy"))
 
+    # 60 questions are too few for a probe to beat chance at layer 2 (the guard rails refuse it: exit 1, no
+    # file, test_probes_guards.py); --force writes the probes this test reads
     out = tmp_path / "swept"
     code = main(["train", *common, "--folds", "2", "--sweep", "--sweep-layers", "1,2", "--sweep-pooling",
-                 "last,mean", "--train-labels", f"big={SMALL}+{BIG}", "--out", str(out)])
+                 "last,mean", "--train-labels", f"big={SMALL}+{BIG}", "--out", str(out), "--force"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "sweep chose" in printed
@@ -61,7 +63,7 @@ def test_extract_train_eval_calibrate(workspace, tmp_path: Path, capsys) -> None
     assert big.scorer["pooling"] in ("last", "mean") and big.weight.shape == (576,)
 
     # a probe trained for the configured scorer loads against it
-    assert main(["train", *common, "--folds", "2"]) == 0
+    assert main(["train", *common, "--folds", "2", "--force"]) == 0
     settings = load_settings(config)
     assert load_probe(settings.backend("small").probe).scorer["layers"] == [2]
 
@@ -75,11 +77,15 @@ def test_extract_train_eval_calibrate(workspace, tmp_path: Path, capsys) -> None
     assert 0 <= report["routing"]["apgr"] <= 1.5
     assert (report_dir / "frontier.png").stat().st_size > 1000
     assert "| small | probe |" in (report_dir / "report.md").read_text()
+    # the operating point of the config's threshold (0.85), as the gateway would route these questions
+    at = report["pool"]["policies"]["probe"]["at_threshold"]
+    assert at["threshold"] == 0.85 and sum(at["share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert "At the config's `policy.threshold` (0.85)" in (report_dir / "report.md").read_text()
     # what the features depend on is recorded, the prompt cut included
     assert report["scorer"]["max_prompt_tokens"] == settings.scorer.max_prompt_tokens
     assert f"at most {settings.scorer.max_prompt_tokens} prompt tokens" in (report_dir / "report.md").read_text()
 
-    assert main(["calibrate", *common, "--folds", "2", "--max-dear-share", "0.3"]) == 0
+    assert main(["calibrate", *common, "--folds", "2", "--max-dear-share", "0.3", "--force"]) == 0
     printed = capsys.readouterr().out
     chosen = json.JSONDecoder().raw_decode(printed[printed.index("{"):])[0]
     assert chosen["cheap"] == "small" and chosen["expected_dear_share"] <= 0.3
@@ -120,7 +126,7 @@ def test_train_on_one_file_report_on_another_with_text_features(workspace, tmp_p
 
     out = tmp_path / "probes"
     assert main(["train", *common, "--data", str(train), "--calibration", str(test), "--folds", "2",
-                 "--text-features", "tfidf+length", "--share-labels", "all", "--out", str(out)]) == 0
+                 "--text-features", "tfidf+length", "--share-labels", "all", "--out", str(out), "--force"]) == 0
     small, big = load_probe(out / "small.json"), load_probe(out / "big.json")
     assert small.text is not None and small.text.digest == big.text.digest
     # --share-labels all: both trained on every label set the file has, each still judged on its own labels
@@ -149,8 +155,9 @@ def test_train_fits_the_cascade_stages_and_their_margins(workspace, tmp_path: Pa
 
     data, config = workspace
     out = tmp_path / "probes"
+    # the workspace's labels are noise (chance AUROC, see above): --force writes the probes this test reads
     assert main(["train", "--config", str(config), "--data", str(data), "--no-progress", "--folds", "2",
-                 "--early-layer", "1", "--cascade-agreement", "0.9", "--out", str(out)]) == 0
+                 "--early-layer", "1", "--cascade-agreement", "0.9", "--out", str(out), "--force"]) == 0
     small, big = load_probe(out / "small.json"), load_probe(out / "big.json")
     doc = json.loads((out / "small.json").read_text())
     assert doc["version"] == 3 and doc["reads_text_features"] is False and set(doc["stages"]) == {"text", "early"}

@@ -216,3 +216,24 @@ def test_sampled_answers_become_a_graded_label(tmp_path: Path, server) -> None:
     folded = merge(dataset, partial, limit=4)
     assert [("success_rate" in r) for r in folded] == [True, True, True, False]
     assert folded[3]["correct"] == {"small": 0}
+
+
+def test_output_is_a_progress_bar_and_a_summary_not_a_line_per_request(tmp_path: Path, server) -> None:
+    """At the default log level the HTTP clients' one INFO line per request stays out: a progress bar counts the
+    answers (right so far per backend), and one line per backend sums them up."""
+    _, port = server
+    data, config = write_inputs(tmp_path, port)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "probes", "label", "--config", str(config), "--data", str(data), "--out",
+         str(tmp_path / "labels.jsonl"), "--concurrency", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    output = proc.stdout + proc.stderr
+    assert "HTTP Request" not in output and " INFO " not in output
+    assert "label: 100%" in proc.stderr and "small-one 5/10 right" in proc.stderr  # the bar's last state
+    lines = [line for line in output.replace("\r", "\n").splitlines() if line.strip() and "label:" not in line]
+    assert len(lines) <= 3, output  # the run's line and one per backend
+    assert "  small-one: 5/10 right (50.0%), 1,000 prompt + 145 completion tokens, $0.001290" in proc.stdout
+    assert "  big-one: 10/10 right (100.0%)" in proc.stdout

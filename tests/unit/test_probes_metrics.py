@@ -1,5 +1,7 @@
 """Metric functions of ``python -m probes eval`` against small hand-computed values."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -40,6 +42,20 @@ def test_bootstrap_ci_is_seeded_and_brackets() -> None:
     b = bootstrap_ci(lambda idx: float(x[idx].mean()), 100, rounds=200, seed=3)
     assert a == b
     assert a[0] < 49.5 < a[1]
+
+
+def test_auroc_with_one_outcome_is_an_error_the_bootstrap_skips() -> None:
+    """scikit-learn ≥ 1.8 returns NaN (with a warning) for one outcome; a NaN among the resamples would make the
+    interval NaN, so ``auroc`` raises and ``bootstrap_ci`` leaves such resamples out."""
+    with pytest.raises(ValueError, match="one outcome"):
+        auroc(np.zeros(5), np.linspace(0, 1, 5))
+    y = np.zeros(30, dtype=int)
+    y[:2] = 1  # two positives in 30: some resamples draw neither
+    p = np.linspace(0, 1, 30)[::-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lo, hi = bootstrap_ci(lambda idx: auroc(y[idx], p[idx]), 30, rounds=300, seed=0)
+    assert 0.9 <= lo <= hi <= 1.0
 
 
 # Four questions. Sorted by the cheap model's estimate: q1 (cheap ✗, dear ✓), q2 (✓, ✗), q3 (✗, ✓), q0 (✓, ✓).

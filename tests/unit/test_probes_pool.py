@@ -97,6 +97,23 @@ def test_pool_report_with_perfect_estimates(tmp_path: Path) -> None:
     assert held["smallest_reaching_best_single"] == (reached[0] if reached else None)
 
 
+def test_pool_report_at_the_configured_threshold_is_the_gateways_operating_point() -> None:
+    """With the config's threshold, each router's one operating point: the share each backend gets and the accuracy
+    of router.policy's own choices at that threshold (what `eval --test` reports for the shipped threshold)."""
+    p, y, cost = _random(n=300, seed=4)
+    report = pool_report(NAMES, y, cost, {"noise": p}, fallback=2, threshold=0.6)
+    at = report["policies"]["noise"]["at_threshold"]
+    chosen = []
+    for i in range(len(p)):
+        options = [Option(n, float(cost[i, j]), float(p[i, j])) for j, n in enumerate(NAMES)]
+        chosen.append(NAMES.index(choose_by_threshold(options, 0.6, NAMES[2]).backend))
+    chosen = np.array(chosen)
+    assert at["threshold"] == 0.6
+    assert at["accuracy"] == pytest.approx(y[np.arange(len(y)), chosen].mean(), abs=1e-4)
+    assert at["share"] == {n: pytest.approx(np.mean(chosen == j), abs=1e-4) for j, n in enumerate(NAMES)}
+    assert "at_threshold" not in pool_report(NAMES, y, cost, {"noise": p})["policies"]["noise"]
+
+
 @pytest.mark.parametrize("threshold", [0.0, 0.35, 0.7, 1.01])
 @pytest.mark.parametrize("fallback", [None, 0, 2])
 def test_threshold_radius_equals_the_gateway_policy(threshold: float, fallback: int | None) -> None:
