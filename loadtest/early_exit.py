@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from loadtest.prompts import questions
-from router.config import load_settings
-from router.scorer.features import FeatureExtractor
-from router.scorer.interface import EarlyExit
+from router import load_settings
+from router.scorer import EarlyExit, FeatureExtractor
 
 PLAIN = "plain pass"
 

@@ -56,7 +56,7 @@ def quantiles(seconds: list[float]) -> dict[str, float | None]:
 
 async def ask_one_at_a_time(scorer: Any, texts: list[str], key: str, timeout_s: float | None
                            ) -> tuple[list[float], Counter]:
-    from router.scorer.interface import ScorerUnavailable
+    from router.scorer import ScorerUnavailable
 
     took, refused = [], Counter()
     for text in texts:
@@ -71,9 +71,8 @@ async def ask_one_at_a_time(scorer: Any, texts: list[str], key: str, timeout_s: 
 
 async def measure(config: Path, scheduling: str, n_questions: int, flood: int, prompt_mb: float,
                   timeout_s: float | None, refused_pause_s: float) -> dict[str, Any]:
-    from router.config import load_settings
-    from router.scorer.interface import ScorerUnavailable
-    from router.scorer.local import LocalScorer
+    from router import load_settings
+    from router.scorer import LocalScorer, ScorerUnavailable
 
     cfg = load_settings(config).scorer
     if timeout_s is not None:

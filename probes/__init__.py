@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from probes.calibrate import Choice, choose_threshold
     from probes.cli import main
     from probes.data import Dataset, load_dataset
-    from probes.evaluate import evaluate, held_out, labelled_backends, pool_estimates, shared_keys
-    from probes.extract import extract_features, probe_inputs
+    from probes.evaluate import evaluate, labelled_backends, pool_estimates, shared_keys
+    from probes.extract import cache_path, extract_features, probe_inputs
     from probes.fit import (
         DEFAULT_CS,
         Inputs,
@@ -25,26 +25,31 @@ if TYPE_CHECKING:
         fit_platt,
         fit_probe,
         fit_text_features,
+        held_out,
         inner_cv,
         nested_oof,
         probe_model,
         stack_as_weights,
     )
     from probes.metrics import Frontier, apgr, auroc, bootstrap_ci, brier, ece, routing_frontier
+    from probes.recipes import Recipe, columns
+    from probes.replay import Part, Stream, load_stream, replay
     from probes.train import train_probes
 
 _EXPORTS = {
     "Choice": "calibrate", "choose_threshold": "calibrate",
     "main": "cli",
     "Dataset": "data", "load_dataset": "data",
-    "evaluate": "evaluate", "held_out": "evaluate", "labelled_backends": "evaluate", "pool_estimates": "evaluate",
+    "evaluate": "evaluate", "held_out": "fit", "labelled_backends": "evaluate", "pool_estimates": "evaluate",
     "shared_keys": "evaluate",
-    "extract_features": "extract", "probe_inputs": "extract",
+    "cache_path": "extract", "extract_features": "extract", "probe_inputs": "extract",
     "DEFAULT_CS": "fit", "Inputs": "fit", "SparseLogistic": "fit", "StandardisedLogistic": "fit",
     "fit_calibrated": "fit", "fit_platt": "fit", "fit_probe": "fit", "fit_text_features": "fit", "inner_cv": "fit",
     "nested_oof": "fit", "probe_model": "fit", "stack_as_weights": "fit",
     "Frontier": "metrics", "apgr": "metrics", "auroc": "metrics", "bootstrap_ci": "metrics", "brier": "metrics",
     "ece": "metrics", "routing_frontier": "metrics",
+    "Recipe": "recipes", "columns": "recipes",
+    "Part": "replay", "Stream": "replay", "load_stream": "replay", "replay": "replay",
     "train_probes": "train",
 }
 
@@ -54,13 +59,18 @@ __all__ = [
     "Dataset",
     "Frontier",
     "Inputs",
+    "Part",
+    "Recipe",
     "SparseLogistic",
     "StandardisedLogistic",
+    "Stream",
     "apgr",
     "auroc",
     "bootstrap_ci",
     "brier",
+    "cache_path",
     "choose_threshold",
+    "columns",
     "ece",
     "evaluate",
     "extract_features",
@@ -72,11 +82,13 @@ __all__ = [
     "inner_cv",
     "labelled_backends",
     "load_dataset",
+    "load_stream",
     "main",
     "nested_oof",
     "pool_estimates",
     "probe_inputs",
     "probe_model",
+    "replay",
     "routing_frontier",
     "shared_keys",
     "stack_as_weights",

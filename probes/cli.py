@@ -17,6 +17,7 @@ from router import ConfigError, Settings, load_settings
 from router.scorer import configure_openmp
 
 if TYPE_CHECKING:
+    from probes.cascade import CascadeTraining
     from probes.data import Dataset
 
 DEFAULT_SWEEP_LAYERS = "3,6,9,12,15,18,21,24,27,30"
@@ -71,6 +72,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def _cascade(args: argparse.Namespace, settings: Settings) -> CascadeTraining | None:
+    """What train fits for the cascade (None: --no-cascade)."""
+    from probes.cascade import CascadeTraining, early_layer_for
+
+    if not args.cascade:
+        return None
+    return CascadeTraining(early_layer_for(settings, args.early_layer), args.cascade_agreement)
+
+
 def _label(args: argparse.Namespace) -> int:
     from probes.data import load_dataset
     from probes.label import label_dataset
@@ -109,8 +119,11 @@ def _train(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     dataset = load_dataset(args.data)
-    labels, train_keys = _label_keys(args.label), _all_train_keys(args, settings, dataset)
     extra: dict[str, object] = {}
+    if args.where:
+        dataset = dataset.where(_where(args.where))
+        extra["where"] = args.where
+    labels, train_keys = _label_keys(args.label), _all_train_keys(args, settings, dataset)
     if args.sweep:
         recipes = parse_recipes(args.sweep_layers.split(","), args.sweep_pooling.split(","))
         outcome = sweep_recipes(settings, dataset, recipes, folds=args.folds, seed=args.seed, label_keys=labels,
@@ -131,7 +144,7 @@ def _train(args: argparse.Namespace) -> int:
     calibration = load_dataset(args.calibration) if args.calibration else None
     written = train_probes(settings, dataset, out_dir=args.out, folds=args.folds, seed=args.seed, label_keys=labels,
                            train_keys=train_keys, extra_training=extra, text=args.text_features,
-                           calibration=calibration, progress=not args.no_progress)
+                           calibration=calibration, progress=not args.no_progress, cascade=_cascade(args, settings))
     if not written:
         print("error: no backend of the config has labels in the data", file=sys.stderr)
         return 1
@@ -152,7 +165,7 @@ def _eval(args: argparse.Namespace) -> int:
         folds=args.folds, seed=args.seed, rounds=args.bootstrap,
         label_keys=_label_keys(args.label), train_keys=_all_train_keys(args, settings, dataset),
         command="python -m probes " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
-        progress=not args.no_progress,
+        progress=not args.no_progress, cascade=_cascade(args, settings),
     )
     for name, entry in report["backends"].items():
         lo, hi = entry["auroc_ci95"]
@@ -166,6 +179,13 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"pool, {router}: argmax-p accuracy {entry['argmax_p']['accuracy']:.3f} (best single "
               f"{best['accuracy']:.3f}); threshold policy max accuracy {entry['threshold']['max_accuracy']:.3f}, "
               f"utility {entry['utility']['max_accuracy']:.3f}")
+    if "cascade" in report:
+        at = report["cascade"]["at_policy"]
+        print("cascade: decided by " + ", ".join(f"{s} {v:.1%}" for s, v in at["decided"].items())
+              + f"; agreement {at['agreement']:.4f}; accuracy {at['cascade']['accuracy']:.4f} (full probes "
+              f"{at['full']['accuracy']:.4f})" + "".join(f"; APGR {v:.4f} ({k})" for k, v in
+                                                         report["cascade"]["frontier"].get("apgr", {}).items()
+                                                         if k != "note"))
     print(f"report: {args.out / 'report.md'}")
     return 0
 
@@ -194,17 +214,39 @@ def _calibrate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if not choice.met:
         print("warning: no threshold meets the target; chose the closest operating point", file=sys.stderr)
+    cascade = None
+    if args.cascade and settings.policy.mode == "threshold":
+        from probes.cascade import recalibrate_margins
+
+        cascade = recalibrate_margins(
+            settings, dataset, estimates, choice.threshold, calibration=load_dataset(args.calibration)
+            if args.calibration else None, text=args.text_features, folds=args.folds, seed=args.seed,
+            label_keys=_label_keys(args.label), train_keys=_all_train_keys(args, settings, dataset),
+            agreement=args.cascade_agreement, progress=not args.no_progress)
+        if cascade is not None:
+            block = cascade[0]
+            print(f"cascade margins for threshold {choice.threshold:.4f}: "
+                  + ", ".join(f"{s} {m:.4f}" for s, m in block["margins"].items())
+                  + " (decided by " + ", ".join(f"{s} {v:.1%}" for s, v in block["decided"].items())
+                  + f"; agreement {block['agreement']:.4f})")
     if args.dry_run:
         return 0 if choice.met else 1
     write_threshold(args.config, choice.threshold)
     print(f"wrote policy.threshold: {choice.threshold:.4f} to {args.config}")
+    if cascade is not None:
+        from probes.cascade import write_cascade
+
+        block, paths = cascade
+        write_cascade(paths, block)
+        print(f"wrote the cascade margins into {', '.join(str(p) for p in paths)}")
     return 0 if choice.met else 1
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
     from probes.data import load_dataset
     from probes.extract import probe_inputs
-    from probes.train import calibration_summary, probe_logits, recalibrated
+    from probes.fit import probe_logits, recalibrated
+    from probes.train import calibration_summary
     from router import load_probe, save_probe
 
     settings = _settings(args)
@@ -243,6 +285,66 @@ def _recalibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _where(items: list[str]) -> dict[str, list[str]]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--where wants FIELD=VALUE[,VALUE...], not {item!r}")
+        name, values = item.split("=", 1)
+        out[name] = values.split(",")
+    return out
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from probes.replay import Part, load_stream, replay
+    from router.learning import LearnerSettings
+
+    settings = _settings(args)
+    if args.probes is not None:
+        backends = [b.model_copy(update={"probe": (args.probes / f"{b.name}.json").resolve()}) if b.probe else b
+                    for b in settings.backends]
+        settings = settings.model_copy(update={"backends": backends})
+    target = None
+    if args.target:
+        kind, _, value = args.target.partition("=")
+        target = (kind, float(value))
+    elif settings.policy.target is not None:
+        target = (settings.policy.target.kind, settings.policy.target.value)
+    if target is not None and settings.policy.mode != "threshold":
+        raise ValueError("--target moves the threshold: the config's policy.mode must be 'threshold'")
+    parts = [Part(args.data, args.limit, _where(args.where), not args.no_shuffle)]
+    if args.then:
+        parts.append(Part(args.then, args.then_limit, _where(args.then_where), not args.no_shuffle))
+    stream = load_stream(settings, parts, _label_keys(args.label), args.seed, progress=not args.no_progress)
+    learner_settings = LearnerSettings.from_config(settings.learning)
+    explore = args.explore if args.explore is not None else (settings.policy.explore or 0.03)
+    from threadpoolctl import threadpool_limits
+
+    # The learner's fits are small: one BLAS thread does them fastest, and on shared cores many threads waiting on
+    # each other made an SVD of 300 × 577 take 14 s instead of 0.15 s here.
+    with threadpool_limits(limits=1, user_api="blas"):
+        report = replay(settings, stream, args.out, feedback_rate=args.feedback_rate, window=args.window,
+                        explore_share=explore, target=target, seed=args.seed,
+                        refit_every=args.refit_every or settings.learning.refit_every_labels,
+                        learner_settings=learner_settings, after=args.after_ratings, keys=args.keys,
+                        folds=args.folds,
+                        command="python -m probes " + shlex.join(sys.argv[1:] if args.argv is None else args.argv))
+    for arm in ("static", "learning", "fixed"):
+        if arm in report:
+            t = report[arm]["total"]
+            print(f"{arm}: accuracy {t['accuracy']:.4f}, cost per 1k ${t['cost_per_1k']:.4f}, dear share "
+                  f"{t['dear_share']:.3f}, explored {t['explored_share']:.3f}; AUROC {t['auroc']}; ECE {t['ece']}")
+    if "after_ratings" in report:
+        a = report["after_ratings"]
+        print(f"after {a['ratings']} ratings (questions {a['from_question']}-): static ECE {a['static']['ece']}, "
+              f"learning ECE {a['learning']['ece']} (floor {a['ece_floor']}); AUROC static {a['static']['auroc']}, "
+              f"learning {a['learning']['auroc']}")
+    for name, entry in report.get("offline_reference", {}).get("backends", {}).items():
+        print(f"held out, {name}: {entry}")
+    print(f"report: {args.out / 'report.json'}, plot: {args.out / 'replay.png'}")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
     p.add_argument("--config", type=Path, default=Path("config.yaml"),
                    help="the gateway's config (default: %(default)s)")
@@ -275,6 +377,19 @@ def _sources_opts(p: argparse.ArgumentParser) -> None:
                    help="train every backend's weights on all labelled backends' labels stacked (a shared "
                    "difficulty direction), or with 'all' on every label set the data has (every model's "
                    "correctness and success rate); C, Platt and the metrics stay per backend")
+
+
+def _cascade_opts(p: argparse.ArgumentParser, *, switch: str | None = None, early: bool = True) -> None:
+    if switch:
+        p.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=True, help=switch)
+    if early:
+        p.add_argument("--early-layer", type=int, metavar="BLOCK",
+                       help="the scorer block the early stage reads (default: the config's "
+                       "policy.cascade.early_layer; none unless it comes before the scorer's deepest block)")
+    p.add_argument("--cascade-agreement", type=float, default=0.99, metavar="SHARE",
+                   help="the margins are the smallest with which the cascade's decisions agree with the full "
+                   "probes' on at least this share of held-out estimates, for the config's policy "
+                   "(default: %(default)s)")
 
 
 def _cv_opts(p: argparse.ArgumentParser) -> None:
@@ -325,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     _cv_opts(train)
     _labels_opts(train)
     _sources_opts(train)
+    _cascade_opts(train, switch="also fit each backend's cascade stages (a text-only model; an early model at "
+                  "--early-layer) and choose the margins they decide with (policy.cascade; default: on)")
+    train.add_argument("--where", action="append", default=[], metavar="FIELD=V1[,V2...]",
+                       help="train only on questions whose FIELD is one of the values (e.g. subject=Algebra); their "
+                       "features come from the whole file's cache")
     train.add_argument("--sweep", action="store_true", help="choose scorer layers × pooling by inner CV")
     train.add_argument("--sweep-layers", default=DEFAULT_SWEEP_LAYERS,
                        help="candidate layer groups, comma-separated; '+' joins layers into one recipe, e.g. "
@@ -347,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     _labels_opts(ev)
     _sources_opts(ev)
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default: 1000)")
+    ev.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=False,
+                    help="also route the held-out questions by the cascade (text-only models, then an early block, "
+                    "then the full probes; margins chosen inside each training fold) against the full probes "
+                    "(default: off)")
+    _cascade_opts(ev)
     ev.set_defaults(run=_eval, argv=None)
 
     cal = sub.add_parser("calibrate", help="choose policy.threshold for a target and write it into the config",
@@ -369,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--max-dear-share", type=float, help="most accurate threshold sending at most this share "
                         "of requests to the dearest backend")
     cal.add_argument("--dry-run", action="store_true", help="report the choice, leave the config alone")
+    _cascade_opts(cal, early=False, switch="where the config's probe files carry cascade stages, choose their "
+                  "margins for the new threshold on held-out estimates made the same way, and write them into the "
+                  "probe files (default: on; threshold mode)")
     cal.set_defaults(run=_calibrate)
 
     recal = sub.add_parser("recalibrate", help="re-fit only the probes' calibration on a labelled sample",
@@ -380,6 +508,44 @@ def build_parser() -> argparse.ArgumentParser:
     recal.add_argument("--label", action="append", default=[], metavar="BACKEND=KEY",
                        help="read BACKEND's labels from correct[KEY] (default: its served model name)")
     recal.set_defaults(run=_recalibrate)
+
+    rep = sub.add_parser("replay", help="stream labelled questions through the gateway's scorer, probes, policy and "
+                         "learner; compare learning with static probes over windows",
+                         description="Stream --data's questions (filtered by --where, shuffled with --seed, the "
+                         "first --limit; then --then's) through the gateway's own feature function, probes, policy, "
+                         "exploration, threshold controller and learner. A share --feedback-rate of the answers is "
+                         "rated with the label of the backend that answered. Arms 'static' (no learning) and "
+                         "'learning' (and 'fixed', the configured threshold, with a target) are measured over windows "
+                         "of --window questions; rows of --data left out by --limit are held out for comparing the "
+                         "learner's final probes with probes trained offline on the same ratings. Writes "
+                         "OUT/report.json and OUT/replay.png.")
+    _common(rep)
+    rep.add_argument("--out", type=Path, required=True, help="report folder")
+    rep.add_argument("--feedback-rate", type=float, required=True, help="share of answers rated (0-1)")
+    rep.add_argument("--window", type=int, default=500, help="questions per reported window (default: %(default)s)")
+    rep.add_argument("--explore", type=float, help="exploration share of the learning arm (default: the config's "
+                     "policy.explore, or 0.03 where that is 0)")
+    rep.add_argument("--target", help="KIND=VALUE: dear_share, cost_per_1k or expected_accuracy, held by moving the "
+                     "threshold (default: the config's policy.target)")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--limit", type=int, help="stream only the first N questions of --data (after shuffling); the "
+                     "rest are held out")
+    rep.add_argument("--where", action="append", default=[], metavar="FIELD=V1[,V2...]",
+                     help="only questions whose FIELD is one of the values (e.g. subject=Geometry,Precalculus)")
+    rep.add_argument("--then", type=Path, help="a second labelled file streamed after --data (a traffic switch)")
+    rep.add_argument("--then-limit", type=int)
+    rep.add_argument("--then-where", action="append", default=[], metavar="FIELD=V1[,V2...]")
+    rep.add_argument("--no-shuffle", action="store_true", help="keep the files' order (default: shuffled by --seed)")
+    rep.add_argument("--probes", type=Path, help="read each probed backend's probe from DIR/<backend>.json instead")
+    rep.add_argument("--label", action="append", default=[], metavar="BACKEND=KEY",
+                     help="read BACKEND's labels from correct[KEY] (default: its served model name)")
+    rep.add_argument("--refit-every", type=int, help="ratings of a backend between its refits (default: the "
+                     "config's learning.refit_every_labels)")
+    rep.add_argument("--after-ratings", type=int, default=1000, help="also report the stream after the learner "
+                     "had this many ratings (default: %(default)s)")
+    rep.add_argument("--keys", type=int, default=1, help="rating keys the ratings are spread over (default: 1)")
+    rep.add_argument("--folds", type=int, default=5, help="folds of the offline reference probes' CV")
+    rep.set_defaults(run=_replay, argv=None)
     return parser
 
 

@@ -4,17 +4,36 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from router import BackendConfig, request_cost
+
 
 @dataclass(frozen=True)
 class Dataset:
     path: Path
     records: list[dict[str, Any]]
+    parent: Dataset | None = None  # for a subset: the whole file, whose cached features it reads (by ``rows``)
+    rows: tuple[int, ...] = ()  # for a subset: its rows in ``parent``
+
+    def subset(self, rows: Sequence[int]) -> Dataset:
+        """These rows of the data (features are read from the whole file's cache, not extracted again)."""
+        base = self.parent or self
+        base_rows = tuple(self.rows[i] for i in rows) if self.parent is not None else tuple(int(i) for i in rows)
+        return Dataset(self.path, [base.records[i] for i in base_rows], base, base_rows)
+
+    def where(self, conditions: Mapping[str, Sequence[str]]) -> Dataset:
+        """The questions whose field ``k`` (as text) is one of ``conditions[k]``, for every ``k``."""
+        rows = [i for i, r in enumerate(self.records)
+                if all(str(r.get(k)) in {str(v) for v in vs} for k, vs in conditions.items())]
+        if not rows:
+            raise ValueError(f"{self.path}: no question has {dict(conditions)}")
+        return self.subset(rows)
 
     @property
     def questions(self) -> list[str]:
@@ -80,3 +99,15 @@ def load_dataset(path: str | Path) -> Dataset:
     if not records:
         raise ValueError(f"{path}: no questions")
     return Dataset(path, records)
+
+
+def estimate_costs(
+    dataset: Dataset, backend: BackendConfig, prompt_tokens: np.ndarray, output_tokens: int,
+) -> tuple[np.ndarray, str]:
+    """Per-question cost of calling ``backend``: the data's measured ``cost[model]`` where every record has
+    one, else prompt tokens (the scorer's count) and ``output_tokens`` at the backend's prices."""
+    measured = [(r.get("cost") or {}).get(backend.model) for r in dataset.records]
+    if all(v is not None for v in measured):
+        return np.array(measured, dtype=np.float64), "measured"
+    est = request_cost(backend.input_cost_per_mtok, backend.output_cost_per_mtok, prompt_tokens, output_tokens)
+    return np.asarray(est, dtype=np.float64), f"estimated: scorer-token prompt length + {output_tokens} output tokens"

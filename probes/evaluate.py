@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from probes.data import Dataset
+from probes.cascade import CascadeTraining
+from probes.cascade_eval import evaluate_cascade
+from probes.data import Dataset, estimate_costs
 from probes.extract import probe_inputs
-from probes.fit import DEFAULT_CS, TfidfLogistic, fit_calibrated, nested_oof, probe_model
+from probes.fit import DEFAULT_CS, TfidfLogistic, held_out, probe_model
 from probes.metrics import (
     Frontier,
     apgr,
@@ -36,18 +38,11 @@ from probes.metrics import (
     share_to_recover,
 )
 from probes.pool import pool_report, threshold_choices, threshold_frontier
-from router import BackendConfig, Settings, request_cost
+from router import BackendConfig, Settings
 
 log = logging.getLogger(__name__)
 
 TFIDF_CS: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
-
-
-@dataclass(frozen=True)
-class Estimates:
-    name: str
-    probability: np.ndarray
-    chosen: list[Any] | None = None
 
 
 def _quality(y: np.ndarray, p: np.ndarray, rounds: int, seed: int) -> dict[str, Any]:
@@ -58,18 +53,6 @@ def _quality(y: np.ndarray, p: np.ndarray, rounds: int, seed: int) -> dict[str, 
         out[name] = round(value, 4)
         out[f"{name}_ci95"] = [round(lo, 4), round(hi, 4)]
     return out
-
-
-def estimate_costs(
-    dataset: Dataset, backend: BackendConfig, prompt_tokens: np.ndarray, output_tokens: int,
-) -> tuple[np.ndarray, str]:
-    """Per-question cost of calling ``backend``: the data's measured ``cost[model]`` where every record has
-    one, else prompt tokens (the scorer's count) and ``output_tokens`` at the backend's prices."""
-    measured = [(r.get("cost") or {}).get(backend.model) for r in dataset.records]
-    if all(v is not None for v in measured):
-        return np.array(measured, dtype=np.float64), "measured"
-    est = request_cost(backend.input_cost_per_mtok, backend.output_cost_per_mtok, prompt_tokens, output_tokens)
-    return np.asarray(est, dtype=np.float64), f"estimated: scorer-token prompt length + {output_tokens} output tokens"
 
 
 def _frontier_summary(
@@ -122,29 +105,17 @@ def shared_keys(
     return {b.name: keys for b in settings.backends}
 
 
-def held_out(
-    x: Any, ys: Sequence[np.ndarray], y: np.ndarray, *, x_test: Any = None, cs: Sequence[Any] = DEFAULT_CS,
-    folds: int = 5, seed: int = 0, model: Any = None,
-) -> Estimates:
-    """Success estimates no model saw the labels of: nested out-of-fold on (x, y), or, with ``x_test``, a
-    probe fitted on all of (x, y) (C and Platt by inner CV there) applied to ``x_test``."""
-    if x_test is None:
-        nested = nested_oof(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
-        return Estimates("", nested.probability, nested.chosen)
-    fitted = fit_calibrated(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
-    return Estimates("", fitted.probability(x_test), [fitted.c])
-
-
 def evaluate(
     settings: Settings, dataset: Dataset, out_dir: Path, *, test: Dataset | None = None, text: str = "none",
     folds: int = 5, seed: int = 0, rounds: int = 1000, cs: Sequence[Any] | None = None,
     label_keys: dict[str, str] | None = None, train_keys: dict[str, list[str]] | None = None, command: str = "",
-    progress: bool = True,
+    progress: bool = True, cascade: CascadeTraining | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dir/report.json``, ``report.md`` and the plots; return the report.
 
     Without ``test``: nested cross-validation on ``dataset``. With it: every estimator trained on ``dataset``
-    and scored on ``test``, whose labels, costs and reference probabilities the report uses."""
+    and scored on ``test``, whose labels, costs and reference probabilities the report uses. With ``cascade``,
+    the report also routes the held-out rows by a cascade of cheaper stages (``probes.cascade_eval``)."""
     label_keys, train_keys = label_keys or {}, train_keys or {}
     model, grid = probe_model(text, cs)
     x, extractor = probe_inputs(settings.scorer, dataset, text, progress=progress)
@@ -234,6 +205,16 @@ def evaluate(
         report["routing"] = _routing(settings, scored, scored_usable, estimates, lengths_scored, out_dir, rounds,
                                      seed)
         report["pool"] = _pool(settings, scored, scored_usable, estimates, lengths_scored, out_dir)
+        if cascade is not None:
+            def cost_of(d: Dataset, tokens: np.ndarray) -> np.ndarray:
+                return np.stack([estimate_costs(d, b, tokens, settings.policy.expected_output_tokens)[0]
+                                 for b, _ in usable], axis=1)
+
+            report["cascade"] = evaluate_cascade(
+                settings, dataset, usable, np.stack([y for _, y in scored_usable], axis=1).astype(np.float64),
+                cost_of(dataset, lengths), cost_of(scored, lengths_scored), test=test, text=text,
+                early_layer=cascade.early_layer, agreement=cascade.agreement, folds=folds, seed=seed,
+                label_keys=label_keys, train_keys=train_keys, out_dir=out_dir, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "report.md").write_text(render_markdown(report))
@@ -382,6 +363,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"![frontier]({routing['plot']})", ""]
     if report.get("pool"):
         lines += render_pool(report["pool"])
+    if report.get("cascade"):
+        from probes.cascade_eval import render_cascade
+
+        lines += render_cascade(report["cascade"])
     return "\n".join(lines) + "\n"
 
 

@@ -55,7 +55,11 @@ async def _score_all(scorer: Scorer, conversations: list, concurrency: int, prog
 def extract_features(
     cfg: ScorerConfig, dataset: Dataset, *, scorer: Scorer | None = None, progress: bool = True,
 ) -> tuple[np.ndarray, Scorer]:
-    """Features of every question of ``dataset`` (one row each) and the scorer that made them."""
+    """Features of every question of ``dataset`` (one row each) and the scorer that made them. A subset
+    (``Dataset.subset``) reads its rows of the whole file's features."""
+    if dataset.parent is not None:
+        features, scorer = extract_features(cfg, dataset.parent, scorer=scorer, progress=progress)
+        return features[np.array(dataset.rows, dtype=np.int64)], scorer
     scorer = scorer or open_scorer(cfg)
     path = cache_path(cfg, scorer.info.fingerprint, dataset)
     if path.is_file():

@@ -242,8 +242,50 @@ class Stacked:
         scale = np.concatenate([act.scale, np.ones(vocab), [l_scale] if self.length else []])
         bias = float(k[0] * act.bias + k[1] * txt.bias + combiner.intercept_[0])
         scorer = JointScorer(text, mean, scale, weight, bias)
-        inner = InnerResult((inner_act.c, inner_txt.c), inner_act.oof_logits, {})
+        inner = InnerResult((inner_act.c, inner_txt.c), z @ k + combiner.intercept_[0], {})  # the combination's
         return Calibrated(scorer, a, b, (inner_act.c, inner_txt.c, *(round(float(v), 4) for v in k)), inner)
+
+
+@dataclass(frozen=True)
+class TextScorer:
+    """z = [TF-IDF ‖ log(1 + words)] · weight + bias: a model of the prompt's text alone."""
+
+    text: TextFeatures
+    weight: np.ndarray
+    bias: float
+
+    def decision(self, x: Inputs | Sequence[str]) -> np.ndarray:
+        texts = x.texts if isinstance(x, Inputs) else x
+        return np.asarray(self.text.sparse(list(texts)) @ self.weight).ravel() + self.bias
+
+    def probe(self) -> Probe:
+        n = len(self.weight)
+        return Probe(mean=np.zeros(n), scale=np.ones(n), weight=self.weight, bias=self.bias, text=self.text)
+
+
+class TextOnly:
+    """The prompt's text features alone (``router.text_features``: TF-IDF of word 1–2-grams ‖ log(1 + words)),
+    L2 logistic regression on them as they are, C by inner CV, Platt on its out-of-fold logits: a cascade's first
+    stage, which the gateway computes in microseconds without a scorer pass. It reads ``Inputs`` (their texts) or
+    the texts themselves; the vocabulary and idf come from the training texts (no labels), so every backend's
+    model trained on the same rows shares them with each other and with ``Stacked`` probes."""
+
+    def __init__(self, *, length: bool = True, text_cs: Sequence[float] = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+                 max_features: int | None = 20000) -> None:
+        self.length = length
+        self.text_cs = tuple(text_cs)
+        self.max_features = max_features
+
+    def fit_calibrated(self, x: Inputs | Sequence[str], ys: Sequence[np.ndarray], target: np.ndarray, *,
+                       folds: int, seed: int) -> Calibrated:
+        texts = list(x.texts if isinstance(x, Inputs) else x)
+        text = fit_text_features(texts, length=self.length, max_features=self.max_features)
+        m = text.sparse(texts)
+        inner = inner_cv(m, ys, target, cs=self.text_cs, folds=folds, seed=seed, model=SparseLogistic())
+        a, b = fit_platt(inner.oof_logits, target)
+        fitted = SparseLogistic().fit_path(m, ys, [inner.c])[0]
+        assert isinstance(fitted, _SparseScorer)
+        return Calibrated(TextScorer(text, fitted.weight, fitted.bias), a, b, inner.c, inner)
 
 
 def _take(x: Any, idx: np.ndarray) -> Any:
@@ -316,13 +358,19 @@ class Calibrated:
     def probability(self, x: Any) -> np.ndarray:
         return sigmoid(self.a * self.scorer.decision(x) + self.b)
 
+    @property
+    def inner_probability(self) -> np.ndarray:
+        """Calibrated estimates of the training rows from the inner cross-validation's held-out models (at the
+        chosen C): what the cascade's margins are chosen on."""
+        return sigmoid(self.a * self.inner.oof_logits + self.b)
+
 
 def fit_calibrated(
     x: Any, ys: Sequence[np.ndarray], target: np.ndarray, *, cs: Sequence[Any] = DEFAULT_CS, folds: int = 5,
-    seed: int = 0, model: Model | Stacked | None = None,
+    seed: int = 0, model: Model | Stacked | TextOnly | None = None,
 ) -> Calibrated:
     """C by inner CV, Platt on the inner out-of-fold logits at that C, weights on all of ``x``."""
-    if isinstance(model, Stacked):
+    if isinstance(model, Stacked | TextOnly):
         return model.fit_calibrated(x, ys, target, folds=folds, seed=seed)
     model = model or StandardisedLogistic()
     inner = inner_cv(x, ys, target, cs=cs, folds=folds, seed=seed, model=model)
@@ -362,6 +410,7 @@ class FittedProbe:
     oof_probability: np.ndarray  # calibrated nested out-of-fold estimates, one per training row
     c: float
     oof_auroc: float  # of the nested out-of-fold estimates, against the target labels
+    inner_probability: np.ndarray  # the final fit's inner out-of-fold estimates (``Calibrated.inner_probability``)
 
 
 def fit_probe(
@@ -379,7 +428,8 @@ def fit_probe(
     nested = nested_oof(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
     fitted = fit_calibrated(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
     probe = replace(fitted.scorer.probe(), platt_a=fitted.a, platt_b=fitted.b)  # type: ignore[attr-defined]
-    return FittedProbe(probe, nested.probability, fitted.c, float(roc_auc_score(y, nested.probability)))
+    return FittedProbe(probe, nested.probability, fitted.c, float(roc_auc_score(y, nested.probability)),
+                       fitted.inner_probability)
 
 
 TEXT_SOURCES = ("none", "tfidf", "tfidf+length")
@@ -393,3 +443,40 @@ def probe_model(text: str = "none", cs: Sequence[Any] | None = None) -> tuple[An
     if text == "none":
         return StandardisedLogistic(), grid
     return Stacked(length=text == "tfidf+length", cs=grid), grid
+
+
+@dataclass(frozen=True)
+class Estimates:
+    name: str
+    probability: np.ndarray
+    chosen: list[Any] | None = None
+
+
+def held_out(
+    x: Any, ys: Sequence[np.ndarray], y: np.ndarray, *, x_test: Any = None, cs: Sequence[Any] = DEFAULT_CS,
+    folds: int = 5, seed: int = 0, model: Any = None,
+) -> Estimates:
+    """Success estimates no model saw the labels of: nested out-of-fold on (x, y), or, with ``x_test``, a
+    probe fitted on all of (x, y) (C and Platt by inner CV there) applied to ``x_test``."""
+    if x_test is None:
+        nested = nested_oof(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
+        return Estimates("", nested.probability, nested.chosen)
+    fitted = fit_calibrated(x, ys, y, cs=cs, folds=folds, seed=seed, model=model)
+    return Estimates("", fitted.probability(x_test), [fitted.c])
+
+
+def probe_logits(probe: Probe, x: Any) -> np.ndarray:
+    """The probe's uncalibrated logits for inputs ``x`` (activations, or ``Inputs`` for a text-reading probe)."""
+    if isinstance(x, Inputs):
+        if probe.text is None:
+            return probe.decision(x.activations)
+        return probe.decision(np.hstack([x.activations, probe.text.dense(x.texts)]))
+    return probe.decision(x)
+
+
+def recalibrated(probe: Probe, logits: np.ndarray, y: np.ndarray) -> Probe:
+    """The probe with Platt re-fitted on (its logits, labels) of other data; the weights unchanged."""
+    if len(np.unique(y)) < 2:
+        raise ValueError("calibration labels must contain both successes and failures")
+    a, b = fit_platt(logits, y)
+    return replace(probe, platt_a=a, platt_b=b)

@@ -74,6 +74,62 @@ def utility_choices(p: np.ndarray, cost: np.ndarray, names: Sequence[str], cost_
     return np.where(utility[rows, choice] - utility[:, fallback] <= margin, fallback, choice)
 
 
+# as router.policy: radii are shrunk by this much, so rounding in p ± m never turns a clear decision
+_ROUNDING = 1e-12
+
+
+def _shrunk(radius: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(radius), np.maximum(radius - _ROUNDING, 0.0), radius)
+
+
+def threshold_radius(p: np.ndarray, cost: np.ndarray, names: Sequence[str], threshold: float,
+                     fallback: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``router.policy.decision_radius`` for every row, threshold mode: (choice, radius). Estimates each less than
+    the radius from a row's send it to the same backend."""
+    n, k = p.shape
+    choice = threshold_choices(p, cost, names, threshold, fallback)
+    if k < 2:
+        return choice, np.full(n, np.inf)
+    rows = np.arange(n)
+    pj, cj = p[rows, choice], cost[rows, choice]
+    other = np.ones_like(p, dtype=bool)
+    other[rows, choice] = False
+    below = threshold - p  # how far each estimate is below the threshold
+    half_gap = (pj[:, None] - p) / 2  # half the chosen estimate's lead over each
+    none_clear = np.where(other, below, np.inf).min(axis=1)
+    best_gap = np.where(other, half_gap, np.inf).min(axis=1)
+    cheaper = other & (cost < cj[:, None])
+    as_cheap = other & (cost == cj[:, None])
+    ahead = np.where(cheaper, below, np.where(as_cheap, np.maximum(below, half_gap), np.inf)).min(axis=1)
+    if fallback is None:
+        alternative = np.minimum(none_clear, best_gap)
+    else:
+        alternative = np.where(choice == fallback, none_clear, 0.0)
+    cleared = np.minimum(ahead, np.maximum(pj - threshold, alternative))
+    unclear = none_clear if fallback is not None else np.minimum(none_clear, best_gap)
+    return choice, _shrunk(np.where((p >= threshold).any(axis=1), cleared, unclear))
+
+
+def utility_radius(p: np.ndarray, cost: np.ndarray, names: Sequence[str], cost_weight: float,
+                   fallback: int | None = None, margin: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``router.policy.decision_radius`` for every row, utility mode: (choice, radius)."""
+    n, k = p.shape
+    choice = utility_choices(p, cost, names, cost_weight, fallback, margin)
+    if k < 2:
+        return choice, np.full(n, np.inf)
+    rows = np.arange(n)
+    top = cost.max(axis=1, keepdims=True)
+    utility = p - cost_weight * cost / np.where(top > 0, top, 1.0)
+    other = np.ones_like(p, dtype=bool)
+    other[rows, choice] = False
+    lead = np.where(other, (utility[rows, choice][:, None] - utility) / 2, np.inf).min(axis=1)
+    if fallback is None or margin <= 0:
+        return choice, _shrunk(lead)
+    rest = np.delete(utility, fallback, axis=1).max(axis=1) - utility[:, fallback]  # the best other's lead over it
+    held = choice == fallback
+    return choice, _shrunk(np.where(held, (margin - rest) / 2, np.minimum((rest - margin) / 2, lead)))
+
+
 def threshold_frontier(p: np.ndarray, y: np.ndarray, cost: np.ndarray, names: Sequence[str], *,
                        fallback: int | None = None, points: int = 400) -> Points:
     grid = np.unique(np.concatenate([[0.0, 1.0 + 1e-9], np.quantile(p, np.linspace(0, 1, points))]))

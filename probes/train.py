@@ -17,9 +17,10 @@ import numpy as np
 from sklearn.metrics import brier_score_loss, roc_auc_score
 from tqdm import tqdm
 
+from probes.cascade import CascadeTraining, StageInputs, add_margins, cascade_inputs, stage_probes
 from probes.data import Dataset
 from probes.extract import extract_features, probe_inputs
-from probes.fit import DEFAULT_CS, Inputs, fit_platt, fit_probe, inner_cv, probe_model
+from probes.fit import DEFAULT_CS, fit_probe, inner_cv, probe_logits, probe_model, recalibrated
 from probes.recipes import Recipe, columns
 from router import Probe, Settings, save_probe, scorer_block
 from router.scorer import Scorer
@@ -87,17 +88,23 @@ def train_probes(
     cs: tuple[Any, ...] | None = None, label_keys: dict[str, str] | None = None,
     train_keys: dict[str, list[str]] | None = None, extra_training: dict[str, object] | None = None,
     text: str = "none", calibration: Dataset | None = None, progress: bool = True,
+    cascade: CascadeTraining | None = None,
 ) -> dict[str, Path]:
     """Train a probe for every backend that has labels in ``dataset``; return {backend: probe path}.
 
     ``train_keys`` gives, per backend, the label keys whose rows are stacked to train its weights (default: its
     own); C, Platt and the reported metrics always use its own labels (``label_keys``, default its model).
     ``text`` adds text features of the prompt beside the activations (see ``probes.fit.probe_model``). With
-    ``calibration``, Platt is re-fitted on that data's labels (the weights stay those learnt on ``dataset``)."""
+    ``calibration``, Platt is re-fitted on that data's labels (the weights stay those learnt on ``dataset``).
+    With ``cascade``, each file also carries the backend's cascade stages and the margins they decide with
+    (``probes.cascade``), chosen for the config's policy on the held-out estimates of every trained backend."""
     model, grid = probe_model(text, cs)
     labels = backend_labels(settings, dataset, label_keys or {}, train_keys or {})
     extracted: dict[str, tuple[Any, Any, Scorer]] = {}  # by scorer: a self-probe reads its backend's own
+    stage_inputs: dict[str, StageInputs] = {}
     written: dict[str, Path] = {}
+    held: dict[str, dict[str, np.ndarray]] = {}  # for the cascade's margins: per backend, each model's estimates
+    costs: dict[str, np.ndarray] = {}
     for backend in settings.backends:
         if backend.name not in labels:
             continue
@@ -107,6 +114,9 @@ def train_probes(
             x_cal = None if calibration is None else probe_inputs(cfg, calibration, text, scorer=extractor,
                                                                   progress=progress)[0]
             extracted[scorer_key] = (x, x_cal, extractor)
+            if cascade is not None:
+                stage_inputs[scorer_key] = cascade_inputs(cfg, dataset, calibration, text, cascade, extractor,
+                                                          progress=progress)
         x, x_cal, extractor = extracted[scorer_key]
         key, y, keys, ys = labels[backend.name]
         target = (out_dir / f"{backend.name}.json") if out_dir else backend.probe
@@ -145,26 +155,21 @@ def train_probes(
             },
             metrics=metrics,
         )
+        if cascade is not None:
+            staged = stage_inputs[scorer_key]
+            stages, estimates = stage_probes(
+                staged.train, staged.early_block, ys, y, text=text, model=model, cs=grid, folds=folds, seed=seed,
+                calibration=None if calibration is None else (staged.calibration, calibration.labels(key)))
+            probe = replace(probe, stages=stages)
+            full = (fitted.inner_probability if calibration is None
+                    else probe.predict_logits(probe_logits(probe, x_cal)))
+            held[backend.name] = {"full": full, **estimates}
+            costs[backend.name] = staged.cost(backend, settings.policy.expected_output_tokens)
         written[backend.name] = save_probe(probe, target)
         log.info("%s: out-of-fold AUROC %.3f (C=%s) → %s", backend.name, fitted.oof_auroc, fitted.c, target)
+    if cascade is not None and held:
+        add_margins(settings, written, held, costs, cascade, data=(calibration or dataset).path.name)
     return written
-
-
-def probe_logits(probe: Probe, x: Any) -> np.ndarray:
-    """The probe's uncalibrated logits for inputs ``x`` (activations, or ``Inputs`` for a text-reading probe)."""
-    if isinstance(x, Inputs):
-        if probe.text is None:
-            return probe.decision(x.activations)
-        return probe.decision(np.hstack([x.activations, probe.text.dense(x.texts)]))
-    return probe.decision(x)
-
-
-def recalibrated(probe: Probe, logits: np.ndarray, y: np.ndarray) -> Probe:
-    """The probe with Platt re-fitted on (its logits, labels) of other data; the weights unchanged."""
-    if len(np.unique(y)) < 2:
-        raise ValueError("calibration labels must contain both successes and failures")
-    a, b = fit_platt(logits, y)
-    return replace(probe, platt_a=a, platt_b=b)
 
 
 def calibration_summary(probe: Probe, x: Any, y: np.ndarray, data: Dataset, y_train: np.ndarray) -> dict[str, Any]:

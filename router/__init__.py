@@ -16,13 +16,26 @@ if TYPE_CHECKING:
     from router.config import (
         BackendConfig,
         ConfigError,
+        LearningConfig,
         PolicyConfig,
         ScorerConfig,
         Settings,
+        TargetConfig,
         load_settings,
     )
     from router.errors import RouterError
-    from router.policy import Decision, Option, Reason, choose_by_threshold, choose_by_utility, request_cost
+    from router.policy import (
+        Decision,
+        Option,
+        Reason,
+        Rule,
+        choose,
+        choose_by_threshold,
+        choose_by_utility,
+        clear_decision,
+        decision_radius,
+        request_cost,
+    )
     from router.probe import Probe, ProbeError, ProbeSet, check_compatible, load_probe, save_probe, scorer_block
     from router.request import CompletionCall, Resolver, Routable
     from router.routing import ProbeGroup, Router, load_probe_groups
@@ -31,9 +44,10 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "create_app": "app",
     "BackendConfig": "config", "ConfigError": "config", "PolicyConfig": "config", "ScorerConfig": "config",
-    "Settings": "config", "load_settings": "config",
+    "Settings": "config", "load_settings": "config", "LearningConfig": "config", "TargetConfig": "config",
     "RouterError": "errors",
-    "Decision": "policy", "Option": "policy", "Reason": "policy", "choose_by_threshold": "policy",
+    "Decision": "policy", "Option": "policy", "Reason": "policy", "Rule": "policy", "choose": "policy",
+    "clear_decision": "policy", "decision_radius": "policy", "choose_by_threshold": "policy",
     "choose_by_utility": "policy", "request_cost": "policy",
     "Probe": "probe", "ProbeError": "probe", "ProbeSet": "probe", "check_compatible": "probe", "load_probe": "probe",
     "save_probe": "probe", "scorer_block": "probe",
@@ -48,6 +62,7 @@ __all__ = [
     "CompletionCall",
     "ConfigError",
     "Decision",
+    "LearningConfig",
     "Option",
     "PolicyConfig",
     "Probe",
@@ -59,13 +74,18 @@ __all__ = [
     "Routable",
     "Router",
     "RouterError",
+    "Rule",
     "ScorerConfig",
     "Settings",
+    "TargetConfig",
     "TextFeatures",
     "check_compatible",
+    "choose",
     "choose_by_threshold",
     "choose_by_utility",
+    "clear_decision",
     "create_app",
+    "decision_radius",
     "load_probe",
     "load_probe_groups",
     "load_settings",

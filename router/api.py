@@ -17,6 +17,7 @@ from router.errors import InvalidRequest, TooLarge
 from router.gateway import Gateway
 from router.http import to_response, unless_client_leaves
 from router.request import CompletionCall, Resolver
+from router.responses import ResponsesRequest
 from router.schemas import ChatCompletionRequest, CompletionRequest, FeedbackRequest, parse_body
 
 THRESHOLD_HEADER = "x-router-threshold"
@@ -107,7 +108,8 @@ async def chat_completions(request: Request) -> Response:
     threshold = _threshold(request)
     body, req = parse_body(await _read_body(request), ChatCompletionRequest)
     client = _client(request)
-    call = _resolver(request).chat(body, req, threshold=threshold, client=client.name, backends=client.backends)
+    call = _resolver(request).chat(body, req, threshold=threshold, client=client.name, backends=client.backends,
+                                   headers=request.headers)
     return await _complete(request, call)
 
 
@@ -117,11 +119,42 @@ async def completions(request: Request) -> Response:
     body, req = parse_body(await _read_body(request), CompletionRequest)
     client = _client(request)
     call = _resolver(request).completion(body, req, threshold=threshold, client=client.name,
-                                         backends=client.backends)
+                                         backends=client.backends, headers=request.headers)
     return await _complete(request, call)
 
 
-HOT_ROUTES = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
+@routes.post("/v1/responses", openapi_extra=_body_schema(ResponsesRequest))
+async def responses(request: Request) -> Response:
+    """OpenAI's Responses API, routed like a chat; ``previous_response_id`` is continued by the gateway."""
+    threshold = _threshold(request)
+    body, req = parse_body(await _read_body(request), ResponsesRequest)
+    req.check()
+    client = _client(request)
+    conversation = await _gateway(request).conversation(body, req, client.name)
+    call = _resolver(request).responses(conversation, req, threshold=threshold, client=client.name,
+                                        backends=client.backends, headers=request.headers)
+    return await _complete(request, call)
+
+
+@routes.post("/v1/route", openapi_extra=_body_schema(ChatCompletionRequest))
+async def route(request: Request) -> Response:
+    """The decision for a chat completion request (where it would go, each backend's estimate, why), without
+    forwarding it: for clients that call their backends themselves."""
+    threshold = _threshold(request)
+    body, req = parse_body(await _read_body(request), ChatCompletionRequest)
+    client = _client(request)
+    call = _resolver(request).chat(body, req, threshold=threshold, client=client.name, backends=client.backends,
+                                   headers=request.headers)
+    await client.admit(call, decision_only=True)
+    send_timeout_s = request.app.state.settings.server.send_timeout_s
+
+    async def answer() -> Response:
+        return to_response(await _gateway(request).decide(call, secrets.token_hex(16)), send_timeout_s)
+
+    return await unless_client_leaves(request, answer())
+
+
+HOT_ROUTES = {"/v1/chat/completions": chat_completions, "/v1/completions": completions, "/v1/responses": responses}
 """The routes that ``hot_routes.HotRoutes`` answers without FastAPI's routing (same handlers)."""
 
 

@@ -25,7 +25,7 @@ from router.limits import Limiter, TokenBucket
 from router.request import CompletionCall
 
 CLIENT_SCOPE_KEY = "router.client"  # where the middleware leaves the identified Client in the ASGI scope
-MEDIA_PARTS = ("image_url", "audio_url", "video_url")
+MEDIA_PARTS = ("image_url", "audio_url", "video_url", "file_url")  # chat parts, and Responses' input_image/_file
 FAILED_AUTH_BURST = 10
 MAX_TRACKED_ADDRESSES = 10_000
 
@@ -68,8 +68,9 @@ class Client:
     async def take(self, budget: Budget, amount: float = 1) -> float:
         return await self.limiter.take(budget.bucket, budget.rate_per_s, budget.burst, amount)
 
-    async def admit(self, call: CompletionCall) -> Grant:
-        """Check a resolved request against this key's policy; charge its estimated tokens. A RouterError if
+    async def admit(self, call: CompletionCall, *, decision_only: bool = False) -> Grant:
+        """Check a resolved request against this key's policy; charge its estimated tokens (``decision_only``, for
+        POST /v1/route: only the prompt's, which the scorer reads; nothing is generated). A RouterError if
         refused."""
         p, request, body = self.policy, call.request, call.body
         if request.threshold_sent and not p.may_override_threshold:
@@ -79,24 +80,28 @@ class Client:
             raise PermissionDenied(f"key {self.name!r} may only use the routed model", param="model",
                                    code="model_not_allowed")
         if request.routed and not request.scorable and not p.may_name_backend:
-            raise PermissionDenied(f"key {self.name!r} may not send token-id prompts: they cannot be scored, and "
-                                   "unscored requests go to the fallback backend", param="prompt",
+            raise PermissionDenied(f"key {self.name!r} may not send prompts without text (token ids, input with no "
+                                   "text): they cannot be scored, and unscored requests go to the fallback backend",
+                                   param="input" if call.conversation is not None else "prompt",
                                    code="permission_denied")
-        self._check_extras(body, request.messages)
+        if call.conversation is not None:  # its messages are text only: the media parts are in the raw items
+            self._check_extras(body, call.conversation.items, "input")
+        else:
+            self._check_extras(body, request.messages, "messages")
         for name in ("n", "best_of"):
             value = body.get(name)
             if isinstance(value, int) and value > p.max_n:
                 raise InvalidRequest(f"{name} may be at most {p.max_n} for key {self.name!r}", param=name,
                                      code="invalid_value")
         if p.max_output_tokens is not None:
-            for name in ("max_tokens", "max_completion_tokens"):
+            for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                 value = body.get(name)
                 if isinstance(value, int) and value > p.max_output_tokens:
                     raise InvalidRequest(f"{name} may be at most {p.max_output_tokens} for key {self.name!r}",
                                          param=name, code="invalid_value")
         if self.tokens is None:
             return NO_CHARGE
-        charged = await self._charge(request.prompt_tokens + request.output_tokens)
+        charged = await self._charge(request.prompt_tokens + (0 if decision_only else request.output_tokens))
         tokens, limiter, corrections = self.tokens, self.limiter, self._corrections
 
         def settle(used: int | None) -> None:  # from the answer's bookkeeping: the correction runs on its own
@@ -107,7 +112,7 @@ class Client:
 
         return Grant(settle)
 
-    def _check_extras(self, body: Mapping[str, Any], messages: Sequence[Mapping[str, Any]]) -> None:
+    def _check_extras(self, body: Mapping[str, Any], messages: Sequence[Mapping[str, Any]], param: str) -> None:
         denied = self.guarded.intersection(body)
         if denied:
             name = sorted(denied)[0]
@@ -115,11 +120,11 @@ class Client:
                                    param=name, code="extra_not_allowed")
         if "remote_media" in self.guarded:
             for m in messages:
-                content = m.get("content")
-                if isinstance(content, list) and any(_remote_media(part) for part in content):
-                    raise PermissionDenied(f"key {self.name!r} may not send media by URL (allowed_extras: "
-                                           "remote_media); send it inline as a data: URL", param="messages",
-                                           code="extra_not_allowed")
+                for content in (m.get("content"), m.get("output")):  # a message's parts, a tool output's parts
+                    if isinstance(content, list) and any(_remote_media(part) for part in content):
+                        raise PermissionDenied(f"key {self.name!r} may not send media by URL (allowed_extras: "
+                                               "remote_media); send it inline as a data: URL", param=param,
+                                               code="extra_not_allowed")
 
     async def _charge(self, estimate: int) -> int:
         assert self.tokens is not None

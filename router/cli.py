@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import shlex
 import sys
@@ -14,12 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from router.config import ConfigError, ScorerConfig, Settings, load_settings
+from router.learning.versions import RegistryError
 from router.probe import ProbeError
 from router.scorer.cpu import configure_openmp
 
 if TYPE_CHECKING:
     import uvicorn
 
+    from router.learning.versions import Registry
     from router.routing import ProbeGroup
 
 log = logging.getLogger("router")
@@ -133,6 +136,107 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace) -> tuple[Settings, Registry]:
+    from router.learning import Registry
+
+    settings = load_settings(args.config)
+    root = args.registry or settings.learning.registry
+    if root is None:
+        raise ConfigError(f"{args.config}: no learning.registry (or pass --registry DIR)")
+    return settings, Registry(root)
+
+
+def _probes_list(args: argparse.Namespace) -> int:
+    _, registry = _registry(args)
+    backends = [args.backend] if args.backend else registry.backends()
+    if not backends:
+        print(f"{registry.root}: no versioned probes yet (the learner imports the configured ones as v1)")
+        return 0
+    for backend in backends:
+        print(backend)
+        for v in registry.versions(backend):
+            learning = v.record.get("learning", {})
+            guard = learning.get("guard", {})
+            figures = ""
+            if guard:
+                figures = (f" guard log-loss {guard['serving']['logloss']:.4f} → {guard['candidate']['logloss']:.4f}, "
+                           f"AUROC {guard['serving']['auroc']:.4f} → {guard['candidate']['auroc']:.4f}")
+            origin = (f"{learning.get('kind')} from {learning.get('parent')}, {learning.get('n_train', '?')} labels"
+                      if learning else f"imported ({v.record.get('data', 'the configured probe')})")
+            print(f"  {'*' if v.current else ' '} {v.name}: {origin}{figures}")
+    return 0
+
+
+def _probes_rollback(args: argparse.Namespace) -> int:
+    _, registry = _registry(args)
+    before = registry.current_name(args.backend)
+    now = registry.rollback(args.backend, args.to)
+    print(f"{args.backend}: serving {now} (was {before})")
+    return 0
+
+
+def _probes_promote(args: argparse.Namespace) -> int:
+    from router.probe import load_probe
+
+    _, registry = _registry(args)
+    probe = load_probe(args.probe)
+    name = registry.promote(args.backend, probe, {"kind": "manual", "source": str(args.probe),
+                                                  "note": args.note or ""})
+    print(f"{args.backend}: serving {name} ({args.probe})")
+    return 0
+
+
+def _probes_refit(args: argparse.Namespace) -> int:
+
+    from router.learning import ExampleStore, Learner, LearnerSettings
+
+    settings, registry = _registry(args)
+    store_path = args.store or settings.learning.store
+    if store_path is None:
+        raise ConfigError(f"{args.config}: no learning.store (or pass --store FILE)")
+    probed = [b for b in settings.backends if b.probe is not None and (not args.backend or b.name == args.backend)]
+    for b in probed:
+        registry.ensure_base(b.name, b.probe)
+    anchors = {b.name: registry.load(b.name, "v1") for b in probed}
+    with ExampleStore(store_path, settings.learning.max_examples) as store:
+        learner = Learner(store, registry, LearnerSettings.from_config(settings.learning), anchors)
+        for outcome in learner.run_once():
+            print(json.dumps(outcome.as_dict()))
+    return 0
+
+
+def _learn(args: argparse.Namespace) -> int:
+    """The learner as its own process: every learning.refit_interval_s, one pass over the backends that are due,
+    while this process holds the learner's lock (the gateway replicas then run with learning.in_process false)."""
+    import time
+    from pathlib import Path
+
+    from router.learning import ExampleStore, Registry
+    from router.learning.live import LOCK_FILE, LearnerLock, open_learner, run_learner_pass
+
+    settings = load_settings(args.config)
+    cfg = settings.learning
+    if not cfg.enabled or cfg.store is None or cfg.registry is None:
+        raise ConfigError(f"{args.config}: learning is not enabled (learning.enabled, learning.store, "
+                          "learning.registry)")
+    registry = Registry(cfg.registry)
+    lock = LearnerLock(Path(cfg.registry) / LOCK_FILE)
+    with ExampleStore(cfg.store, cfg.max_examples) as store:
+        learner = open_learner(settings, registry, store)
+        passes = 0
+        while args.passes is None or passes < args.passes:
+            if lock.acquire():
+                for outcome in run_learner_pass(learner):
+                    print(json.dumps(outcome.as_dict()), flush=True)
+            else:
+                log.info("another learner holds %s; waiting", lock.path)
+            passes += 1
+            if args.passes is None or passes < args.passes:
+                time.sleep(args.interval_s or cfg.refit_interval_s)
+        lock.release()
+    return 0
+
+
 def _config_reference(args: argparse.Namespace) -> int:
     from router.config_doc import reference
 
@@ -164,6 +268,44 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config and its probes against the scorer, then exit")
     check.add_argument("--config", type=Path, default=Path("config.yaml"))
     check.set_defaults(run=_check)
+
+    probes = sub.add_parser("probes", help="the versioned probes learnt from traffic: list, roll back, promote, "
+                            "refit", description="Manage learning.registry: every probe a backend has served is a "
+                            "version (v1: the configured probe); CURRENT names the one served.")
+    psub = probes.add_subparsers(dest="probes_command", required=True)
+
+    def registry_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, default=Path("config.yaml"))
+        p.add_argument("--registry", type=Path, help="default: learning.registry of the config")
+
+    plist = psub.add_parser("list", help="every version of each backend's probe, the served one starred")
+    registry_opts(plist)
+    plist.add_argument("--backend")
+    plist.set_defaults(run=_probes_list)
+    rollback = psub.add_parser("rollback", help="serve an earlier version (default: the one before the current)")
+    registry_opts(rollback)
+    rollback.add_argument("backend")
+    rollback.add_argument("--to", help="the version to serve, e.g. v1")
+    rollback.set_defaults(run=_probes_rollback)
+    promote = psub.add_parser("promote", help="serve a probe file (e.g. trained offline) as the backend's next "
+                              "version; it must read the same scorer")
+    registry_opts(promote)
+    promote.add_argument("backend")
+    promote.add_argument("--probe", type=Path, required=True, help="the probe's JSON file")
+    promote.add_argument("--note", help="recorded in the version's training record")
+    promote.set_defaults(run=_probes_promote)
+    refit = psub.add_parser("refit", help="one learner pass now: fit candidates on the stored ratings and promote "
+                            "those that beat the serving probes on the guard ratings")
+    registry_opts(refit)
+    refit.add_argument("--store", type=Path, help="default: learning.store of the config")
+    refit.add_argument("--backend", help="only this backend")
+    refit.set_defaults(run=_probes_refit)
+    learn = sub.add_parser("learn", help="run the learner as its own process (one per fleet: a lock file beside "
+                           "learning.registry); with learning.in_process false in the gateways' config")
+    learn.add_argument("--config", type=Path, default=Path("config.yaml"))
+    learn.add_argument("--passes", type=int, help="stop after this many passes (default: run until stopped)")
+    learn.add_argument("--interval-s", type=float, help="seconds between passes (default: learning.refit_interval_s)")
+    learn.set_defaults(run=_learn)
     ref = sub.add_parser("config-reference", help="print the configuration reference (every field of the config "
                          "file, generated from the settings models) as Markdown")
     ref.add_argument("--out", type=Path, help="write it to this file (docs/reference/configuration.md)")
@@ -177,6 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is uvicorn's job
     try:
         return args.run(args)
-    except (ConfigError, ProbeError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, ProbeError, RegistryError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

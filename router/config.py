@@ -83,6 +83,19 @@ class ScorerConfig(_Strict):
         "model cut after that layer does (part of the feature recipe: probes record it)",
     )
     max_prompt_tokens: int = Field(1024, ge=8)
+    conversation: Literal["whole", "last_turn", "last_turn_with_context"] = Field(
+        "last_turn_with_context", description="what of a multi-turn conversation the scorer (and the text "
+        "features) read: 'whole' (every message, the start cut off beyond max_prompt_tokens), 'last_turn' (the "
+        "opening system messages and the last user message), 'last_turn_with_context' (those and the end of the "
+        "turns before it, up to context_tokens tokens). A single question reads the same in all three "
+        "(router.scorer.prompt.PromptEncoder.view). The default is the only one that kept the probes' AUROC on "
+        "every kind of conversation measured: 'last_turn' loses it on follow-ups that need their context, 'whole' "
+        "when tool results follow the question (research/conversations/README.md)",
+    )
+    context_tokens: int = Field(
+        256, ge=0, description="conversation 'last_turn_with_context': how many tokens of the earlier turns' text "
+        "(the latest first) the scorer reads before the last user message",
+    )
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
         "auto", description="the forward pass's dtype; 'auto' is bfloat16 where the hardware multiplies it "
         "natively (a CPU with AVX-512 bf16 or AMX, a GPU) and float32 on other CPUs, where bfloat16 is emulated "
@@ -204,6 +217,64 @@ class BackendConfig(_Strict):
         return self.output_cost_per_mtok, self.input_cost_per_mtok
 
 
+class CascadeConfig(_Strict):
+    """Deciding a request with cheaper estimates first, where they give the decision the full probes would:
+    stage 1, each backend's text-only model (the prompt's TF-IDF and length, no scorer pass); stage 2, each
+    backend's early model (the scorer's features at block ``early_layer``; the pass stops there); else the full
+    probes. A stage decides when its decision is clear: the same backend for any estimates within its margin of
+    its own (``router.policy.clear_decision``). The models and their margins come in the probe files
+    (``python -m probes train`` fits them; its ``--cascade-agreement`` sets how often the cascade must agree
+    with the full probes, 0.99 by default, on held-out estimates)."""
+
+    enabled: bool = Field(
+        False, description="decide with the cheaper stages first (every backend's probe file must carry them); "
+        "off: every routed request runs the full scorer pass")
+    text_margin: float | None = Field(
+        None, ge=0, le=1, description="stage 1 decides a request when no estimate within this of its text-only "
+        "estimates would change the decision (probability units). None: the margin the probe files carry, "
+        "chosen for the policy they were trained with (for another threshold, the one chosen for the nearest "
+        "thresholds). 0: stage 1 decides every request; 1: none")
+    early_margin: float | None = Field(
+        None, ge=0, le=1, description="likewise for stage 2, the early-block estimates. None: the probe files'")
+    early_layer: int | None = Field(
+        6, ge=1, description="the scorer block stage 2 reads (must be before the deepest of scorer.layers; the "
+        "probe files' early models must read it: checked against the scorer's fingerprint at load). None: no "
+        "stage 2. `python -m probes train` fits the early models for this block")
+class TargetConfig(_Strict):
+    """A target the gateway holds by moving the threshold (router/learning/target.py), instead of a fixed one."""
+
+    kind: Literal["dear_share", "cost_per_1k", "expected_accuracy"] = Field(
+        description="what to hold: 'dear_share', the share of routed requests sent to a backend dearer than the "
+        "cheapest; 'cost_per_1k', the mean cost of 1,000 routed requests in USD (at the policy's output-length "
+        "assumption); 'expected_accuracy', the mean estimate of the chosen backends",
+    )
+    value: float = Field(ge=0, description="the value to hold (a share and an accuracy are in [0, 1])")
+    window: int = Field(1000, ge=50, le=100_000, description="recent routed requests the threshold is computed from")
+    half_life: float | None = Field(
+        60, gt=0, description="requests after which an entry of the window counts half as much as the newest "
+        "(so that a change of traffic moves the threshold within a few hundred requests); None: all count alike",
+    )
+    feedback: int = Field(
+        250, ge=1, description="recent requests whose realised measure corrects the next threshold: the controller "
+        "aims at value + gain × (value − realised), so what was actually routed, not only what was expected, stays "
+        "near the target",
+    )
+    gain: float = Field(4.0, ge=0, le=10, description="weight of that correction (0: none); on a synthetic stream "
+                        "whose estimates shift abruptly, 4 with half_life 60 kept every 500-request window within 2 "
+                        "points of a dear-share target (research/learning/README.md)")
+    min_requests: int = Field(100, ge=1, description="the configured policy.threshold holds until the window has "
+                              "this many requests")
+    refresh_s: float = Field(1.0, gt=0, description="how often the threshold is recomputed from the window")
+    max_age_s: float | None = Field(None, gt=0, description="entries older than this leave the window (None: only "
+                                    "the window's size bounds it)")
+
+    @model_validator(mode="after")
+    def _in_range(self) -> TargetConfig:
+        if self.kind != "cost_per_1k" and self.value > 1:
+            raise ValueError(f"a {self.kind} target is in [0, 1], not {self.value}")
+        return self
+
+
 class PolicyConfig(_Strict):
     threshold: float = Field(0.8, ge=0, le=1)
     alias: str = Field("router", min_length=1)
@@ -215,6 +286,19 @@ class PolicyConfig(_Strict):
         "beats its own by more than this (against argmax's winner's curse; 0: plain argmax)")
     expected_output_tokens: int = Field(
         256, ge=1, description="output length assumed when a request sets no max_tokens, to rank backends by cost"
+    )
+    cascade: CascadeConfig = Field(default_factory=CascadeConfig, description="cheaper estimates first: a "
+                                   "text-only stage, then an early block, then the full scorer pass")
+    explore: float = Field(
+        0.0, ge=0, le=0.2, description="share of routed requests sent to a backend the policy did not choose (one of "
+        "those the key may use, uniformly), so that every backend keeps being rated on requests the policy sends "
+        "elsewhere; the learner weighs those labels by the inverse of that probability. Its extra cost is counted "
+        "(router/learning/exploration.py); 0.02-0.05 is enough for learning to see what it would otherwise miss",
+    )
+    target: TargetConfig | None = Field(
+        None, description="hold a dear share, a cost per 1,000 requests or an expected accuracy by moving the "
+        "threshold from the recent estimates (mode 'threshold' only); a request's x-router-threshold still "
+        "overrides it",
     )
 
 
@@ -347,6 +431,136 @@ class StateConfig(_Strict):
                                  "(calls use the replica's own memory meanwhile)")
 
 
+class AffinityConfig(_Strict):
+    """Session affinity (router/affinity.py): the later turns of a conversation stay on the backend that answered
+    its first routed turn, so its answers keep one model's style and that backend's prefix cache serves them."""
+
+    enabled: bool = Field(True, description="keep conversations on one backend; false: every turn is routed afresh")
+    sources: list[Literal["header", "prompt_cache_key", "user", "opening"]] = Field(
+        default_factory=lambda: ["header", "prompt_cache_key", "user", "opening"], min_length=1,
+        description="what names a request's session, the first found in this order: 'header' (the header named "
+        "below), 'prompt_cache_key' and 'user' (body fields), 'opening' (a digest of the conversation's leading "
+        "system messages and first user message, which every later turn repeats). 'user' pins all of a user's "
+        "conversations together; leave it out to route them apart",
+    )
+    header: str = Field("x-session-id", min_length=1, pattern=r"^[A-Za-z0-9-]+$",
+                        description="the request header a client names its session with")
+    break_margin: float = Field(
+        0.1, ge=0, le=1, description="a later turn leaves its pinned backend when that backend's estimate for it is "
+        "below the threshold in effect minus this (it also leaves when the backend is down or the key may not use "
+        "it); 0 breaks as soon as the pinned backend would not have been chosen for clearing the threshold, 1 never "
+        "breaks on the estimate",
+    )
+    ttl_s: float = Field(1800, gt=0, description="a pin lasts this long after its conversation's last turn")
+    max_entries: int = Field(100_000, ge=1, description="pins kept in a replica's own memory (without Redis, "
+                             "and as the fallback while it is down); the least recently used go first")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, v: list[str]) -> list[str]:
+        if len(set(v)) < len(v):
+            raise ValueError("each source at most once")
+        return v
+
+
+class ResponsesConfig(_Strict):
+    """POST /v1/responses (router/responses.py): the conversations a later request may continue with
+    previous_response_id, kept by the gateway (in Redis with state.redis_url) so that any backend can answer."""
+
+    store_ttl_s: float = Field(24 * 3600, gt=0, description="a response can be continued for this long after it "
+                               "was given (OpenAI keeps them 30 days; here they cost memory or Redis space)")
+    max_entries: int = Field(10_000, ge=1, description="responses kept in a replica's own memory (without Redis, "
+                             "and as the fallback while it is down); the oldest go first")
+    max_conversation_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="a response whose whole conversation (every item so far, encoded as "
+        "JSON) is larger than this is not kept (continuing it gets a 404, as for an expired one; the client can send "
+        "the items itself as input)",
+    )
+class LearningConfig(_Strict):
+    """Learning from the gateway's own traffic (router/learning): ratings from /v1/feedback become labelled examples,
+    a learner off the request path re-fits each backend's probe and promotes a new version only when it beats the
+    serving one on ratings it was not fitted on."""
+
+    enabled: bool = Field(False, description="keep what each probe saw with the answers awaiting feedback, store "
+                          "rated ones, and let the learner promote new probe versions")
+    store: Path | None = Field(None, description="SQLite file of labelled examples (survives restarts); required "
+                               "when enabled")
+    registry: Path | None = Field(
+        None, description="folder of versioned probes (BACKEND/vN.json, CURRENT); the configured probes are imported "
+        "as v1; required when enabled. `python -m router probes list|rollback|promote` manage it",
+    )
+    max_examples: int = Field(200_000, ge=100, description="labelled examples kept, the oldest ratings dropped first "
+                              "(about 1.2 KB each at 576 float16 features, plus the prompt text when kept)")
+    keep_prompt_text: bool = Field(
+        True, description="keep the prompt's text with each example, which a probe reading text features needs to be "
+        "re-fitted (it may hold personal data; without it such probes are not re-fitted)",
+    )
+    refit_every_labels: int = Field(100, ge=1, description="new ratings of a backend that trigger its next refit")
+    refit_interval_s: float = Field(300.0, gt=0, description="how often the learner looks for new ratings")
+    in_process: bool = Field(
+        True, description="run the learner inside the gateway: every replica tries, the one holding the lock file "
+        "beside the registry refits (in a worker thread, never on the request path); false: run `python -m router "
+        "learn` as its own process instead")
+    reload_interval_s: float = Field(2.0, gt=0, description="how often each replica looks for a newly promoted or "
+                                     "rolled-back probe version in the registry and serves it")
+    window: int = Field(4000, ge=100, description="most recent ratings per backend a refit learns from")
+    min_labels: int = Field(150, ge=10, description="training ratings of a backend (after the guard's share) before "
+                            "a candidate is fitted")
+    guard_fraction: float = Field(
+        0.25, gt=0, lt=1, description="share of ratings (drawn by a hash of the request id, so fixed across refits) "
+        "that no candidate is fitted on and every candidate must beat the serving probe on",
+    )
+    guard_min_labels: int = Field(50, ge=10, description="guard ratings needed to promote (a tenth of them right and "
+                                  "a tenth wrong at least)")
+    min_logloss_gain: float = Field(0.0, ge=0, description="a candidate's guard log-loss must be below the serving "
+                                    "probe's by more than this")
+    guard_z: float = Field(
+        1.0, ge=0, description="a candidate's guard log-loss must also beat the serving probe's by this many standard "
+        "errors of the per-rating difference (inverse-propensity weighted), so that a small guard does not promote a "
+        "candidate that is better by chance")
+    auroc_tolerance: float = Field(0.0, ge=0, le=0.1, description="a candidate's guard AUROC may be below the serving "
+                                   "probe's by at most this (recalibration leaves AUROC unchanged)")
+    per_key_cap: int = Field(2000, ge=1, description="most ratings of one key a refit uses (its newest), so that no "
+                             "key outweighs the others")
+    raters: list[str] | None = Field(
+        None, description="names of the keys whose ratings may teach the probes (auth.keys names, key-N for the N-th "
+        "of auth.api_keys, anonymous without keys); None: every key. Ratings of other keys are still counted in "
+        "the metrics",
+    )
+    min_keys: int = Field(
+        1, ge=1, description="distinct rating keys needed before a promotion; with several, a candidate must also "
+        "beat the serving probe on the guard without each key's ratings in turn, so no one key can carry it",
+    )
+    max_weight: float = Field(10.0, ge=1, description="inverse-propensity weights are clipped here (a label from a "
+                              "request explored with probability 0.01 would otherwise count as 100, and a handful "
+                              "of such labels would decide every comparison on its own)")
+    candidates: list[Literal["recalibrate", "refit", "shared_shift"]] = Field(
+        default_factory=lambda: ["recalibrate", "refit"], min_length=1, description="what the learner fits: "
+        "'recalibrate' re-fits only Platt's calibration; 'refit' re-fits the weights with an L2 pull toward the "
+        "configured probe (its strength chosen by cross-validation); 'shared_shift' (opt-in, not yet measured on a "
+        "replay) gives a backend with too few ratings of its own the calibration shift the others' ratings show",
+    )
+    lambdas: list[float] = Field(
+        default_factory=lambda: [3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0], min_length=1,
+        description="strengths of the refit's pull toward the configured probe that cross-validation chooses from "
+        "(larger: closer to it)",
+    )
+    folds: int = Field(3, ge=2, le=10, description="cross-validation folds for the pull's strength")
+
+    @field_validator("lambdas")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(x <= 0 for x in v):
+            raise ValueError("every lambda must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _paths(self) -> LearningConfig:
+        if self.enabled and (self.store is None or self.registry is None):
+            raise ValueError("learning.enabled needs learning.store and learning.registry")
+        return self
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -397,7 +611,10 @@ class Settings(BaseSettings):
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+    affinity: AffinityConfig = Field(default_factory=AffinityConfig)
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    learning: LearningConfig = Field(default_factory=LearningConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -426,9 +643,21 @@ class Settings(BaseSettings):
             raise ValueError(f"observability.reference_backend {reference!r} names no backend")
         if not any(b.probe for b in self.backends):
             raise ValueError("at least one backend needs a probe, or there is nothing to route between")
+        cascade = self.policy.cascade
+        if cascade.enabled and cascade.early_layer is not None and cascade.early_layer >= max(self.scorer.layers):
+            raise ValueError(f"policy.cascade.early_layer ({cascade.early_layer}) must be before the scorer's deepest "
+                             f"block ({max(self.scorer.layers)}), or set it to null (no early stage)")
         key_names = [k.name for k in self.auth.keys]
         if len(set(key_names)) < len(key_names):
             raise ValueError("auth.keys: names must be unique")
+        if self.policy.target is not None and self.policy.mode != "threshold":
+            raise ValueError("policy.target moves the threshold: it needs policy.mode 'threshold'")
+        if self.learning.raters is not None:
+            known = {*key_names, "anonymous", *(f"key-{i + 1}" for i in range(len(self.auth.api_keys)))}
+            unknown = sorted(set(self.learning.raters) - known)
+            if unknown:
+                raise ValueError(f"learning.raters: {', '.join(unknown)} names no key (have: "
+                                 f"{', '.join(sorted(known))})")
         pool = min(b.max_connections for b in self.backends)
         for where, p in [("auth.default_policy", self.auth.default_policy),
                          *((f"auth.keys[{k.name}]", k) for k in self.auth.keys)]:
@@ -488,6 +717,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             if isinstance(backend.get("probe"), str):
                 backend["probe"] = str((base / Path(backend["probe"]).expanduser()).resolve())
             _resolve_scorer_paths(backend.get("scorer"), base)
+    learning = data.get("learning")
+    if isinstance(learning, dict):
+        for field in ("store", "registry"):
+            if isinstance(learning.get(field), str):
+                learning[field] = str((base / Path(learning[field]).expanduser()).resolve())
     log_cfg = (data.get("observability") or {}).get("decision_log")
     if isinstance(log_cfg, dict) and isinstance(log_cfg.get("path"), str):
         log_cfg["path"] = str((base / Path(log_cfg["path"]).expanduser()).resolve())

@@ -14,6 +14,7 @@ class Answered(NamedTuple):
     at: float
     alias: str | None  # the backend's completion id, usable in place of the gateway's request id
     owner: str  # the client key that received it: the only one that may rate it
+    observation: str | None = None  # what the probe saw (router.learning.Observation as JSON), with learning on
 
 
 class FeedbackStore:
@@ -25,15 +26,15 @@ class FeedbackStore:
         self.clock = clock
         # Plain tuples of str/float/None, not Answered: the collector stops tracking such tuples (exact tuples
         # only), so even a full store of 100,000 answers costs its collections nothing.
-        self._entries: OrderedDict[str, tuple[str, float | None, float, str | None, str]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[str, float | None, float, str | None, str, str | None]] = OrderedDict()
         self._aliases: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def remember(self, request_id: str, backend: str, p_success: float | None, completion_id: str | None,
-                 owner: str) -> None:
-        self._entries[request_id] = (backend, p_success, self.clock(), completion_id, owner)
+                 owner: str, observation: str | None = None) -> None:
+        self._entries[request_id] = (backend, p_success, self.clock(), completion_id, owner, observation)
         if completion_id:
             self._aliases[completion_id] = request_id
         while len(self._entries) > self.max_entries:
@@ -54,7 +55,7 @@ class FeedbackStore:
         return answered
 
     def _drop_oldest(self) -> None:
-        _, (_, _, _, alias, _) = self._entries.popitem(last=False)
+        _, (_, _, _, alias, _, _) = self._entries.popitem(last=False)
         if alias:
             self._aliases.pop(alias, None)
 

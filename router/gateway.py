@@ -1,33 +1,32 @@
-"""One request's path after parsing: decide, forward (failing over before the first byte), relay, observe."""
+"""One request's path after parsing: decide, forward (failing over before the first byte), relay, observe; and
+what an answer leaves behind: the answer awaiting feedback, the session's pin (``router.affinity``), the
+conversation a Responses request may be continued from (``router.responses``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
-from router.auth import Grant
+from router.auth import NO_CHARGE, Grant
 from router.config import Settings
 from router.decision_log import DecisionLog
 from router.errors import NotFound, UpstreamFailed
 from router.feedback import Answered
+from router.learning.live import LiveLearning
 from router.metrics import Metrics
 from router.policy import Decision, Reason, request_cost
 from router.request import CompletionCall
+from router.responses import ResponsesCall, ResponsesRequest, conversation_after, prepare, previous_not_found
 from router.routing import Routed, Router
+from router.session_state import AffinityStore, ConversationStore
 from router.state import AnswerStore
-from router.upstream import (
-    Outcome,
-    Pool,
-    Reply,
-    UpstreamBroken,
-    UpstreamUnreachable,
-    outcome_of_body,
-    relay_stream,
-)
+from router.upstream import Outcome, Pool, Reply, UpstreamBroken, UpstreamUnreachable, relay_stream
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +46,40 @@ class InFlight:
         return self.routed.decision
 
 
+SAVED_STATUSES = ("completed", "incomplete")  # responses whose conversation can be continued
+
+
 class Gateway:
     def __init__(self, settings: Settings, router: Router, pool: Pool, metrics: Metrics,
-                 answers: AnswerStore, decisions: DecisionLog | None) -> None:
+                 answers: AnswerStore, decisions: DecisionLog | None, *,
+                 conversations: ConversationStore | None = None, affinity: AffinityStore | None = None,
+                 learning: LiveLearning | None = None) -> None:
+        """``conversations``: where Responses conversations are kept (None: /v1/responses cannot be continued);
+        ``affinity``: where sessions are pinned (None: affinity off). Both from ``router.session_state``.
+        ``learning``: what answers keep for their ratings and where ratings go (None: learning off)."""
         self.settings = settings
         self.router = router
         self.pool = pool
         self.metrics = metrics
         self.answers = answers
         self.decisions = decisions
+        self.conversations = conversations
+        self.affinity = affinity
+        self.learning = learning
         self.reference = settings.reference_backend()
-        self._writes: set[asyncio.Task[None]] = set()  # answers of ended streams being remembered
+        self._writes: set[asyncio.Task[None]] = set()  # what ended streams leave behind, being written
+
+    async def conversation(self, body: Mapping[str, Any], req: ResponsesRequest, owner: str) -> ResponsesCall:
+        """A Responses request made self-contained: its ``previous_response_id`` expanded from the conversations
+        kept for ``owner`` (NotFound if none is kept under it: unknown, expired, too large, or another key's)."""
+        stored = None
+        if req.previous_response_id is not None:
+            if self.conversations is not None:
+                stored = await self.conversations.load(req.previous_response_id, owner)
+            self.metrics.child(self.metrics.conversations, "expanded" if stored is not None else "not_found").inc()
+            if stored is None:
+                raise previous_not_found(req.previous_response_id)
+        return prepare(body, req, stored)
 
     async def handle(self, call: CompletionCall, request_id: str, grant: Grant) -> Reply:
         """Route ``call``, forward it (failing over before the first byte) and return the answer; a RouterError
@@ -74,6 +96,36 @@ class Gateway:
         finally:
             if not streaming:
                 self.metrics.in_flight.dec()
+
+    async def decide(self, call: CompletionCall, request_id: str) -> Reply:
+        """POST /v1/route: where ``call`` would go and why, as JSON, without forwarding it. The client is told to
+        go to the chosen backend, so the request's session is pinned to it, and the decision awaits feedback under
+        ``request_id`` as an answer would (rated by the client that asked)."""
+        routed = await self.router.route(call.request, available=self.pool.available())
+        decision, request = routed.decision, call.request
+        backend = decision.backend
+        self.metrics.child(self.metrics.route_only, backend, decision.reason).inc()
+        writes = [self.answers.remember(request_id, backend, routed.probabilities.get(backend), None, request.client)]
+        if (self.affinity is not None and request.session is not None and routed.affinity is not None
+                and routed.affinity.pin):
+            writes.append(self.affinity.pin(request.session.key, backend))
+        await asyncio.gather(*writes)
+        body = {
+            "id": request_id,
+            "object": "router.decision",
+            "backend": backend,
+            "model": self.settings.backend(backend).model,
+            "reason": str(decision.reason),
+            "p_success": routed.probabilities.get(backend),
+            "estimates": routed.probabilities,
+            "threshold": request.threshold,
+            "scorer_ms": routed.scorer_ms,
+            "order": list(decision.order),
+            "affinity": str(routed.affinity.verdict) if routed.affinity is not None else None,
+        }
+        headers = self._headers(InFlight(request_id, call, routed, time.monotonic(), NO_CHARGE), backend,
+                                decision.reason)
+        return Reply(200, headers, body=orjson.dumps(body))
 
     @staticmethod
     def _candidates(decision: Decision, available: set[str]) -> list[str]:
@@ -95,12 +147,12 @@ class Gateway:
                 break
             backend = self.pool[name]
             reason = ex.decision.reason if attempt == 0 else Reason.FAILOVER
-            body = dict(ex.call.body, model=backend.cfg.model)
-            if ex.call.stream and not ex.call.client_wants_usage:
-                body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            call = ex.call
+            body = call.protocol.upstream_body(call.body, backend.cfg.model, stream=call.stream,
+                                               client_wants_usage=call.client_wants_usage)
             sent = time.monotonic()
             try:
-                response = await backend.open(ex.call.path, orjson.dumps(body), timeout_s=max(remaining, 0.001))
+                response = await backend.open(call.path, orjson.dumps(body), timeout_s=max(remaining, 0.001))
             except UpstreamUnreachable as e:
                 self.metrics.upstream_errors.labels(name, e.kind).inc()
                 failures.append(str(e))
@@ -118,7 +170,7 @@ class Gateway:
                     failures.append(f"backend {name}: HTTP {response.status_code}")
                     continue
             headers = self._headers(ex, name, reason)
-            if not (ex.call.stream and response.status_code == 200):
+            if not (call.stream and response.status_code == 200):
                 try:
                     content = await response.aread()
                 except UpstreamBroken as e:  # cut off before the client got a byte: still free to fail over
@@ -129,10 +181,10 @@ class Gateway:
                 finally:
                     await response.aclose()
                 self.metrics.child(self.metrics.upstream_seconds, name).observe(time.monotonic() - sent)
-                outcome = outcome_of_body(content) if response.status_code == 200 else Outcome()
+                outcome = call.protocol.outcome_of_body(content) if response.status_code == 200 else Outcome()
                 self._finish(ex, name, response.status_code, reason, outcome)
                 if response.status_code == 200:  # remembered before the client has the id
-                    await self._remember(ex, name, outcome)
+                    await asyncio.gather(self._remember(ex, name, outcome), self._keep_conversation(ex, outcome))
                 media = response.headers.get("content-type", "application/json")
                 return Reply(response.status_code, headers, media, body=content)
             deadline = ex.started + backend.cfg.total_timeout_s
@@ -140,11 +192,13 @@ class Gateway:
                 200, headers, response.headers.get("content-type", "text/event-stream"),
                 stream=relay_stream(
                     response, backend,
-                    drop_usage_event=not ex.call.client_wants_usage,
+                    reader=call.protocol.reader(client_wants_usage=call.client_wants_usage),
                     deadline=deadline,
                     on_first_byte=lambda n=name, s=sent: self.metrics.child(self.metrics.ttft_seconds, n).observe(
                         time.monotonic() - s),
                     on_done=lambda outcome, n=name, s=sent, r=reason: self._stream_done(ex, n, s, r, outcome),
+                    on_finished=(lambda outcome: self._background(self._keep_conversation(ex, outcome)))
+                    if call.conversation is not None else None,
                 ),
                 deadline=deadline,
             )
@@ -159,6 +213,8 @@ class Gateway:
             headers["x-router-p-success"] = f"{ex.routed.probabilities[backend]:.4f}"
         if ex.routed.scorer_ms is not None:
             headers["x-router-scorer-ms"] = f"{ex.routed.scorer_ms:.2f}"
+        if ex.routed.estimate is not None:
+            headers["x-router-stage"] = ex.routed.estimate.stage
         return headers
 
     def _stream_done(self, ex: InFlight, backend: str, sent: float, reason: Reason, outcome: Outcome) -> None:
@@ -166,13 +222,39 @@ class Gateway:
         self._finish(ex, backend, 200 if outcome.ok else 502, reason, outcome)
         self.metrics.in_flight.dec()
         if outcome.ok:  # on_done is synchronous: remembered as the stream's last bytes go out
-            task = asyncio.create_task(self._remember(ex, backend, outcome))
-            self._writes.add(task)
-            task.add_done_callback(self._writes.discard)
+            self._background(self._remember(ex, backend, outcome))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` on its own, kept until done (``aclose`` waits for it)."""
+        task = asyncio.create_task(work)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return task
 
     async def _remember(self, ex: InFlight, backend: str, outcome: Outcome) -> None:
-        await self.answers.remember(ex.id, backend, ex.routed.probabilities.get(backend), outcome.completion_id,
-                                    ex.call.request.client)
+        """After a good answer from ``backend``: the answer awaits feedback, and the request's session is pinned
+        to the backend that answered (after failover, the one that finally did), its pin renewed."""
+        request = ex.call.request
+        observation = (self.learning.observation(ex.id, request, ex.routed, backend)
+                       if self.learning is not None else None)
+        remember = self.answers.remember(ex.id, backend, ex.routed.probabilities.get(backend), outcome.completion_id,
+                                         request.client, observation)
+        affinity = ex.routed.affinity
+        if self.affinity is None or request.session is None or affinity is None or not affinity.pin:
+            await remember
+            return
+        await asyncio.gather(remember, self.affinity.pin(request.session.key, backend))
+
+    async def _keep_conversation(self, ex: InFlight, outcome: Outcome) -> None:
+        """Record a Responses answer's whole conversation under its id, when its client asked for it to be
+        stored (``store``, true by default) and it can be continued (completed, or stopped at its token limit)."""
+        conversation, response = ex.call.conversation, outcome.response
+        if (conversation is None or not conversation.store or self.conversations is None or response is None
+                or outcome.completion_id is None or response.get("status") not in SAVED_STATUSES):
+            return
+        saved = await self.conversations.save(outcome.completion_id, conversation_after(conversation, response),
+                                              ex.call.request.client)
+        self.metrics.child(self.metrics.conversations, "saved" if saved else "too_large").inc()
 
     async def aclose(self) -> None:
         """Wait for the answers still being remembered."""
@@ -197,6 +279,12 @@ class Gateway:
             m.child(m.cost, backend).inc(cost)
             m.child(m.reference_cost, backend).inc(request_cost(ref.input_cost_per_mtok, ref.output_cost_per_mtok,
                                                              usage.prompt_tokens, usage.completion_tokens))
+            if reason is Reason.EXPLORE and ex.routed.chosen is not None:
+                chosen = self.settings.backend(ex.routed.chosen)
+                m.child(m.explore_cost, "sent").inc(cost)
+                m.child(m.explore_cost, "chosen").inc(request_cost(chosen.input_cost_per_mtok,
+                                                                   chosen.output_cost_per_mtok, usage.prompt_tokens,
+                                                                   usage.completion_tokens))
         ex.grant.settle(usage.prompt_tokens + usage.completion_tokens if usage is not None else None)
         if self.decisions is not None:
             self.decisions.write({
@@ -210,6 +298,10 @@ class Gateway:
                 "probabilities": ex.routed.probabilities,
                 "threshold": ex.call.request.threshold,
                 "scorer_ms": ex.routed.scorer_ms,
+                "stage": ex.routed.estimate.stage if ex.routed.estimate is not None else None,
+                "chosen": ex.routed.chosen,
+                "propensity": ex.routed.propensity,
+                "probe_versions": dict(self.learning.served) if self.learning is not None else None,
                 "prompt_tokens": usage.prompt_tokens if usage else None,
                 "completion_tokens": usage.completion_tokens if usage else None,
                 "cost_usd": cost,
@@ -226,4 +318,6 @@ class Gateway:
                            code="answer_not_found")
         self.metrics.feedback.labels(answered.backend).inc()
         self.metrics.feedback_score.labels(answered.backend).inc(score)
+        if self.learning is not None:
+            self.learning.rated(answered, score, client)
         return answered

@@ -1,19 +1,24 @@
 """One completion request, resolved once: everything the layers below the HTTP edge read of it.
 
-The edge parses a body (``router.schemas``) and identifies its key (``router.auth``); ``Resolver`` then settles,
-in one place, every rule that used to be applied here and there: the threshold (the request's header, else the
-configured one), the output tokens the policy prices (``max_tokens``, else ``policy.expected_output_tokens``), the
-prompt the scorer reads and its text, the prompt's token estimate, and the backends the key may use. Routing,
-admission and the gateway read the resulting ``Routable``; none of them looks at the configuration for these again.
+The edge parses a body (``router.schemas``, ``router.responses``) and identifies its key (``router.auth``);
+``Resolver`` then settles, in one place, every rule that used to be applied here and there: the threshold (the
+request's header, else the configured one), the output tokens the policy prices (``max_tokens``,
+``max_completion_tokens`` or ``max_output_tokens``, else ``policy.expected_output_tokens``), the prompt the scorer
+reads and its text, the prompt's token estimate, the backends the key may use, the session a routed request belongs
+to (``router.affinity``) and the API's wire protocol (``router.protocols``). Routing, admission and the gateway read
+the resulting ``Routable``; none of them looks at the configuration for these again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from router.config import PolicyConfig
+from router.affinity import Session, session_of
+from router.config import AffinityConfig, PolicyConfig
+from router.protocols import PROTOCOLS, UpstreamProtocol
+from router.responses import ResponsesCall, ResponsesRequest
 from router.schemas import ChatCompletionRequest, CompletionRequest
 from router.scorer.recipe import Message
 from router.text_features import prompt_text
@@ -39,6 +44,7 @@ class Routable:
     threshold_sent: bool  # the request set its own threshold
     client: str  # the key's name ("anonymous" without keys)
     backends: frozenset[str] | None  # the backends the key may use; None: all
+    session: Session | None = None  # the conversation a routed request belongs to (affinity); None: none, or off
 
     @property
     def scorable(self) -> bool:
@@ -53,22 +59,45 @@ class CompletionCall:
     """A resolved completion request: what routing reads, and what is forwarded."""
 
     request: Routable
-    path: str  # relative to a backend's base URL, e.g. "chat/completions"
-    body: dict[str, Any]
+    protocol: UpstreamProtocol  # how it is forwarded and its answer read (router.protocols)
+    body: dict[str, Any]  # what is forwarded (its model replaced by the backend's)
     stream: bool
     client_wants_usage: bool
+    conversation: ResponsesCall | None = None  # a Responses request: the conversation to record after its answer
+
+    @property
+    def path(self) -> str:
+        """Relative to a backend's base URL, e.g. "chat/completions"."""
+        return self.protocol.name
+
+
+NO_HEADERS: Mapping[str, str] = {}
 
 
 class Resolver:
     """Turns parsed requests into ``CompletionCall``s under one policy. ``threshold`` gives the threshold of a
-    request that sets none (default: ``policy.threshold``)."""
+    request that sets none (default: ``policy.threshold``); ``affinity`` (when enabled) names the sessions of
+    routed requests."""
 
-    def __init__(self, policy: PolicyConfig, threshold: Callable[[], float] | None = None) -> None:
+    def __init__(self, policy: PolicyConfig, threshold: Callable[[], float] | None = None,
+                 affinity: AffinityConfig | None = None) -> None:
         self.policy = policy
         self.threshold = threshold or (lambda: policy.threshold)
+        self.affinity = affinity if affinity is not None and affinity.enabled else None
+        self.protocols = {path: cls(path) for path, cls in PROTOCOLS.items()}
+
+    def session(self, model: str, headers: Mapping[str, str], body: Mapping[str, Any], messages: Sequence[Message],
+                client: str) -> Session | None:
+        """The session of a routed request (``router.affinity.session_of``, scoped by the key); None for a request
+        naming a backend (affinity does not apply to it) or with affinity off."""
+        if self.affinity is None or model != self.policy.alias:
+            return None
+        return session_of(headers, body, messages, owner=client, header=self.affinity.header,
+                          sources=self.affinity.sources)
 
     def routable(self, model: str, messages: Sequence[Message], *, prompt_tokens: int, max_tokens: int | None,
-                 threshold: float | None, client: str, backends: frozenset[str] | None) -> Routable:
+                 threshold: float | None, client: str, backends: frozenset[str] | None,
+                 session: Session | None = None) -> Routable:
         return Routable(
             model=model,
             routed=model == self.policy.alias,
@@ -79,24 +108,38 @@ class Resolver:
             threshold_sent=threshold is not None,
             client=client,
             backends=backends,
+            session=session,
         )
 
     def chat(self, body: dict[str, Any], req: ChatCompletionRequest, *, threshold: float | None, client: str,
-             backends: frozenset[str] | None) -> CompletionCall:
+             backends: frozenset[str] | None, headers: Mapping[str, str] = NO_HEADERS) -> CompletionCall:
         messages = body["messages"]
         routable = self.routable(req.model, messages, prompt_tokens=estimate_tokens(prompt_text(messages)),
                                  max_tokens=req.max_completion_tokens or req.max_tokens, threshold=threshold,
-                                 client=client, backends=backends)
-        return CompletionCall(routable, "chat/completions", body, req.stream, _wants_usage(req))
+                                 client=client, backends=backends,
+                                 session=self.session(req.model, headers, body, messages, client))
+        return CompletionCall(routable, self.protocols["chat/completions"], body, req.stream, _wants_usage(req))
 
     def completion(self, body: dict[str, Any], req: CompletionRequest, *, threshold: float | None, client: str,
-                   backends: frozenset[str] | None) -> CompletionCall:
+                   backends: frozenset[str] | None, headers: Mapping[str, str] = NO_HEADERS) -> CompletionCall:
         text = completion_text(req.prompt)
         messages = [{"role": "user", "content": text}] if text is not None else []
         tokens = estimate_tokens(text) if text is not None else _token_count(req.prompt)
         routable = self.routable(req.model, messages, prompt_tokens=tokens, max_tokens=req.max_tokens,
-                                 threshold=threshold, client=client, backends=backends)
-        return CompletionCall(routable, "completions", body, req.stream, _wants_usage(req))
+                                 threshold=threshold, client=client, backends=backends,
+                                 session=self.session(req.model, headers, body, messages, client))
+        return CompletionCall(routable, self.protocols["completions"], body, req.stream, _wants_usage(req))
+
+    def responses(self, call: ResponsesCall, req: ResponsesRequest, *, threshold: float | None, client: str,
+                  backends: frozenset[str] | None, headers: Mapping[str, str] = NO_HEADERS) -> CompletionCall:
+        """A Responses request made self-contained (``router.responses.prepare``: a ``previous_response_id``
+        already expanded): routed on its conversation's messages, priced at its ``max_output_tokens``."""
+        messages = call.messages
+        routable = self.routable(req.model, messages, prompt_tokens=estimate_tokens(prompt_text(messages)),
+                                 max_tokens=req.max_output_tokens, threshold=threshold, client=client,
+                                 backends=backends, session=self.session(req.model, headers, call.body, messages,
+                                                                         client))
+        return CompletionCall(routable, self.protocols["responses"], call.body, req.stream, False, conversation=call)
 
 
 def _wants_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:

@@ -33,7 +33,9 @@ T = TypeVar("T")
 
 class AnswerStore(Protocol):
     async def remember(self, request_id: str, backend: str, p_success: float | None,
-                       completion_id: str | None, owner: str) -> None: ...
+                       completion_id: str | None, owner: str, observation: str | None = None) -> None:
+        """Keep who answered (and, with learning on, what its probe saw: ``observation``) until rated or expired."""
+        ...
 
     async def take(self, answer_id: str, owner: str) -> Answered | None:
         """The answer's record, once (by the gateway's request id or the backend's completion id), for the key
@@ -48,8 +50,8 @@ class LocalAnswers:
         self.store = store
 
     async def remember(self, request_id: str, backend: str, p_success: float | None,
-                       completion_id: str | None, owner: str) -> None:
-        self.store.remember(request_id, backend, p_success, completion_id, owner)
+                       completion_id: str | None, owner: str, observation: str | None = None) -> None:
+        self.store.remember(request_id, backend, p_success, completion_id, owner, observation)
 
     async def take(self, answer_id: str, owner: str) -> Answered | None:
         return self.store.take(answer_id, owner)
@@ -166,8 +168,8 @@ class RedisAnswers:
         return f"{self.state.prefix}alias:{completion_id}"
 
     async def remember(self, request_id: str, backend: str, p_success: float | None,
-                       completion_id: str | None, owner: str) -> None:
-        record = orjson.dumps([backend, p_success, time.time(), completion_id, owner])
+                       completion_id: str | None, owner: str, observation: str | None = None) -> None:
+        record = orjson.dumps([backend, p_success, time.time(), completion_id, owner, observation])
 
         async def write() -> None:
             async with self.state.client.pipeline(transaction=False) as pipe:
@@ -178,7 +180,7 @@ class RedisAnswers:
 
         ok, _ = await self.state.call("remember", write)
         if not ok:
-            await self.fallback.remember(request_id, backend, p_success, completion_id, owner)
+            await self.fallback.remember(request_id, backend, p_success, completion_id, owner, observation)
 
     async def take(self, answer_id: str, owner: str) -> Answered | None:
         async def read() -> bytes | None:

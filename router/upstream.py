@@ -11,10 +11,9 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
-import orjson
 from multidict import CIMultiDictProxy
 
 from router.breaker import Breaker, State
@@ -249,48 +248,36 @@ class Pool:
 
 @dataclass
 class Outcome:
-    """What the gateway learns from one answer: usage, the completion id, and whether it ended well."""
+    """What the gateway learns from one answer: usage, the answer's id, whether it ended well, and (Responses API)
+    the final response object."""
 
     usage: Usage | None = None
-    completion_id: str | None = None
+    completion_id: str | None = None  # the completion's id (chat, text) or the response's id (Responses API)
     ok: bool = False
     error: str | None = None
+    response: dict[str, Any] | None = field(default=None, repr=False)
 
 
-def _usage_and_id(payload: bytes) -> tuple[Usage | None, str | None, bool] | None:
-    """(usage, completion id, whether it has no choices) of one JSON answer or chunk; None if not an object."""
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(doc, dict):
-        return None
-    completion_id = doc.get("id") if isinstance(doc.get("id"), str) else None
-    return Usage.from_json(doc.get("usage")), completion_id, not doc.get("choices")
+class StreamReader(Protocol):
+    """What one relayed stream is read by (its API's reader: router/protocols.py)."""
 
+    def feed(self, event: bytes) -> bool:
+        """Read one complete SSE event (without its blank line); whether to pass it on to the client."""
+        ...
 
-def outcome_of_body(content: bytes) -> Outcome:
-    found = _usage_and_id(content)
-    if found is None:
-        return Outcome(ok=True)
-    usage, completion_id, _ = found
-    return Outcome(usage, completion_id, ok=True)
+    def outcome(self) -> Outcome:
+        """What the events read so far say (usage, id, final response); ``ok`` and ``error`` are the relay's."""
+        ...
 
+    def error_event(self, message: str) -> bytes:
+        """The event that ends a stream broken off mid-way, in the API's own form."""
+        ...
 
-def _usage_event(event: bytes) -> tuple[Usage | None, bool, str | None]:
-    """(usage carried by this SSE event, whether it is only a usage report with no choices, its id)."""
-    if b'"usage"' not in event:
-        return None, False, None
-    found = _usage_and_id(event.partition(b"data:")[2].strip())
-    if found is None:
-        return None, False, None
-    usage, completion_id, no_choices = found
-    return usage, usage is not None and no_choices, completion_id
-
-
-def stream_error_event(message: str) -> bytes:
-    body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": "stream_interrupted"}}
-    return b"data: " + orjson.dumps(body) + b"\n\n"
+    @property
+    def finished(self) -> bool:
+        """Whether the events read so far hold the whole answer (the Responses API's terminal event; never for
+        chat, whose relay needs no such moment)."""
+        ...
 
 
 class Relay:
@@ -337,32 +324,35 @@ def relay_stream(
     response: UpstreamResponse,
     backend: Backend,
     *,
-    drop_usage_event: bool,
+    reader: StreamReader,
     deadline: float,
     on_first_byte: Callable[[], None],
     on_done: Callable[[Outcome], None],
+    on_finished: Callable[[Outcome], Awaitable[None]] | None = None,
 ) -> Relay:
-    """Pass an SSE stream through event by event, unchanged, reading only the usage report.
-
-    ``drop_usage_event`` removes the usage-only event when the gateway asked for it and the client did not.
-    A backend that breaks off, stalls longer than its ``read_timeout_s`` or passes ``deadline`` (monotonic)
-    ends the stream with an OpenAI-style error event; only the first two count against its breaker. ``on_done``
+    """Pass an SSE stream through event by event, unchanged, each read by ``reader`` (which may hold one back:
+    chat's usage-only event when the gateway asked for it and the client did not). A backend that breaks off,
+    stalls longer than its ``read_timeout_s`` or passes ``deadline`` (monotonic) ends the stream with the reader's
+    error event (in its API's form); only the first two count against its breaker. ``on_done``
     runs exactly once, also when the client goes away and the stream is cancelled or never started (which closes
-    the upstream request, so the backend stops generating).
+    the upstream request, so the backend stops generating). ``on_finished``, if given, runs once when ``reader``
+    first holds the whole answer, and is awaited (shielded from the client leaving) before the bytes that finished
+    it go out: what it records is there before the client can act on the answer, and is not lost if it leaves.
     """
 
     async def abandon() -> None:
         await response.aclose()
         on_done(Outcome(error="the client went away before the stream started"))
 
-    return Relay(_relay(response, backend, drop_usage_event, deadline, on_first_byte, on_done), abandon)
+    return Relay(_relay(response, backend, reader, deadline, on_first_byte, on_done, on_finished), abandon)
 
 
 async def _relay(
-    response: UpstreamResponse, backend: Backend, drop_usage_event: bool, deadline: float,
+    response: UpstreamResponse, backend: Backend, reader: StreamReader, deadline: float,
     on_first_byte: Callable[[], None], on_done: Callable[[Outcome], None],
+    on_finished: Callable[[Outcome], Awaitable[None]] | None,
 ) -> AsyncGenerator[bytes, None]:
-    outcome = Outcome()
+    ok, error = False, None
     pending = b""
     first = True
     stall = backend.cfg.read_timeout_s
@@ -378,31 +368,32 @@ async def _relay(
                 first = False
             pending += chunk
             *events, pending = pending.split(b"\n\n")
-            out = []
-            for event in events:
-                found, usage_only, completion_id = _usage_event(event)
-                if found is not None:
-                    outcome.usage, outcome.completion_id = found, completion_id
-                if not (usage_only and drop_usage_event):
-                    out.append(event + b"\n\n")
+            out = [event + b"\n\n" for event in events if reader.feed(event)]
+            if on_finished is not None and reader.finished:
+                await asyncio.shield(on_finished(reader.outcome()))
+                on_finished = None
             if out:
                 yield b"".join(out)
-        if pending.strip():
+        if pending.strip() and reader.feed(pending.rstrip(b"\n")):
+            if on_finished is not None and reader.finished:
+                await asyncio.shield(on_finished(reader.outcome()))
             yield pending
-        outcome.ok = True
+        ok = True
     except TimeoutError:
         if left < stall:  # the request's own deadline (its client may have been reading slowly): not the backend's
-            outcome.error = f"the answer of backend {backend.name} ran past the request's deadline"
+            error = f"the answer of backend {backend.name} ran past the request's deadline"
         else:
-            outcome.error = f"backend {backend.name} sent nothing for {stall:g}s"
+            error = f"backend {backend.name} sent nothing for {stall:g}s"
             backend.breaker.failure()
     except UpstreamBroken as e:
-        outcome.error = f"backend {backend.name}'s stream broke off: {e}"
+        error = f"backend {backend.name}'s stream broke off: {e}"
         backend.breaker.failure()
     finally:
-        if outcome.error is not None:
-            log.warning("%s", outcome.error)
+        if error is not None:
+            log.warning("%s", error)
         await response.aclose()
+        outcome = reader.outcome()
+        outcome.ok, outcome.error = ok, error
         on_done(outcome)
-    if outcome.error is not None:
-        yield stream_error_event(outcome.error)
+    if error is not None:
+        yield reader.error_event(error)

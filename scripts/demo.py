@@ -25,11 +25,12 @@ import httpx
 
 from router import Settings, load_settings
 from router.scorer import ModelFolder, resolve_model, truncate_model, vllm_pooling_args
-from scripts.vllm_cpu import ROOT, VllmServer, start_vllm, stop_with_parent, wait_ready
+from scripts.vllm_cpu import ROOT, VllmServer, standin_args, start_vllm, stop_with_parent, wait_ready
 
 CONFIG = ROOT / "config.yaml"
 SCORER_PORT = int(os.environ.get("DEMO_SCORER_PORT", "8003"))
 STANDIN_NICENESS = 10  # the stand-ins yield the cores to the gateway and its scorer (start_standins)
+STANDIN_STATS = os.environ.get("DEMO_STANDIN_STATS", "") not in ("", "0")  # vLLM's statistics, prefix cache's too
 
 
 class Stopping(BaseException):
@@ -66,6 +67,12 @@ def banner(settings: Settings, scorer_url: str | None, more: Sequence[str] = ())
         "    -d '{\"model\": \"router\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 17*23?\"}]}' -i",
         "",
         "  .venv/bin/python examples/stream_chat.py      # streams with the openai client",
+        "  .venv/bin/python examples/conversation.py     # /v1/responses continued, tools, /v1/route",
+        "",
+        f"  curl -s {gateway}/v1/responses -H 'content-type: application/json' \\",
+        "    -d '{\"model\": \"router\", \"input\": \"What is 17*23?\"}' -i",
+        f"  curl -s {gateway}/v1/route -H 'content-type: application/json' \\",
+        "    -d '{\"model\": \"router\", \"messages\": [{\"role\": \"user\", \"content\": \"What is 17*23?\"}]}'",
         "",
         f"Metrics: {gateway}/metrics   Readiness: {gateway}/ready",
         "Ctrl-C (or SIGTERM to the demo or its process group) stops the gateway and every server it started.",
@@ -112,7 +119,9 @@ def stop_all(gateways: Sequence[subprocess.Popen[bytes]], servers: Sequence[Serv
 
 def start_standins(settings: Settings, folder: ModelFolder, logs: Path, say: Callable[[str], None]
                    ) -> list[VllmServer]:
-    """One vLLM CPU server per backend (the scorer's model as a stand-in, one core each), not waited for.
+    """One vLLM CPU server per backend (the scorer's model as a stand-in, one core each, tool calling on:
+    ``standin_args``), not waited for. ``DEMO_STANDIN_STATS=1`` keeps vLLM's statistics on, which their /metrics
+    needs for most counters (the prefix cache's hits, which session affinity raises, among them).
 
     They run at a lower CPU priority (``STANDIN_NICENESS``) than the gateway: in a deployment the backends have
     GPUs of their own and never take the gateway's cores; here they share them, and a scorer pass that had to
@@ -124,7 +133,8 @@ def start_standins(settings: Settings, folder: ModelFolder, logs: Path, say: Cal
         standin = f"smollm2-135m-instruct-standin-for-{backend.name}"
         say(f"starting vLLM CPU on 127.0.0.1:{port} (core {core % cores}) as a stand-in for {backend.model} ...")
         servers.append(start_vllm(folder.path, port, [standin, backend.model], core=core % cores,
-                                  log_path=logs / f"vllm-{backend.name}.log", niceness=STANDIN_NICENESS))
+                                  log_path=logs / f"vllm-{backend.name}.log", niceness=STANDIN_NICENESS,
+                                  extra_args=standin_args(), log_stats=STANDIN_STATS))
     return servers
 
 

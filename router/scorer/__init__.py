@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from router.config import ScorerConfig
-from router.scorer.interface import BatchStats, Scored, Scorer, ScorerUnavailable
+from router.scorer.interface import BatchStats, EarlyExit, Scored, Scorer, ScorerUnavailable
 from router.scorer.recipe import FEATURE_VERSION, Message, ScorerInfo, describe, message_text, normalise_messages
 
 if TYPE_CHECKING:
@@ -19,13 +19,15 @@ if TYPE_CHECKING:
     from router.scorer.features import FeatureExtractor
     from router.scorer.local import LocalScorer
     from router.scorer.packed import PackedDecoder, PrepackedLinear
-    from router.scorer.prompt import PromptEncoder
+    from router.scorer.prompt import CONVERSATION_VIEWS, PromptEncoder
     from router.scorer.source import ModelFolder, resolve_model, truncate_model
     from router.scorer.vllm import VllmScorer, vllm_pooling_args
 
 __all__ = [
+    "CONVERSATION_VIEWS",
     "FEATURE_VERSION",
     "BatchStats",
+    "EarlyExit",
     "FeatureExtractor",
     "LocalScorer",
     "Message",
@@ -53,7 +55,8 @@ __all__ = [
 
 _LAZY = {
     "FeatureExtractor": "features", "LocalScorer": "local", "PackedDecoder": "packed", "PrepackedLinear": "packed",
-    "PromptEncoder": "prompt", "ModelFolder": "source", "resolve_model": "source", "truncate_model": "source",
+    "CONVERSATION_VIEWS": "prompt", "PromptEncoder": "prompt",
+    "ModelFolder": "source", "resolve_model": "source", "truncate_model": "source",
     "VllmScorer": "vllm", "vllm_pooling_args": "vllm", "compute_dtype": "cpu", "configure_openmp": "cpu",
     "cpu_flags": "cpu", "native_cpu_dtype": "cpu",
 }

@@ -58,7 +58,8 @@ class FeatureExtractor:
         self.final_norm = model.norm.to(cfg.device).eval() if cfg.final_norm else None
         model.norm = torch.nn.Identity()
         self.model = model.to(cfg.device).eval()
-        self.encoder = PromptEncoder(folder.path, cfg.max_prompt_tokens)
+        self.encoder = PromptEncoder(folder.path, cfg.max_prompt_tokens, conversation=cfg.conversation,
+                                     context_tokens=cfg.context_tokens)
         self.packed: PackedDecoder | None = None
         if cfg.packing and PackedDecoder.supports(self.model):
             self.packed = PackedDecoder(self.model, layers=cfg.layers, pooling=cfg.pooling,

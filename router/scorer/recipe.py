@@ -22,7 +22,9 @@ Message = Mapping[str, Any]
 
 
 def message_text(content: Any) -> str:
-    """OpenAI message content (a string, a list of parts, or None) as plain text."""
+    """OpenAI message content (a string, a list of parts, or None) as plain text: the text of its text parts
+    (``text``, and ``input_text``/``output_text`` as the Responses API names them) and refusal parts, one per
+    line; image, audio and file parts have no text."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -32,18 +34,26 @@ def message_text(content: Any) -> str:
         for part in content:
             if isinstance(part, str):
                 parts.append(part)
-            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                parts.append(part["text"])
+            elif isinstance(part, Mapping):
+                if isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+                    parts.append(part["refusal"])
         return "\n".join(parts)
     return str(content)
 
 
 def normalise_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
-    """Roles and plain-text contents as the chat template reads them (``developer`` is a system message)."""
+    """Roles and plain-text contents as the chat template reads them: ``developer`` is a system message, an
+    assistant message with no content but a ``refusal`` reads as its refusal, and what carries no text (tool
+    calls, names, images) reads as nothing. Never fails on a message that is a mapping."""
     out = []
     for m in messages:
-        role = str(m.get("role", "user"))
-        out.append({"role": "system" if role == "developer" else role, "content": message_text(m.get("content"))})
+        role = str(m.get("role") or "user")
+        text = message_text(m.get("content"))
+        if not text and isinstance(m.get("refusal"), str):
+            text = m["refusal"]
+        out.append({"role": "system" if role == "developer" else role, "content": text})
     return out
 
 

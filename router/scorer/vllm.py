@@ -66,7 +66,8 @@ class VllmScorer:
         model_cfg = json.loads((folder.path / "config.json").read_text())
         hidden = int(model_cfg.get("text_config", model_cfg)["hidden_size"])
         self.cfg = cfg
-        self.encoder = PromptEncoder(folder.path, cfg.max_prompt_tokens)
+        self.encoder = PromptEncoder(folder.path, cfg.max_prompt_tokens, conversation=cfg.conversation,
+                                     context_tokens=cfg.context_tokens)
         self.info: ScorerInfo = describe(
             model=folder.name, weights_sha256=folder.weights_sha256, template=self.encoder.template,
             layers=cfg.layers, pooling=cfg.pooling, final_norm=cfg.final_norm, hidden_size=hidden)

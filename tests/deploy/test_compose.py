@@ -33,6 +33,8 @@ def test_each_pool_model_has_a_vllm_server_on_a_gpu(resolved: dict[str, Any], se
     command = svc["command"]
     assert command[command.index("--model") + 1] == model
     assert command[command.index("--port") + 1] == "8000"
+    # tool calling on, with the parser Qwen2.5's chat template writes for (a request with tools is no 400)
+    assert "--enable-auto-tool-choice" in command and command[command.index("--tool-call-parser") + 1] == "hermes"
     devices = svc["deploy"]["resources"]["reservations"]["devices"]
     assert devices and devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
     assert "/health" in " ".join(svc["healthcheck"]["test"])

@@ -22,6 +22,28 @@ def dashboard_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
+LEARNING_ROW = "Learning from traffic"  # its panels need a gateway that learns (test_prometheus_dashboard)
+
+
+def dashboard_exprs_by_row(dashboard: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    """``dashboard_exprs`` grouped by the row each panel sits under (by position; "" before the first row)."""
+    rows: dict[str, list[tuple[str, str]]] = {}
+    current = ""
+    for panel in sorted(dashboard["panels"], key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])):
+        if panel["type"] == "row":
+            current = panel["title"]
+        for p in [panel, *panel.get("panels", [])]:
+            rows.setdefault(current, []).extend((p["title"], t["expr"]) for t in p.get("targets", []))
+    return rows
+
+
+def test_rows_hold_every_query() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    rows = dashboard_exprs_by_row(dashboard)
+    assert sorted(e for exprs in rows.values() for e in exprs) == sorted(dashboard_exprs(dashboard))
+    assert any(title.startswith(LEARNING_ROW) for title in rows)
+
+
 @pytest.fixture(scope="module")
 def dashboard() -> dict[str, Any]:
     return json.loads(DASHBOARD.read_text())

@@ -37,7 +37,7 @@ from router.app import create_app, create_metrics_app
 from router.config import ScorerConfig, Settings
 from router.routing import load_probe_groups
 from router.scorer.features import FeatureExtractor
-from tests.deploy.test_grafana import dashboard_exprs
+from tests.deploy.test_grafana import LEARNING_ROW, dashboard_exprs_by_row
 from tests.deploy.tools import DASHBOARD, PROMETHEUS_CONFIG, run, tool
 from tests.support.probes import write_constant_probes
 from tests.support.servers import FakeBackend, free_port, serve
@@ -50,8 +50,11 @@ SCRAPE_S = 1.0
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
 # Grafana's variables, as a dashboard viewer's defaults would set them
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m", "$backend": ".*"}
+ROWS = dashboard_exprs_by_row(yaml.safe_load(DASHBOARD.read_text()))
 EXPRS = [pytest.param(expr, id=f"{title} {i}") for i, (title, expr) in
-         enumerate(dashboard_exprs(yaml.safe_load(DASHBOARD.read_text())))]
+         enumerate(e for row, exprs in ROWS.items() if not row.startswith(LEARNING_ROW) for e in exprs)]
+LEARNING_EXPRS = [pytest.param(expr, id=f"{title} {i}") for i, (title, expr) in
+                  enumerate(e for row, exprs in ROWS.items() if row.startswith(LEARNING_ROW) for e in exprs)]
 
 
 def to_promql(expr: str) -> str:
@@ -377,3 +380,45 @@ def test_backend_up_follows_the_circuits(live: Live) -> None:
         assert time.monotonic() < deadline, f"the dead backend still counts as up: {up}"
         time.sleep(0.5)
     assert up == {"small": 1, "large": 1, "dead": 0}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The learning row: a gateway that explores, holds a target and learns from its ratings
+
+
+@pytest.fixture(scope="module")
+def learning_live(tmp_path_factory: pytest.TempPathFactory, tiny_scorer_cfg: ScorerConfig,
+                  tiny_extractor: FeatureExtractor) -> Iterator[Prometheus]:
+    folder = tmp_path_factory.mktemp("prometheus-learning")
+    probes = write_constant_probes(folder, tiny_extractor.info, {"small": 0.70, "large": 0.95})
+    small, large = FakeBackend("org/small", "small says 4"), FakeBackend("org/large", "large says 4")
+    with serve(small.app) as small_url, serve(large.app) as large_url:
+        settings = Settings(
+            scorer=tiny_scorer_cfg, server={"metrics_port": free_port()},
+            policy={"threshold": 0.8, "explore": 0.2, "target": {"kind": "dear_share", "value": 0.5,
+                                                                 "min_requests": 20, "refresh_s": 0.2}},
+            backends=[backend("small", small_url, probes["small"]), backend("large", large_url, probes["large"])],
+            learning={"enabled": True, "store": str(folder / "examples.sqlite3"), "registry": str(folder / "registry"),
+                      "refit_every_labels": 10, "refit_interval_s": 0.3, "min_labels": 10, "guard_min_labels": 10},
+        )
+        with (gateway(settings) as (url, metrics_host),
+              prometheus(folder, lambda own: scrape_config([metrics_host], metrics_host, own)) as prom):
+            for round_ in range(ROUNDS):
+                for i in range(60):  # explored at 0.2: P(none of 60 explored) = 0.8^60, about 1e-6
+                    r = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+                        "model": "router", "messages": [{"role": "user", "content": f"{round_}: {i} + 2?"}]})
+                    assert r.status_code == 200
+                    rate(url, r.headers["x-router-request-id"], {"correct": i % 3 == 0})
+                deadline = time.monotonic() + 20
+                while "router_learning_guard{" not in httpx.get(f"http://{metrics_host}/metrics").text:
+                    assert time.monotonic() < deadline, "the learner made no pass"
+                    time.sleep(0.2)
+                prom.wait_for_scrape_after(time.time())
+            yield prom
+
+
+@pytest.mark.parametrize("expr", LEARNING_EXPRS)
+def test_every_learning_query_returns_data(learning_live: Prometheus, expr: str) -> None:
+    result = learning_live.query(to_promql(expr))
+    assert result, f"no data for {to_promql(expr)}"
+    assert any(math.isfinite(float(r["value"][1])) for r in result), f"only NaN/Inf for {to_promql(expr)}: {result}"

@@ -15,7 +15,7 @@ from router.edge import server_options
 from router.routing import load_probe_groups
 from router.scorer.source import resolve_model, truncate_model
 from router.scorer.vllm import vllm_pooling_args
-from scripts.vllm_cpu import VllmServer, start_vllm, wait_ready
+from scripts.vllm_cpu import VllmServer, standin_args, start_vllm, wait_ready
 from tests.conftest import ROOT
 from tests.support.servers import free_port, serve
 
@@ -34,7 +34,7 @@ class Pool:
         core = [b.name for b in self.settings.backends].index(name) % 2
         names = [f"standin-{name}", self.settings.backend(name).model]
         self.servers[name] = start_vllm(self.model_dir, old.port, names, core=core,
-                                        log_path=self.logs / f"{name}-restarted.log")
+                                        log_path=self.logs / f"{name}-restarted.log", extra_args=standin_args())
         wait_ready([self.servers[name]], timeout_s=600)
         return self.servers[name]
 
@@ -49,7 +49,7 @@ def vllm_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         for core, backend in enumerate(settings.backends):
             servers[backend.name] = start_vllm(
                 model_dir, free_port(), [f"standin-{backend.name}", backend.model], core=core % 2,
-                log_path=logs / f"{backend.name}.log")
+                log_path=logs / f"{backend.name}.log", extra_args=standin_args())
         wait_ready(list(servers.values()), timeout_s=600)
         backends = [b.model_copy(update={"base_url": servers[b.name].base_url}) for b in settings.backends]
         # A fallback makes "nothing clears the threshold" deterministic: the dearest backend.

@@ -11,6 +11,7 @@ on its port (both replicas score again); Redis stopped and started again.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import signal
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -160,19 +162,50 @@ def test_the_balancer_serves_the_openai_sdk_and_feedback_from_either_replica(fle
         assert httpx.post(f"{fleet.url}/v1/feedback", json={"id": answer_id, "correct": True}).status_code == 404
 
 
+def test_conversations_through_the_balancer_continue_on_either_replica(fleet: Fleet) -> None:
+    clients = [openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+               for url in (fleet.replica_url(0), fleet.replica_url(1), fleet.url)]
+    previous = None
+    for i, client in enumerate(clients):  # each turn on another replica: the conversation is in Redis
+        answer = client.responses.create(model="router", input="What is 2+2?" if i == 0 else "And times 3?",
+                                         previous_response_id=previous, max_output_tokens=6, stream=i == 2)
+        if i == 2:
+            events = list(answer)
+            assert events[-1].type == "response.completed"
+        else:
+            assert answer.output_text
+            previous = answer.id
+    session, messages, reasons = {"x-session-id": "fleet-conversation"}, [], []
+    for i, client in enumerate(clients):
+        messages.append({"role": "user", "content": MESSAGES[0]["content"] if i == 0 else "And then?"})
+        raw = client.chat.completions.with_raw_response.create(model="router", messages=messages, max_tokens=6,
+                                                               extra_headers=session)
+        messages.append({"role": "assistant", "content": raw.parse().choices[0].message.content or ""})
+        reasons.append((raw.headers["x-router-backend"], raw.headers["x-router-reason"]))
+    assert [r for _, r in reasons[1:]] == ["affinity", "affinity"]  # the pin is shared by the replicas
+    assert len({b for b, _ in reasons}) == 1
+    decision = httpx.post(f"{fleet.url}/v1/route", headers=session,
+                          json={"model": "router", "messages": messages}).json()
+    assert (decision["backend"], decision["reason"]) == (reasons[0][0], "affinity")
+
+
 async def _load(url: str, on_answer) -> list[httpx.Response | Exception]:  # type: ignore[no-untyped-def]
     body = {"model": "router", "max_tokens": 16, "messages": MESSAGES}
     slots = asyncio.Semaphore(CONCURRENCY)
+    run = uuid.uuid4().hex[:8]
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(keepalive_expiry=None)) as client:
         async def one(i: int) -> httpx.Response | Exception:
+            # a prompt no other request (of this load or an earlier one) asked: the score cache would decide a
+            # repeated one without the scorer
+            asked = {**body, "messages": [{"role": "user", "content": f"[{run}] What is {i} * 7?"}]}
             async with slots:
                 try:
                     if i % 2:  # a stream, read to its end
                         async with client.stream("POST", f"{url}/v1/chat/completions",
-                                                 json={**body, "stream": True}) as r:
+                                                 json={**asked, "stream": True}) as r:
                             await r.aread()
                     else:
-                        r = await client.post(f"{url}/v1/chat/completions", json=body)
+                        r = await client.post(f"{url}/v1/chat/completions", json=asked)
                 except httpx.HTTPError as e:
                     on_answer(e)
                     return e
@@ -253,8 +286,9 @@ def test_the_scorer_sigkilled_under_load_behind_the_balancer_then_restarted(flee
         if r.headers["content-type"].startswith("text/event-stream"):
             assert r.content.rstrip().endswith(b"data: [DONE]")  # the backends are up: every stream complete
     unscored = [r for r in responses if r.headers["x-router-reason"] == "unscored"]
+    routes = Counter((r.headers["x-router-reason"], r.headers.get("x-router-stage")) for r in responses)
     print(f"\nscorer killed under load behind the balancer: {REQUESTS} requests, {len(unscored)} unscored, "
-          "0 unanswered")
+          f"0 unanswered; (reason, stage): {dict(routes)}")
     assert len(unscored) >= REQUESTS - KILL_AFTER - CONCURRENCY
     assert all(r.headers["x-router-backend"] == settings.policy.fallback for r in unscored)
     assert all("x-router-scorer-ms" not in r.headers for r in unscored)
@@ -273,9 +307,10 @@ def test_the_scorer_sigkilled_under_load_behind_the_balancer_then_restarted(flee
     wait_ready([restarted], timeout_s=300)
     for i in (0, 1):  # scoring resumes on both replicas
         deadline = time.monotonic() + 60
-        while True:
-            r = httpx.post(f"{fleet.replica_url(i)}/v1/chat/completions", timeout=60,
-                           json={"model": "router", "max_tokens": 2, "messages": MESSAGES})
+        for n in itertools.count():  # distinct prompts, so the score cache cannot answer for the scorer
+            r = httpx.post(f"{fleet.replica_url(i)}/v1/chat/completions", timeout=60, json={
+                "model": "router", "max_tokens": 2,
+                "messages": [{"role": "user", "content": f"Is {n} prime? (replica {i})"}]})
             assert r.status_code == 200
             if r.headers["x-router-reason"] != "unscored":
                 break

@@ -6,9 +6,11 @@ they were mid-answer on the server that died, which end with an explicit error e
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
+import uuid
 
 import httpx
 import pytest
@@ -31,6 +33,7 @@ async def _load(url: str, on_answer, threshold: str | None = "0") -> list[httpx.
     threshold header sends everything to the cheap backend."""
     body = {"model": "router", "max_tokens": 4, "messages": [{"role": "user", "content": "What is 6 * 7?"}]}
     slots = asyncio.Semaphore(CONCURRENCY)
+    run = uuid.uuid4().hex[:8]
     # The kill below blocks this loop for up to 10 s. httpx's pool, given its default 5 s keep-alive expiry, may
     # then close an idle connection it has just handed to a request that has not run yet (ClosedResourceError
     # on the client: a client-side race, nothing reached the gateway). No expiry here; the gateway keeps
@@ -38,10 +41,13 @@ async def _load(url: str, on_answer, threshold: str | None = "0") -> list[httpx.
     limits = httpx.Limits(keepalive_expiry=None)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         async def one(i: int) -> httpx.Response:
+            # a prompt no other request (of this load or an earlier one) asked: the score cache would decide a
+            # repeated one without the scorer
+            asked = {**body, "messages": [{"role": "user", "content": f"[{run}] What is {i} * 7?"}]}
             async with slots:
                 stream = i % 2 == 1
                 headers = {"x-router-threshold": threshold} if threshold is not None else {}
-                r = await client.post(f"{url}/v1/chat/completions", json={**body, "stream": stream}, headers=headers)
+                r = await client.post(f"{url}/v1/chat/completions", json={**asked, "stream": stream}, headers=headers)
                 on_answer(r)
                 return r
         return await asyncio.gather(*(one(i) for i in range(REQUESTS)))
@@ -125,9 +131,11 @@ def test_killing_the_vllm_scorer_under_load_routes_unscored_at_once_and_it_rejoi
 
         vllm_scorer.restart()
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
-                           json={"model": "router", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+        for n in itertools.count():  # distinct prompts, so the score cache cannot answer for the scorer
+            if time.monotonic() >= deadline:
+                break
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "model": "router", "max_tokens": 2, "messages": [{"role": "user", "content": f"Hi, is {n} even?"}]})
             assert r.status_code == 200
             if r.headers["x-router-reason"] != "unscored":
                 break

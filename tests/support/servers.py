@@ -77,6 +77,8 @@ class FakeBackend:
             created = int(time.time())
             if body.get("stream"):
                 return StreamingResponse(self._stream(body, kind, created), media_type="text/event-stream")
+            if kind == "responses":
+                return JSONResponse(self._response(body, f"resp_{self.name}_{len(self.received)}", created))
             if kind == "chat":
                 choice = {"index": 0, "message": {"role": "assistant", "content": self.text}, "finish_reason": "stop"}
                 obj = "chat.completion"
@@ -92,11 +94,15 @@ class FakeBackend:
         async def completions(request: Request) -> Response:
             return await answer(request, "text")
 
+        async def responses(request: Request) -> Response:
+            return await answer(request, "responses")
+
         async def models() -> dict[str, Any]:
             return {"object": "list", "data": [{"id": self.name, "object": "model"}]}
 
         app.add_api_route("/v1/chat/completions", chat, methods=["POST"])
         app.add_api_route("/v1/completions", completions, methods=["POST"])
+        app.add_api_route("/v1/responses", responses, methods=["POST"])
         app.add_api_route("/v1/models", models, methods=["GET"])
         app.add_api_route("/health", lambda: {"ok": True}, methods=["GET"])
         return app
@@ -121,7 +127,21 @@ class FakeBackend:
             self.cancelled += 1
             raise
 
+    def _response(self, body: dict[str, Any], rid: str, created: int, status: str = "completed") -> dict[str, Any]:
+        """A Responses API response object, as vLLM writes it (the parts clients read)."""
+        done = status != "in_progress"
+        output = [{"type": "message", "id": f"msg_{rid}", "role": "assistant", "status": "completed",
+                   "content": [{"type": "output_text", "text": self.text, "annotations": []}]}] if done else []
+        usage = {"input_tokens": self.USAGE["prompt_tokens"], "output_tokens": self.USAGE["completion_tokens"],
+                 "total_tokens": self.USAGE["total_tokens"]} if done else None
+        return {"id": rid, "object": "response", "created_at": created, "model": body["model"], "status": status,
+                "output": output, "usage": usage, "previous_response_id": None}
+
     async def _chunks(self, body: dict[str, Any], kind: str, created: int):  # type: ignore[no-untyped-def]
+        if kind == "responses":
+            async for event in self._response_events(body, created):
+                yield event
+            return
         for n, word in enumerate(self.text.split(" ")):
             if self.break_stream_after is not None and n == self.break_stream_after:
                 raise RuntimeError("backend crashed mid-stream")  # uvicorn drops the connection
@@ -140,3 +160,20 @@ class FakeBackend:
                      "choices": [], "usage": self.USAGE}
             yield b"data: " + orjson.dumps(chunk) + b"\n\n"
         yield b"data: [DONE]\n\n"
+
+    async def _response_events(self, body: dict[str, Any], created: int):  # type: ignore[no-untyped-def]
+        """A Responses stream as vLLM sends it: created, one delta per word, completed (usage in it); no [DONE]."""
+        rid = f"resp_{self.name}_{len(self.received)}"
+
+        def event(kind: str, doc: dict[str, Any]) -> bytes:
+            return f"event: {kind}\ndata: ".encode() + orjson.dumps({**doc, "type": kind}) + b"\n\n"
+
+        yield event("response.created", {"response": self._response(body, rid, created, "in_progress")})
+        for n, word in enumerate(self.text.split(" ")):
+            if self.break_stream_after is not None and n == self.break_stream_after:
+                raise RuntimeError("backend crashed mid-stream")
+            if self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+            yield event("response.output_text.delta", {"delta": word + " ", "output_index": 0, "content_index": 0})
+            await asyncio.sleep(0)
+        yield event("response.completed", {"response": self._response(body, rid, created)})

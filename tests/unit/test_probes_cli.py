@@ -13,7 +13,7 @@ import yaml
 from probes.cli import build_parser, main
 from probes.data import load_dataset
 from router.config import load_settings
-from router.probe import load_probe
+from router.probe import ProbeError, load_probe
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / ".cache" / "SmolLM2-135M-Instruct"
@@ -109,6 +109,12 @@ def test_extract_train_eval_calibrate(workspace, tmp_path: Path, capsys) -> None
     text = config.read_text()
     assert "# keep me" in text
     assert yaml.safe_load(text)["policy"]["threshold"] == pytest.approx(chosen["threshold"], abs=1e-4)
+    # the probes trained above carry a text stage (the scorer has no block before 2 to stop at: no early stage);
+    # calibrate chose its margin for the new threshold on the same held-out estimates, and wrote it
+    assert "cascade margins for threshold" in printed
+    cascade = load_probe(settings.backend("small").probe).cascade
+    assert cascade["policy"]["threshold"] == pytest.approx(chosen["threshold"]) and set(cascade["margins"]) == {"text"}
+    assert "nested out-of-fold" in cascade["chosen_on"]
 
 
 def test_train_on_one_file_report_on_another_with_text_features(workspace, tmp_path: Path, capsys) -> None:
@@ -152,3 +158,67 @@ def test_train_on_one_file_report_on_another_with_text_features(workspace, tmp_p
     assert main(["recalibrate", *common, "--data", str(test), "--out", str(again)]) == 0
     redone = load_probe(again / "small.json")
     assert np.array_equal(redone.weight, small.weight) and "recalibrated" in redone.metrics
+
+
+def test_train_fits_the_cascade_stages_and_their_margins(workspace, tmp_path: Path) -> None:
+    """train writes version-3 files: a text-only and an early-block model per backend, the margins chosen for the
+    config's policy (and for other thresholds), one vocabulary per file; the gateway's probe set reads every
+    stage and the early stage's recipe matches a scorer cut at that block."""
+    from probes.cascade import THRESHOLD_GRID
+    from probes.extract import extract_features
+    from router.probe import ProbeSet, check_compatible, check_early_compatible
+
+    data, config = workspace
+    out = tmp_path / "probes"
+    assert main(["train", "--config", str(config), "--data", str(data), "--no-progress", "--folds", "2",
+                 "--early-layer", "1", "--cascade-agreement", "0.9", "--out", str(out)]) == 0
+    small, big = load_probe(out / "small.json"), load_probe(out / "big.json")
+    doc = json.loads((out / "small.json").read_text())
+    assert doc["version"] == 3 and doc["reads_text_features"] is False and set(doc["stages"]) == {"text", "early"}
+    assert small.text is None and small.stages["text"].text is not None and small.stages["early"].text is None
+    assert small.early_layer == 1 and small.stages["early"].scorer["layers"] == [1]
+    cascade = small.cascade
+    assert cascade == big.cascade and cascade["backends"] == ["small", "big"] and cascade["agreement"] == 0.9
+    assert cascade["policy"] == {"mode": "threshold", "threshold": 0.85, "fallback": None}
+    assert set(cascade["margins"]) == {"text", "early"} and cascade["agreement"] <= 1
+    assert sum(cascade["decided"].values()) == pytest.approx(1, abs=1e-3)
+    assert [e["threshold"] for e in cascade["by_threshold"]] == list(THRESHOLD_GRID)
+
+    settings = load_settings(config)
+    scorer_info = extract_features(settings.scorer, load_dataset(data), progress=False)[1].info
+    check_compatible(small, scorer_info, "small")
+    early_cfg = settings.scorer.model_copy(update={"layers": [1]})
+    early_info = extract_features(early_cfg, load_dataset(data), progress=False)[1].info
+    check_early_compatible(small, early_info, "small")
+    with pytest.raises(ProbeError, match="early stage"):
+        check_early_compatible(small, scorer_info, "small")
+
+    probes = ProbeSet(["small", "big"], [small, big])
+    assert probes.stages == ("text", "early") and probes.early_layer == 1
+    messages = [{"role": "user", "content": "What is 17*23?"}]
+    row = probes.text_row(messages)
+    text = probes.predict_text(row=row)
+    assert text == probes.predict_text(messages) and all(0 < v < 1 for v in text.values())
+    x1 = np.zeros(early_info.feature_dim, dtype=np.float32)
+    assert set(probes.predict_early(x1, row=row)) == {"small", "big"}
+    assert probes.margins() == pytest.approx(cascade["margins"])
+    # the stage's own file round trip gives the same estimates as the fitted text model
+    assert small.stages["text"].predict(small.stages["text"].text.dense([messages[0]["content"]]))[0] == \
+        pytest.approx(text["small"], abs=1e-6)
+
+
+def test_eval_routes_held_out_questions_by_the_cascade(workspace, tmp_path: Path, capsys) -> None:
+    data, config = workspace
+    report_dir = tmp_path / "report"
+    assert main(["eval", "--config", str(config), "--data", str(data), "--no-progress", "--folds", "2",
+                 "--bootstrap", "20", "--cascade", "--early-layer", "1", "--out", str(report_dir)]) == 0
+    assert "cascade: decided by text" in capsys.readouterr().out
+    cascade = json.loads((report_dir / "report.json").read_text())["cascade"]
+    at = cascade["at_policy"]
+    assert set(at["decided"]) == {"text", "early", "full"} and sum(at["decided"].values()) == pytest.approx(1, abs=1e-3)
+    assert len(at["margins_per_fold"]) == 2 and 0 <= at["agreement"] <= 1
+    assert {"cascade", "full", "text_alone", "early_alone"} <= set(at)
+    assert set(cascade["frontier"]["apgr"]) >= {"cascade", "full", "full_every_threshold"}
+    assert cascade["held_out_auroc"]["small"].keys() == {"text", "early", "full"}
+    assert (report_dir / "cascade_frontier.png").stat().st_size > 1000
+    assert "## Cascade" in (report_dir / "report.md").read_text()

@@ -16,9 +16,11 @@ from probes.pool import (
     oracle_choices,
     pool_report,
     threshold_choices,
+    threshold_radius,
     utility_choices,
+    utility_radius,
 )
-from router.policy import Option, choose_by_threshold, choose_by_utility
+from router.policy import Option, Rule, choose_by_threshold, choose_by_utility, decision_radius
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -93,3 +95,37 @@ def test_pool_report_with_perfect_estimates(tmp_path: Path) -> None:
         assert m["accuracy"] == pytest.approx(y[np.arange(len(y)), choice].mean(), abs=1e-4)
     reached = [m["margin"] for m in held["margins"] if m["accuracy"] >= best["accuracy"] - 1e-12]
     assert held["smallest_reaching_best_single"] == (reached[0] if reached else None)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.35, 0.7, 1.01])
+@pytest.mark.parametrize("fallback", [None, 0, 2])
+def test_threshold_radius_equals_the_gateway_policy(threshold: float, fallback: int | None) -> None:
+    p, _, cost = _random(seed=3)
+    p = np.where(np.random.default_rng(4).uniform(size=p.shape) < 0.5, p, p + 0.05)  # ties and near ties
+    choice, radius = threshold_radius(p, cost, NAMES, threshold, fallback)
+    rule = Rule("threshold", threshold=threshold, fallback=None if fallback is None else NAMES[fallback])
+    for i in range(len(p)):
+        options = [Option(n, float(cost[i, j]), float(p[i, j])) for j, n in enumerate(NAMES)]
+        decision, r = decision_radius(options, rule)
+        assert NAMES[choice[i]] == decision.backend
+        assert radius[i] == pytest.approx(r, abs=1e-12)
+
+
+@pytest.mark.parametrize(("cost_weight", "fallback", "margin"),
+                         [(0.0, None, 0.0), (0.5, None, 0.0), (0.0, 1, 0.05), (0.5, 3, 0.2), (3.0, 0, 0.1)])
+def test_utility_radius_equals_the_gateway_policy(cost_weight: float, fallback: int | None, margin: float) -> None:
+    p, _, cost = _random(seed=5)
+    choice, radius = utility_radius(p, cost, NAMES, cost_weight, fallback, margin)
+    rule = Rule("utility", cost_weight=cost_weight, fallback=None if fallback is None else NAMES[fallback],
+                margin=margin)
+    for i in range(len(p)):
+        options = [Option(n, float(cost[i, j]), float(p[i, j])) for j, n in enumerate(NAMES)]
+        decision, r = decision_radius(options, rule)
+        assert NAMES[choice[i]] == decision.backend
+        assert radius[i] == pytest.approx(r, abs=1e-12)
+
+
+def test_one_backend_is_always_clear() -> None:
+    p, cost = np.array([[0.2], [0.9]]), np.ones((2, 1))
+    assert np.isinf(threshold_radius(p, cost, ["a"], 0.5)[1]).all()
+    assert np.isinf(utility_radius(p, cost, ["a"], 0.5)[1]).all()

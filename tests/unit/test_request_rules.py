@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from starlette.datastructures import Headers
 
-from router.config import PolicyConfig, ScorerConfig
+from router.affinity import Session, Verdict
+from router.config import AffinityConfig, PolicyConfig, ScorerConfig
 from router.errors import (
     AuthenticationFailed,
     HTTPRefusal,
@@ -24,13 +26,19 @@ from router.errors import (
 )
 from router.http import error_response, status_of
 from router.metrics import Metrics
+from router.policy import Reason
 from router.probe import ProbeSet, load_probe
+from router.protocols import ChatProtocol, ResponsesProtocol
 from router.request import Resolver, estimate_tokens
-from router.routing import ProbeGroup, Router
+from router.responses import ResponsesRequest, prepare
+from router.routing import ProbeGroup, Routed, Router
 from router.schemas import ChatCompletionRequest, CompletionRequest
 from router.scorer.interface import Scored
 from router.scorer.recipe import ScorerInfo
+from router.session_state import LocalAffinity
+from router.text_features import prompt_text
 from router.upstream import Relay
+from tests.support.fakes import ViewEncoder
 from tests.support.stack import make_settings
 
 INFO = ScorerInfo(model="m", layers=(2,), pooling="last", final_norm=True, hidden_size=4, feature_dim=4,
@@ -72,17 +80,17 @@ def test_completions_read_text_prompts_and_count_token_id_prompts() -> None:
 
 class _Scorer:
     info = INFO
-    encoder = None
+    encoder = ViewEncoder()
 
     async def score(self, messages: object, timeout_s: float | None = None, **_: object) -> Scored:
         return Scored(np.zeros(4, dtype=np.float32), prompt_tokens=3, queue_s=0.0, total_s=0.001)
 
 
-def _router(tmp_path: Path) -> Router:
+def _router(tmp_path: Path, affinity: LocalAffinity | None = None) -> Router:
     settings = make_settings(tmp_path, ScorerConfig(model=str(tmp_path)), INFO, "http://127.0.0.1:9",
                              "http://127.0.0.1:9")
     probes = ProbeSet([b.name for b in settings.backends], [load_probe(b.probe) for b in settings.backends])
-    return Router(settings, [ProbeGroup(_Scorer(), probes)], Metrics())  # type: ignore[list-item]
+    return Router(settings, [ProbeGroup(_Scorer(), probes)], Metrics(), affinity=affinity)  # type: ignore[list-item]
 
 
 def _ask(router: Router, model: str, backends: frozenset[str] | None, threshold: float | None = None):
@@ -103,6 +111,70 @@ def test_routing_keeps_to_the_keys_backends_and_raises_domain_errors(tmp_path: P
         _ask(router, "router", frozenset({"unprobed"}))
     with pytest.raises(NotFound):
         _ask(router, "no-such-model", None)
+
+
+def test_the_resolver_settles_a_responses_request_on_its_whole_conversation() -> None:
+    resolver = Resolver(PolicyConfig(threshold=0.7, expected_output_tokens=300))
+    body = {"model": "router", "input": "And times 3?", "instructions": "Be brief.", "max_output_tokens": 40,
+            "stream": True, "previous_response_id": "resp_1"}
+    req = ResponsesRequest.model_validate(body)
+    stored = [{"type": "message", "role": "user", "content": "What is 2+2?"},
+              {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "4"}]}]
+    call = resolver.responses(prepare(body, req, stored), req, threshold=None, client="k", backends=None)
+    r = call.request
+    assert (call.path, call.stream, r.output_tokens, r.threshold, r.routed) == ("responses", True, 40, 0.7, True)
+    assert isinstance(call.protocol, ResponsesProtocol) and call.conversation is not None
+    assert [m["role"] for m in r.messages] == ["system", "user", "assistant", "user"]
+    assert r.prompt_tokens == estimate_tokens(prompt_text(r.messages))
+    assert call.body["input"][-1]["content"] == "And times 3?" and "previous_response_id" not in call.body
+    assert isinstance(resolver.chat({"model": "m", "messages": [{"role": "user", "content": "q"}]},
+                                    ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "q"}]),
+                                    threshold=None, client="", backends=None).protocol, ChatProtocol)
+
+
+def test_the_resolver_names_the_sessions_of_routed_requests_scoped_by_key() -> None:
+    resolver = Resolver(PolicyConfig(), affinity=AffinityConfig())
+    messages = [{"role": "user", "content": "q"}]
+
+    def session(model: str = "router", client: str = "k", headers: dict[str, str] | None = None, **body: object):
+        doc = {"model": model, "messages": messages, **body}
+        return resolver.chat(doc, ChatCompletionRequest.model_validate(doc), threshold=None, client=client,
+                             backends=None, headers=Headers(headers or {})).request.session
+
+    named = session(headers={"X-Session-Id": "s1"})
+    assert named is not None and named.source == "header" and named.lookup
+    assert session(headers={"x-session-id": "s1"}, client="other").key != named.key  # another key's session
+    assert session(prompt_cache_key="s1").source == "prompt_cache_key"
+    first = session()
+    assert first is not None and first.source == "opening" and not first.lookup  # a first turn only pins
+    assert session(model="small", headers={"x-session-id": "s1"}) is None  # a named backend: no affinity
+    assert Resolver(PolicyConfig(), affinity=AffinityConfig(enabled=False)).session(
+        "router", Headers({"x-session-id": "s"}), {}, messages, "k") is None
+
+
+def test_routing_keeps_a_session_on_its_pin_looked_up_while_scoring(tmp_path: Path) -> None:
+    store = LocalAffinity(10, 60)
+    router = _router(tmp_path, store)
+    resolver = Resolver(router.policy, affinity=AffinityConfig())
+
+    def route(threshold: float, available: set[str], messages: list | None = None) -> Routed:
+        request = resolver.routable("router", [{"role": "user", "content": "q"}] if messages is None else messages,
+                                    prompt_tokens=1, max_tokens=None, threshold=threshold, client="k",
+                                    backends=None, session=Session("s", "header", True))
+        return asyncio.run(router.route(request, available=available))
+
+    fresh = route(0.5, {"small", "large"})
+    assert (fresh.decision.backend, fresh.affinity.verdict, fresh.affinity.pin) == ("small", Verdict.NEW, True)
+    asyncio.run(store.pin("s", "small"))
+    kept = route(0.75, {"small", "large"})  # fresh: large; small's 0.70 is within the break margin of 0.75
+    assert (kept.decision.backend, kept.decision.reason, kept.decision.order) == ("small", Reason.AFFINITY,
+                                                                                  ("small", "large"))
+    assert kept.probabilities["small"] == pytest.approx(0.70, abs=1e-3)
+    assert route(0.9, {"small", "large"}).affinity.verdict is Verdict.ESTIMATE
+    assert route(0.5, {"large"}).affinity.verdict is Verdict.UNAVAILABLE
+    unscored = route(0.9, {"small", "large"}, messages=[])  # no estimate is no reason to move it
+    assert (unscored.decision.backend, unscored.affinity.verdict) == ("small", Verdict.KEPT)
+    assert _ask(router, "small", None).affinity is None  # a named backend: affinity does not apply
 
 
 @pytest.mark.parametrize(("error", "status"), [

@@ -36,6 +36,7 @@ def test_no_generated_request_gets_a_server_error(mode: schemathesis.GenerationM
             schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
             operations = [result.ok() for result in schema.get_all_operations()]
             assert {op.label for op in operations} >= {"POST /v1/chat/completions", "POST /v1/completions",
+                                                        "POST /v1/responses", "POST /v1/route",
                                                         "POST /v1/feedback", "GET /v1/models"}
             for operation in operations:
                 if not operation.body:  # nothing to generate: one plain call

@@ -16,6 +16,7 @@ from router.request import Resolver
 from router.routing import ProbeGroup, Router
 from router.scorer.interface import Scored, ScorerUnavailable
 from router.scorer.recipe import Message, ScorerInfo
+from tests.support.fakes import ViewEncoder
 from tests.support.stack import make_settings
 
 INFO = ScorerInfo(model="m", layers=(2,), pooling="last", final_norm=True, hidden_size=4, feature_dim=4,
@@ -26,7 +27,7 @@ class KeyedScorer:
     """Remembers whose prompts it scored; refuses the key named ``refuse`` as over its share."""
 
     info = INFO
-    encoder = None
+    encoder = ViewEncoder()
 
     def __init__(self, refuse: str = "") -> None:
         self.keys: list[str] = []

@@ -1,5 +1,6 @@
 """The shape of the code: no import circles, router/ never imports probes/, and everything outside router/ reaches
-it through its public faces (``router`` and ``router.scorer``; ``probes``), never through private modules."""
+it through its public faces (``router``, ``router.scorer`` and ``router.learning``; ``probes``), never through
+private modules."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FACES = {"router", "router.scorer", "probes"}
+FACES = {"router", "router.scorer", "router.learning", "probes"}
 
 
 def _module_name(path: Path) -> str:
@@ -95,7 +96,7 @@ def test_code_outside_router_uses_only_its_public_faces(folder: str) -> None:
     assert not private, "\n".join(private)
 
 
-@pytest.mark.parametrize("face", ["router", "router.scorer", "probes"])
+@pytest.mark.parametrize("face", ["router", "router.scorer", "router.learning", "probes"])
 def test_every_public_name_resolves(face: str) -> None:
     import importlib
 

@@ -1,4 +1,4 @@
-"""The scorer's OpenMP wait policies side by side: ``python -m loadtest.wait_policy [--rounds 2] [--prompts 32]``.
+"""The scorer's OpenMP wait policies side by side: ``python -m research.perf.wait_policy [--rounds 2] [--prompts 32]``.
 
 OpenMP reads its wait settings when it loads, so each (round, policy) runs in a fresh process: the packed pass at
 batch 1 after 20 ms idle (median latency: what a lone request pays) and at batch 8 back to back (prompts/s), with
@@ -44,7 +44,7 @@ def measure(config: Path, policy: str, prompts: int) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.wait_policy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m research.perf.wait_policy", description=__doc__)
     parser.add_argument("--config", type=Path, default=Path("config.yaml"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=32)
@@ -55,7 +55,7 @@ def main() -> None:
         return
     for r in range(args.rounds):
         for policy in POLICIES:
-            out = subprocess.run([sys.executable, "-m", "loadtest.wait_policy", "--config", str(args.config),
+            out = subprocess.run([sys.executable, "-m", "research.perf.wait_policy", "--config", str(args.config),
                                   "--prompts", str(args.prompts), "--policy", policy],
                                  capture_output=True, text=True, check=True).stdout
             print(json.dumps({"round": r + 1, **json.loads(out.strip().splitlines()[-1])}), flush=True)

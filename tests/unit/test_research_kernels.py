@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loadtest.kernels import kernels
+from research.perf.kernels import kernels
 
 
 def test_every_kernel_computes_the_projection(tmp_path) -> None:

@@ -1,6 +1,6 @@
 """The scorer's projections through other matrix-multiply kernels, at the packed pass's shapes, on this CPU.
 
-``python -m loadtest.kernels [--rows 656] [--threads 2]`` times, for each projection of a SmolLM2-135M block
+``python -m research.perf.kernels [--rows 656] [--threads 2]`` times, for each projection of a SmolLM2-135M block
 (q|k|v fused 576→960, o 576→576, gate|up fused 576→3,072, down 1,536→576) at ``rows`` tokens (8 GSM8K prompts
 after the shared prefix), GFLOP/s of:
 
@@ -123,7 +123,7 @@ def kernels(x: torch.Tensor, w: torch.Tensor, threads: int, tmp: str) -> dict[st
 def main() -> None:
     import tempfile
 
-    parser = argparse.ArgumentParser(prog="python -m loadtest.kernels", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m research.perf.kernels", description=__doc__)
     parser.add_argument("--rows", type=int, default=656)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
