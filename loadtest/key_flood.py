@@ -227,7 +227,8 @@ def main() -> None:
             # waiting for more than 5 s) may abort it after it printed
             rounds[scheduling].append({**json.loads(lines[-1]), "round": r, "exit_status": out.returncode})
             print(f"round {r} {scheduling}: B p50 alone {rounds[scheduling][-1]['b_alone_s']['p50']} s, "
-                  f"in the flood {rounds[scheduling][-1]['b_flood_s']['p50']} s", file=sys.stderr, flush=True)
+                  f"in the flood {rounds[scheduling][-1]['b_flood_s']['p50']} s; "
+                  + json.dumps(rounds[scheduling][-1]), file=sys.stderr, flush=True)  # kept if the run is stopped
     print(json.dumps({"questions": args.questions, "flood": args.flood, "prompt_mb": args.prompt_mb,
                       "rounds": args.rounds, "median": {s: medians(rs) for s, rs in rounds.items()},
                       "per_round": rounds}))

@@ -350,8 +350,15 @@ async def test_local_scorer_scores_long_prompts_in_chunks_with_the_features_of_o
         assert scorer._batcher is not None and scorer._batcher._chunk == 30
         scored = await asyncio.gather(scorer.score(long, key="a"), scorer.score(short, key="b"),
                                       scorer.score(long, key="c", early=EarlyExit(1, lambda f: True)))
+        # a short prompt's early exit is still honoured, alone and beside a long prompt's last chunk
+        exits = await asyncio.gather(scorer.score(short, key="d", early=EarlyExit(1, lambda f: True)),
+                                     scorer.score(long, key="e"),
+                                     scorer.score(short, key="f", early=EarlyExit(1, lambda f: True)))
     finally:
         await scorer.aclose()
+    for stopped in (exits[0], exits[2]):
+        assert stopped.stopped and stopped.features is None and stopped.early is not None
+    assert exits[1].features is not None
     ids = [tiny_extractor.encoder.encode(m) for m in (long, short)]
     assert len(ids[0]) > 2 * 30 and len(ids[1]) <= 30
     whole = tiny_extractor.features_from_ids(ids)
@@ -359,7 +366,7 @@ async def test_local_scorer_scores_long_prompts_in_chunks_with_the_features_of_o
         assert s.features is not None
         np.testing.assert_allclose(s.features, expected, rtol=1e-5, atol=1e-5)
     assert not scored[2].stopped and scored[2].early is None  # a chunked prompt takes no early exit
-    assert sum(chunks) == 2 * -(-len(ids[0]) // 30)  # both long prompts, in chunks
+    assert sum(chunks) == 3 * -(-len(ids[0]) // 30)  # every long prompt, in chunks
     off = LocalScorer(tiny_extractor, tiny_extractor.cfg.model_copy(update={"chunk_tokens": 0}))
     await off.start()
     try:
