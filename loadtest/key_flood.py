@@ -13,7 +13,7 @@ its own), the configured local scorer (``LocalScorer``, as the gateway runs it) 
 
 Schedulings: ``chunked`` (the shipped batcher: per-key queues in deficit round robin by tokens, at most
 ``max_batch_tokens`` tokens to a pass, and a prompt longer than ``scorer.chunk_tokens`` scored in chunks of that
-many tokens, other passes between them; ``--chunk-tokens`` sets them, default the config's, else 256; ``chunkedN``
+many tokens, other passes between them; ``--chunk-tokens`` sets them, default the config's, else 128; ``chunkedN``
 with N tokens, so that one run compares sizes), ``fair``
 (the same without chunks: ``chunk_tokens: 0``) and ``fifo`` (the batcher with both keys as one, no token cap and no
 chunks: first come, first served, batches of up to ``max_batch_size`` prompts whatever their length, as before
@@ -42,7 +42,7 @@ from typing import Any
 from loadtest.prompts import questions
 
 SCHEDULINGS = ("fifo", "fair", "chunked")
-DEFAULT_CHUNK_TOKENS = 256
+DEFAULT_CHUNK_TOKENS = 128
 
 
 def rss_mb() -> float:
