@@ -147,6 +147,26 @@ class ScorerConfig(_Strict):
         "runs alone): the pass another key's request waits behind stays about this short; None: max_prompt_tokens. "
         "Keys share the passes by tokens, in deficit round robin (router/scorer/batcher.py)",
     )
+    chunk_tokens: int | None = Field(
+        0, ge=0, description="the local scorer scores a prompt longer than this in chunks of this many tokens, one "
+        "forward pass each, and other requests' passes run between them: a pass cannot be interrupted, so a request "
+        "waits for about one chunk's pass behind a long prompt instead of the whole prompt's. A pass that holds a "
+        "chunk holds at most this many tokens, and a key's turn in the round robin is this many tokens. The "
+        "features are the unchunked pass's (within float rounding). Between its chunks a prompt keeps its keys and "
+        "values (2 x blocks run x key/value width x its tokens x 4 bytes: 23.6 MB for SmolLM2-135M's 15 blocks, "
+        "width 192, at 1,024 tokens in float32; at most max_chunked_prompts of them at once); a request that gives "
+        "up drops them at the next chunk boundary. A chunked prompt takes no early exit. The packed pass only "
+        "(packing: true); 0 or None (the default): every prompt in one pass. Measured on a 2-core CPU "
+        "(research/perf/chunked-passes.md): 128 kept another key's p50 within 3x of its own during a flood of "
+        "1,024-token prompts (15x without chunks), at about 6% of plain throughput",
+    )
+    max_chunked_prompts: int = Field(
+        8, ge=1, description="with chunk_tokens: at most this many long prompts partway through their chunks at "
+        "once, over all keys, so that the keys and values they keep between chunks stay bounded (this many times "
+        "one prompt's, see chunk_tokens: 189 MB at the default for SmolLM2-135M at 1,024 tokens). Another long "
+        "prompt waits in its key's queue (holding its token ids only), its key's turn passing to the next key, "
+        "until one of them ends",
+    )
     max_queue: int = Field(
         256, ge=1, description="requests of one API key waiting for the local scorer (all anonymous requests count "
         "as one key); more are refused at once (queue_full) and routed unscored. A waiting request holds its token "

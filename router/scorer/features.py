@@ -16,7 +16,7 @@ import torch
 
 from router.config import ScorerConfig
 from router.scorer.cpu import compute_dtype
-from router.scorer.interface import EarlyExit
+from router.scorer.interface import Chunk, EarlyExit
 from router.scorer.packed import SUPPORTED_MODEL_TYPES, PackedDecoder
 from router.scorer.prompt import PromptEncoder
 from router.scorer.recipe import Message, ScorerInfo, describe
@@ -95,17 +95,27 @@ class FeatureExtractor:
                 hidden_size=self.info.hidden_size)
         return self._early_infos[layer]
 
+    @property
+    def chunks(self) -> bool:
+        """Whether a long prompt's pass can run in chunks (``Chunk``; the packed pass only)."""
+        return self.packed is not None
+
     @torch.inference_mode()
-    def staged_features_from_ids(self, batch: Sequence[Sequence[int]], exits: Sequence[EarlyExit | None]
+    def staged_features_from_ids(self, batch: Sequence[Sequence[int] | Chunk], exits: Sequence[EarlyExit | None]
                                  ) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
         """Per prompt, (its features at its early exit, or None without one; its configured features, or None where
         its exit stopped the pass). Exits this pass cannot take (``early_exit_info`` None) are ignored: those
-        prompts get their configured features and no early ones."""
+        prompts get their configured features and no early ones. A prompt may be a chunk of a long one (where
+        ``chunks``): it takes no exit, and gives (None, None) unless it is its prompt's last."""
         if len(exits) != len(batch):
             raise ValueError(f"{len(exits)} exits for {len(batch)} prompts")
-        exits = [e if e is not None and self.early_exit_info(e.layer) is not None else None for e in exits]
-        if self.packed is None or not any(exits):
-            return [(None, row) for row in self.features_from_ids(batch)]
+        exits = [e if e is not None and self.early_exit_info(e.layer) is not None and not isinstance(piece, Chunk)
+                 else None for e, piece in zip(exits, batch, strict=True)]
+        chunked = any(isinstance(piece, Chunk) for piece in batch)
+        if chunked and self.packed is None:
+            raise ValueError("a chunk of a long prompt: only the packed pass runs prompts in chunks")
+        if self.packed is None or not (chunked or any(exits)):
+            return [(None, row) for row in self.features_from_ids(batch)]  # type: ignore[arg-type]
         return self.packed.staged_features(batch, exits)
 
     @torch.inference_mode()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -65,12 +65,29 @@ class Scored:
     stopped: bool = False  # ``should_stop`` said stop: the pass ended at the early layer, ``features`` is None
 
 
+@dataclass(eq=False)
+class Chunk:
+    """One part of a long prompt's forward pass (``scorer.chunk_tokens``): the prompt's tokens ``ids[start:end]``,
+    run after ``ids[:start]``, whose keys and values the pass keeps in ``state`` between chunks (None before the
+    first; what it holds is the pass's own business). Only the last chunk (``end == len(ids)``) gives features."""
+
+    ids: Sequence[int]  # the whole prompt
+    start: int
+    end: int
+    state: Any = None
+
+    @property
+    def last(self) -> bool:
+        return self.end >= len(self.ids)
+
+
 @dataclass(frozen=True)
 class BatchStats:
     size: int
     forward_s: float
     tokens: int = 0  # the prompts' tokens
     stopped: int = 0  # prompts whose pass stopped at an early exit
+    chunks: int = 0  # parts of long prompts (``Chunk``) among the batch's ``size``
 
 
 class Scorer(Protocol):

@@ -1,5 +1,6 @@
 """The ``local`` scorer: the feature function in this process, micro-batched on ``scorer.workers`` worker threads,
-shared among keys by tokens (``router.scorer.batcher``), with early exits where the pass is packed."""
+shared among keys by tokens (``router.scorer.batcher``), with early exits and long prompts scored in chunks
+(``scorer.chunk_tokens``) where the pass is packed."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class LocalScorer:
 
     async def start(self, on_batch: Callable[[BatchStats], None] | None = None) -> None:
         threads = self.threads_per_worker()
+        chunk = (self.cfg.chunk_tokens or None) if self.extractor.chunks else None
         self._batcher = MicroBatcher(
             self.extractor.features_from_ids,
             max_batch_size=self.cfg.max_batch_size,
@@ -52,8 +54,10 @@ class LocalScorer:
             workers=self.cfg.workers,
             worker_setup=lambda: torch.set_num_threads(threads),
             max_batch_tokens=self.cfg.max_batch_tokens or self.cfg.max_prompt_tokens,
-            quantum_tokens=self.cfg.max_prompt_tokens,
+            quantum_tokens=chunk or self.cfg.max_prompt_tokens,
             staged=self.extractor.staged_features_from_ids if self.extractor.packed is not None else None,
+            chunk_tokens=chunk,
+            max_open_chunked=self.cfg.max_chunked_prompts,
         )
 
     def threads_per_worker(self) -> int:

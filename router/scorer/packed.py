@@ -16,24 +16,35 @@ prompt's features there are pooled as the configured ones are and handed to its 
 leave the pass (the rows of those that go on are packed anew, their states kept), and the blocks after run only
 for the others. A prompt that goes on pays one more pooling of the early block's rows and, if others stopped, a
 copy of its rows; its features are those of the plain pass (bit for bit when no prompt of its batch stopped).
+
+A long prompt may run in chunks (``router.scorer.interface.Chunk``, ``scorer.chunk_tokens``), one pass each, so
+that other prompts' passes run between them: a chunk attends to the shared prefix's keys and values (where the
+prompt continues it), to those of the prompt's earlier chunks, kept between passes as the prefix's are (``_Past``:
+per block, room for the whole prompt's; 2 × blocks × kv width × tokens × 4 bytes in float32, 23.6 MB for
+SmolLM2-135M's 15 blocks at 1,024 tokens), and causally to its own. Only the last chunk pools: ``last`` reads its
+last position; ``mean`` adds the sums of the earlier chunks' pooled states, kept per probed layer, as it adds the
+prefix's. The features are the unchunked pass's (within float32's rounding: the tests compare them). A chunked
+prompt takes no early exit: its earlier chunks need every block, and it is scored in full.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from router.scorer.cpu import native_cpu_dtype
-from router.scorer.interface import EarlyExit
+from router.scorer.interface import Chunk, EarlyExit
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+Piece = Sequence[int] | Chunk  # a whole prompt's token ids, or a chunk of a long one
 
 
 @dataclass(frozen=True)
@@ -46,31 +57,58 @@ class _Prefix:
     sums: dict[int, torch.Tensor]  # block -> sum over the prefix of its (normed) states, float32
 
 
+@dataclass(eq=False)
+class _Past:
+    """A long prompt's pass between its chunks: per block, the keys and values of its tokens run so far (the shared
+    prefix's copied in first where it continues it), in room for all its tokens; the sums of its pooled states so
+    far per probed layer (``mean`` pooling)."""
+
+    length: int  # the prompt's tokens
+    prefixed: bool  # continues the shared prefix (whose keys and values fill the first ``skip`` places)
+    skip: int  # tokens not computed: the shared prefix's where it continues it, else 0
+    done: int  # tokens whose keys and values are kept (the end of the chunk run last)
+    keys: list[torch.Tensor]  # per block: (kv_heads, length, head_dim), rotary applied
+    values: list[torch.Tensor]
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for t in (*self.keys, *self.values))
+
+
 @dataclass(frozen=True)
 class _Packing:
-    """Where each prompt's tokens sit in the packed sequence, and whether it continues the shared prefix."""
+    """Where each prompt's tokens sit in the packed sequence, and whether it continues the shared prefix; for a
+    chunk, its prompt's ``_Past`` and how many of the prompt's tokens come before its own (``seen``)."""
 
     starts: list[int]
     ends: list[int]
-    prefixed: list[bool]
+    prefixed: list[bool]  # a whole prompt that continues the shared prefix (a chunk's ``_Past`` says for it)
     shared: int = 0  # length of the shared prefix the prefixed prompts continue
     padding: int = 0  # rows after the last prompt's, in no prompt (``padded_rows``)
+    pasts: list[_Past | None] = field(default_factory=list)  # per prompt; empty: no chunk in the batch
+    seen: list[int] = field(default_factory=list)
 
     @property
     def last_rows(self) -> torch.Tensor:
         return torch.tensor([e - 1 for e in self.ends], dtype=torch.long)
 
+    def past(self, place: int) -> _Past | None:
+        return self.pasts[place] if self.pasts else None
+
     def masks(self) -> list[torch.Tensor | None]:
-        """Per prompt, which keys each of its positions sees when it continues the shared prefix (every prefix
-        key, then causal among its own); None where plain causal attention does. Built once a pass."""
+        """Per prompt, which keys each of its positions sees when keys come before its own (the shared prefix's,
+        a chunk's earlier ones): all of those, then causal among its own; None where plain causal attention does.
+        Built once a pass."""
         out: list[torch.Tensor | None] = []
-        for start, end, pre in zip(self.starts, self.ends, self.prefixed, strict=True):
-            if not (pre and self.shared):
+        for place, (start, end, pre) in enumerate(zip(self.starts, self.ends, self.prefixed, strict=True)):
+            before = self.seen[place] if self.past(place) is not None else self.shared if pre else 0
+            if not before:
                 out.append(None)
                 continue
             n = end - start
-            mask = torch.ones(n, self.shared + n, dtype=torch.bool)
-            mask[:, self.shared:] = torch.ones(n, n, dtype=torch.bool).tril()
+            mask = torch.ones(n, before + n, dtype=torch.bool)
+            mask[:, before:] = torch.ones(n, n, dtype=torch.bool).tril()
             out.append(mask)
         return out
 
@@ -109,29 +147,33 @@ class PackedDecoder:
         self.round_rows = True  # pad the packed rows to ``padded_rows`` (few distinct matrix shapes)
 
     @torch.inference_mode()
-    def features(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Token ids (one list per prompt) → pooled features, (len(batch), feature_dim), float32."""
+    def features(self, batch: Sequence[Piece]) -> torch.Tensor:
+        """Token ids (one list per prompt) → pooled features, (len(batch), feature_dim), float32. A chunk that is
+        not its prompt's last (``Chunk.last``) has a row that means nothing."""
         token_ids, positions, packing = self._pack(batch)
         pooled = self._run(token_ids, positions, packing, prefix=self.prefix)
         return torch.cat([pooled[layer] for layer in self.layers], dim=-1)
 
     @torch.inference_mode()
-    def staged_features(self, batch: Sequence[Sequence[int]], exits: Sequence[EarlyExit | None]
+    def staged_features(self, batch: Sequence[Piece], exits: Sequence[EarlyExit | None]
                         ) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
         """Per prompt, (its features at its early exit's layer, its configured features): the first None where it
-        asked for no exit, the second where its exit stopped the pass. Each exit's layer must come before the
-        deepest configured layer (``exit_layers``)."""
+        asked for no exit, the second where its exit stopped the pass, and both for a chunk that is not its
+        prompt's last. Each exit's layer must come before the deepest configured layer (``exit_layers``); a chunk
+        takes no exit."""
         if len(exits) != len(batch):
             raise ValueError(f"{len(exits)} exits for {len(batch)} prompts")
-        for e in exits:
+        for e, piece in zip(exits, batch, strict=True):
             if e is not None and e.layer not in self.exit_layers:
                 raise ValueError(f"an early exit at layer {e.layer}: this pass stops early at layers 1 to "
                                  f"{self.depth - 1}")
+            if e is not None and isinstance(piece, Chunk):
+                raise ValueError("a chunk of a long prompt takes no early exit")
         p = self.prefix
         token_ids, positions, packing = self._pack(batch)
         x = self.embed(token_ids)
         cos, sin = self._rotary(x, positions)
-        masks = packing.masks() if p is not None else [None] * len(packing.starts)
+        masks = packing.masks()
         live = list(range(len(batch)))  # the prompt (index in ``batch``) at each place of the packing
         kept: list[dict[int, torch.Tensor]] = [{} for _ in batch]  # configured layer -> pooled row
         early: list[np.ndarray | None] = [None] * len(batch)
@@ -160,35 +202,83 @@ class PackedDecoder:
                 if not staying:
                     break
                 x, cos, sin, packing = self._repack(x, cos, sin, packing, staying)
-                masks = packing.masks() if p is not None else [None] * len(packing.starts)
+                masks = packing.masks()
                 live = [live[place] for place in staying]
-        return [(early[i], None if stopped[i] else torch.cat([kept[i][layer] for layer in self.layers]).numpy())
-                for i in range(len(batch))]
+        return [(None, None) if isinstance(piece, Chunk) and not piece.last
+                else (early[i], None if stopped[i] else torch.cat([kept[i][layer] for layer in self.layers]).numpy())
+                for i, piece in enumerate(batch)]
 
     @property
     def exit_layers(self) -> range:
         """The layers an early exit may stop at: those before the deepest configured one."""
         return range(1, self.depth)
 
-    def _pack(self, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, _Packing]:
+    def _pack(self, batch: Sequence[Piece]) -> tuple[torch.Tensor, torch.Tensor, _Packing]:
         """The batch's token ids packed into one sequence (each prompt that continues the shared prefix without
-        it), their positions, and where each prompt sits."""
+        it; a chunk's own tokens), their positions, and where each prompt sits."""
         p = self.prefix
-        prefixed = [p is not None and len(ids) > len(p.ids) and list(ids[:len(p.ids)]) == p.ids for ids in batch]
         skip = len(p.ids) if p is not None else 0
-        tails = [list(ids[skip:]) if pre else list(ids) for ids, pre in zip(batch, prefixed, strict=True)]
+        prefixed, firsts, tails = [], [], []  # per piece: continues the prefix (whole prompts), first position, ids
+        pasts: list[_Past | None] = []
+        for piece in batch:
+            if isinstance(piece, Chunk):
+                past = self._past(piece)
+                first = max(piece.start, past.skip)
+                prefixed.append(False)
+                tails.append([int(t) for t in piece.ids[first:piece.end]])
+            else:
+                past = None
+                pre = p is not None and len(piece) > skip and [int(t) for t in piece[:skip]] == p.ids
+                first = skip if pre else 0
+                prefixed.append(pre)
+                tails.append([int(t) for t in piece[first:]])
+            firsts.append(first)
+            pasts.append(past)
         ends, total = [], 0
         for tail in tails:
             total += len(tail)
             ends.append(total)
         padding = padded_rows(total) - total if self.round_rows else 0
+        chunked = any(past is not None for past in pasts)
         packing = _Packing(starts=[e - len(t) for e, t in zip(ends, tails, strict=True)], ends=ends,
-                           prefixed=prefixed, shared=skip, padding=padding)
+                           prefixed=prefixed, shared=skip, padding=padding, pasts=pasts if chunked else [],
+                           seen=firsts if chunked else [])
         token_ids = torch.tensor([t for tail in tails for t in tail] + [0] * padding, dtype=torch.long)
-        positions = torch.cat([torch.arange(skip if pre else 0, (skip if pre else 0) + len(tail))
-                               for tail, pre in zip(tails, prefixed, strict=True)]
+        positions = torch.cat([torch.arange(first, first + len(tail))
+                               for tail, first in zip(tails, firsts, strict=True)]
                               + [torch.zeros(padding, dtype=torch.long)])
         return token_ids, positions, packing
+
+    def _past(self, chunk: Chunk) -> _Past:
+        """The chunk's prompt's pass so far (made at its first chunk, in ``chunk.state``), checked to end where the
+        chunk starts; marked as run up to the chunk's end."""
+        if not 0 <= chunk.start < chunk.end <= len(chunk.ids):
+            raise ValueError(f"a chunk of tokens {chunk.start} to {chunk.end} of a prompt of {len(chunk.ids)}")
+        past = chunk.state
+        if past is None:
+            if chunk.start:
+                raise ValueError(f"a prompt's first chunk starts at token {chunk.start}, not 0")
+            p = self.prefix
+            skip = len(p.ids) if p is not None else 0
+            # where the first chunk ends inside the prefix, the prompt is computed whole, without it
+            prefixed = p is not None and chunk.end > skip and [int(t) for t in chunk.ids[:skip]] == p.ids
+            dtype = self.embed.weight.dtype
+            shape = (self.kv_heads, len(chunk.ids), self.head_dim)
+            keys = [torch.empty(shape, dtype=dtype) for _ in self.blocks]
+            values = [torch.empty(shape, dtype=dtype) for _ in self.blocks]
+            if prefixed and p is not None:
+                for index in range(len(self.blocks)):
+                    keys[index][:, :skip] = p.keys[index]
+                    values[index][:, :skip] = p.values[index]
+            past = chunk.state = _Past(length=len(chunk.ids), prefixed=prefixed, skip=skip if prefixed else 0,
+                                       done=0, keys=keys, values=values)
+        elif not isinstance(past, _Past) or past.length != len(chunk.ids):
+            raise ValueError("a chunk's state is not its prompt's pass")
+        elif chunk.start != past.done:
+            raise ValueError(f"a chunk starts at token {chunk.start}, its prompt's pass has run up to {past.done}: "
+                             "a prompt's chunks run in order, each once")
+        past.done = chunk.end
+        return past
 
     def _repack(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, packing: _Packing,
                 staying: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Packing]:
@@ -202,7 +292,9 @@ class PackedDecoder:
         repacked = _Packing(starts=[e - (packing.ends[place] - packing.starts[place])
                                     for e, place in zip(ends, staying, strict=True)],
                             ends=ends, prefixed=[packing.prefixed[place] for place in staying],
-                            shared=packing.shared, padding=padding)
+                            shared=packing.shared, padding=padding,
+                            pasts=[packing.pasts[place] for place in staying] if packing.pasts else [],
+                            seen=[packing.seen[place] for place in staying] if packing.pasts else [])
         x, cos, sin = x[rows], cos[rows], sin[rows]
         if padding:  # padding rows attend to nothing and are read by no prompt: any finite values do
             x = torch.cat([x, x.new_zeros(padding, x.shape[1])])
@@ -230,7 +322,7 @@ class PackedDecoder:
              sums_only: bool = False) -> dict[int, torch.Tensor]:
         x = self.embed(token_ids)
         cos, sin = self._rotary(x, positions)
-        masks = packing.masks() if prefix is not None else [None] * len(packing.starts)
+        masks = packing.masks()
         pooled: dict[int, torch.Tensor] = {}
         last_only = self.pooling == "last" and keep_kv is None
         for index in range(len(self.blocks)):
@@ -249,9 +341,15 @@ class PackedDecoder:
             keep_kv[0].append(k[0])
             keep_kv[1].append(v[0])
         outputs = []
-        for start, end, mask in zip(packing.starts, packing.ends, masks, strict=True):
+        for place, (start, end, mask) in enumerate(zip(packing.starts, packing.ends, masks, strict=True)):
             keys, values = k[:, :, start:end], v[:, :, start:end]
-            if mask is not None and prefix is not None:
+            if (past := packing.past(place)) is not None:  # a chunk: its keys join its prompt's earlier ones
+                seen = packing.seen[place]
+                upto = seen + end - start
+                past.keys[index][:, seen:upto] = keys[0]
+                past.values[index][:, seen:upto] = values[0]
+                keys, values = past.keys[index][None, :, :upto], past.values[index][None, :, :upto]
+            elif mask is not None and prefix is not None:
                 keys = torch.cat([prefix.keys[index][None], keys], dim=2)
                 values = torch.cat([prefix.values[index][None], values], dim=2)
             if trimmed:  # the last position sees every key: no mask
@@ -296,9 +394,20 @@ class PackedDecoder:
             parts.append(states if trimmed else states[packing.last_rows])
         if self.pooling in ("mean", "last+mean"):
             means = []
-            for start, end, pre in zip(packing.starts, packing.ends, packing.prefixed, strict=True):
+            for place, (start, end, pre) in enumerate(zip(packing.starts, packing.ends, packing.prefixed,
+                                                          strict=True)):
                 total, count = states[start:end].sum(dim=0), end - start
-                if pre and prefix is not None:
+                if (past := packing.past(place)) is not None:
+                    if packing.seen[place] + count < past.length:  # not its prompt's last chunk: summed for it
+                        if depth in self.layers:
+                            past.sums[depth] = past.sums[depth] + total if depth in past.sums else total
+                    else:  # its last: the earlier chunks' sums and the prefix's join its own
+                        if depth in past.sums:
+                            total = total + past.sums[depth]
+                        if past.prefixed and prefix is not None:
+                            total = total + prefix.sums[depth]
+                        count = past.length
+                elif pre and prefix is not None:
                     total, count = total + prefix.sums[depth], count + len(prefix.ids)
                 means.append(total / count)
             parts.append(torch.stack(means))

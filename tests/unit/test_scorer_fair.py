@@ -60,6 +60,33 @@ def test_a_turn_that_does_not_fit_the_batch_is_kept_for_the_next() -> None:
     assert q.pop() == "b0"
 
 
+def test_a_key_arriving_while_a_full_batch_runs_goes_before_the_other_keys_next_turn() -> None:
+    q: FairQueue[str] = FairQueue(quantum=256, max_per_key=100)
+    q.push("a", "a0", 256)
+    q.push("a", "a1", 256)
+    assert q.pop() == "a0"
+    assert q.pop(room=0) is None  # the batch is full: no turn ends or begins
+    q.push("b", "b0", 100)  # b's question arrives while a0's pass runs
+    assert [q.pop(), q.pop()] == ["b0", "a1"]
+
+
+def test_a_key_whose_first_item_waits_passes_its_turn_without_its_quantum() -> None:
+    q: FairQueue[str] = FairQueue(quantum=100, max_per_key=100)
+    q.push("a", "a0", 100)
+    q.push("a", "a1", 100)
+    q.push("b", "b0", 100)
+    q.push("b", "b1", 100)
+    waiting = {"a0"}
+    assert q.pop(waits=waiting.__contains__) == "b0"
+    assert q.pop(waits=waiting.__contains__) == "b1"
+    assert q.pop(waits=waiting.__contains__) is None  # only a's, which waits: nothing changes
+    assert q.pop(waits=waiting.__contains__) is None and len(q) == 2
+    waiting.clear()
+    # a saved nothing up while it waited: one quantum, one item a turn
+    assert q.pop(room=100) == "a0" and q.pop(room=0) is None
+    assert q.pop() == "a1" and len(q) == 0
+
+
 def test_allowance_builds_up_over_turns_when_the_quantum_is_small() -> None:
     q: FairQueue[str] = FairQueue(quantum=100, max_per_key=100)
     q.push("a", "a0", 250)

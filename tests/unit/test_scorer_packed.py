@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from router.config import ScorerConfig
 from router.scorer.cpu import native_cpu_dtype
 from router.scorer.features import FeatureExtractor
-from router.scorer.interface import EarlyExit
+from router.scorer.interface import Chunk, EarlyExit
 from router.scorer.packed import PrepackedLinear, padded_rows
 
 CONVERSATIONS = [
@@ -221,3 +223,136 @@ def test_where_the_pass_cannot_stop_early_it_says_so_and_scores_in_full(tiny_sco
     assert tiny_extractor.packed is not None
     with pytest.raises(ValueError, match="stops early at layers 1 to 1"):
         tiny_extractor.packed.staged_features(ids, [_stop(2)] * 2)
+
+
+# A long prompt run in chunks (PackedDecoder over Chunk pieces): each chunk attends to the prefix's and its earlier
+# chunks' keys and values, only the last pools; the features are the unchunked pass's
+
+LONG = [{"role": "user", "content": "Janet's ducks lay 16 eggs per day. She eats three for breakfast. " * 3}]
+
+
+def _long(cfg: ScorerConfig, **update: object) -> FeatureExtractor:
+    """The tiny scorer with room for ``LONG`` whole."""
+    return FeatureExtractor(cfg.model_copy(update={"max_prompt_tokens": 256, **update}))
+
+
+def _in_chunks(ids: list[int], cuts: list[int]) -> list[Chunk]:
+    bounds = [0, *cuts, len(ids)]
+    return [Chunk(ids, start, end) for start, end in pairwise(bounds)]
+
+
+def _run_chunks(extractor: FeatureExtractor, chunks: list[Chunk]) -> np.ndarray:
+    """Each chunk in its own pass, in order, the state handed on as the batcher hands it; the last one's row."""
+    state = None
+    for chunk in chunks:
+        chunk.state = state
+        (early, full), = extractor.staged_features_from_ids([chunk], [None])
+        assert early is None and (full is None) == (not chunk.last)
+        state = chunk.state
+    assert full is not None
+    return full
+
+
+@pytest.mark.parametrize(("layers", "pooling"), [([2], "last"), ([2], "mean"), ([1, 3], "last+mean"),
+                                                 ([4], "last"), ([1, 4], "mean")])
+@pytest.mark.parametrize("prefixed", [True, False])
+def test_a_prompt_run_in_chunks_gets_the_features_of_its_whole_pass(tiny_scorer_cfg: ScorerConfig, layers: list[int],
+                                                                   pooling: str, prefixed: bool) -> None:
+    extractor = _long(tiny_scorer_cfg, layers=layers, pooling=pooling)
+    assert extractor.packed is not None and extractor.packed.prefix is not None
+    ids = extractor.encoder.encode(LONG)
+    skip = len(extractor.packed.prefix.ids)
+    assert ids[:skip] == extractor.packed.prefix.ids and 64 < len(ids) < 256
+    if not prefixed:
+        ids = ids[skip:]  # as a prompt cut from the left: no prefix
+    whole = extractor.features_from_ids([ids])[0]
+    np.testing.assert_allclose(whole, extractor.padded_features([ids])[0], rtol=1e-4, atol=1e-5)
+    rng = np.random.default_rng(len(layers) + 7 * prefixed)
+    # chunk boundaries inside the prefix, at its end, just after it, anywhere
+    cut_sets = [[1], [skip - 1], [skip], [skip + 1], [len(ids) - 1], [16, 32, 48], list(range(9, len(ids), 9))]
+    cut_sets.append(sorted(rng.choice(np.arange(1, len(ids)), size=4, replace=False).tolist()))
+    for cuts in cut_sets:
+        np.testing.assert_allclose(_run_chunks(extractor, _in_chunks(ids, cuts)), whole, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"cut at {cuts}")
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "last+mean"])
+def test_chunks_of_two_prompts_share_passes_with_whole_short_prompts(tiny_scorer_cfg: ScorerConfig,
+                                                                     pooling: str) -> None:
+    extractor = _long(tiny_scorer_cfg, layers=[1, 3], pooling=pooling)
+    assert extractor.packed is not None and extractor.packed.prefix is not None
+    skip = len(extractor.packed.prefix.ids)
+    long_ids = extractor.encoder.encode(LONG)
+    other = extractor.encoder.encode([{"role": "user", "content": "A robe takes 2 bolts of blue fiber. " * 6}])[skip:]
+    short = [extractor.encoder.encode(c) for c in CONVERSATIONS]
+    expected = extractor.features_from_ids([long_ids, other, *short])
+    first, second = _in_chunks(long_ids, [20, 45]), _in_chunks(other, [7, 30])
+    assert len(long_ids) > 45 and len(other) > 30
+    passes: list[list[Sequence[int] | Chunk]] = [[first[0], short[0], second[0]], [short[1], second[1], first[1]],
+                                                 [first[2], short[2], short[3]], [second[2], short[4]]]
+    rows: dict[int, np.ndarray] = {}
+    for batch in passes:
+        for piece in batch:  # a later chunk gets its prompt's state from the one before, as the batcher hands it on
+            if isinstance(piece, Chunk) and piece.start:
+                chunks = first if piece in first else second
+                piece.state = chunks[chunks.index(piece) - 1].state
+        staged = extractor.staged_features_from_ids(batch, [None] * len(batch))
+        for piece, (early, full) in zip(batch, staged, strict=True):
+            assert early is None
+            if isinstance(piece, Chunk) and not piece.last:
+                assert full is None
+                continue
+            assert full is not None
+            which = (0 if piece in first else 1) if isinstance(piece, Chunk) else 2 + short.index(list(piece))
+            rows[which] = full
+    np.testing.assert_allclose(np.stack([rows[i] for i in range(len(expected))]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_early_exit_still_stops_short_prompts_beside_a_chunk_which_is_scored_in_full(
+        tiny_scorer_cfg: ScorerConfig) -> None:
+    extractor = _long(tiny_scorer_cfg, layers=[4], pooling="last+mean")
+    assert extractor.packed is not None
+    long_ids = extractor.encoder.encode(LONG)
+    short = [extractor.encoder.encode(c) for c in CONVERSATIONS[:3]]
+    plain = extractor.features_from_ids([long_ids, *short])
+    chunks = _in_chunks(long_ids, [30])
+    exits = [_stop(2), _go_on(2), None]
+    first = extractor.staged_features_from_ids([chunks[0], *short], [_stop(2), *exits])  # the chunk's exit: ignored
+    assert first[0] == (None, None)
+    assert [(early is not None, full is not None) for early, full in first[1:]] == [(True, False), (True, True),
+                                                                                   (False, True)]
+    for i in (1, 2):
+        np.testing.assert_allclose(first[1 + i][1], plain[1 + i], rtol=1e-5, atol=1e-6)
+    shallow = FeatureExtractor(extractor.cfg.model_copy(update={"layers": [2]}))
+    np.testing.assert_allclose(first[1][0], shallow.features_from_ids([short[0]])[0], rtol=1e-5, atol=1e-6)
+    chunks[1].state = chunks[0].state
+    last = extractor.staged_features_from_ids([short[0], chunks[1]], [_stop(2), None])  # others stop: repacked
+    assert last[0][1] is None and last[1][0] is None
+    np.testing.assert_allclose(last[1][1], plain[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="takes no early exit"):
+        extractor.packed.staged_features([Chunk(long_ids, 0, 10)], [_stop(2)])
+
+
+def test_a_prompts_chunks_run_in_order_each_once_and_keep_bounded_state(tiny_scorer_cfg: ScorerConfig) -> None:
+    extractor = _long(tiny_scorer_cfg)
+    decoder = extractor.packed
+    assert decoder is not None
+    ids = extractor.encoder.encode(LONG)
+    first, second, third = _in_chunks(ids, [20, 40])
+    with pytest.raises(ValueError, match="first chunk starts at token 20"):
+        decoder.features([second])
+    decoder.features([first])
+    state = first.state
+    assert state is not None
+    # keys and values for every block, with room for the whole prompt and no more
+    assert state.nbytes == 2 * len(decoder.blocks) * decoder.kv_heads * decoder.head_dim * len(ids) * 4
+    third.state = state
+    with pytest.raises(ValueError, match="run in order"):
+        decoder.features([third])
+    second.state = state
+    decoder.features([second])
+    with pytest.raises(ValueError, match="run in order"):  # the same chunk again
+        decoder.features([second])
+    with pytest.raises(ValueError, match="only the packed pass"):
+        FeatureExtractor(tiny_scorer_cfg.model_copy(update={"packing": False})).staged_features_from_ids(
+            [Chunk(ids, 0, 10)], [None])
