@@ -34,7 +34,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from router.app import create_app, create_metrics_app
-from router.config import ScorerConfig, Settings
+from router.config import ScoreCacheConfig, ScorerConfig, Settings
 from router.routing import load_probe_groups
 from router.scorer.features import FeatureExtractor
 from tests.deploy.test_grafana import LEARNING_ROW, dashboard_exprs_by_row
@@ -283,7 +283,9 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_scorer_cfg: ScorerConfig
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     with (serve(small.app) as small_url, serve(large.app) as large_url, serve(broken.app) as broken_url,
           serve(vllm.app) as vllm_url):
-        main = Settings(scorer=tiny_scorer_cfg, policy={"threshold": 0.8}, server={"metrics_port": free_port()},
+        # no score cache: each round's (repeated) prompts must reach the scorer, whose histograms the panels read
+        main = Settings(scorer=tiny_scorer_cfg.model_copy(update={"cache": ScoreCacheConfig(entries=0)}),
+                        policy={"threshold": 0.8}, server={"metrics_port": free_port()},
                         backends=[backend("small", small_url, probes["small"]),
                                   backend("large", large_url, probes["large"])])
         faulty = Settings(

@@ -48,8 +48,11 @@ def replicas(vllm_pool: Pool, tmp_path_factory: pytest.TempPathFactory) -> Itera
     folder: Path = tmp_path_factory.mktemp("redis")
     with ExitStack() as stack:
         redis = stack.enter_context(redis_server(folder, free_port()))
+        # break_margin 1: a pin breaks only when its backend is down or not allowed, never on a turn's estimate
+        # (which depends on the shipped probes; tests/unit/test_affinity.py covers breaking on the estimate)
         settings = vllm_pool.settings.model_copy(update={
-            "state": vllm_pool.settings.state.model_copy(update={"redis_url": redis.url})})
+            "state": vllm_pool.settings.state.model_copy(update={"redis_url": redis.url}),
+            "affinity": vllm_pool.settings.affinity.model_copy(update={"break_margin": 1.0})})
         urls = tuple(stack.enter_context(serve(create_app(settings, load_probe_groups(settings)),
                                                **server_options(settings.server))) for _ in range(2))
         clients = tuple(openai.OpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0, timeout=300)
