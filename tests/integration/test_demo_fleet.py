@@ -3,6 +3,9 @@ two gateway replicas (scorer.kind vllm, state in Redis), a vLLM CPU pooling scor
 backends. One start (about two minutes here) serves every test below, in order; the last stops the demo's
 process group with SIGTERM and checks that nothing survives.
 
+Learning: answers rated on the replica that did not give them teach the probes (the fleet's learner, whichever
+replica holds the lock), and both replicas serve the promoted version.
+
 Faults, with the real processes: a replica SIGKILLed under a bounded load behind the balancer, then restarted on
 its port (it rejoins); the shared vLLM scorer SIGKILLed under a bounded load behind the balancer, then restarted
 on its port (both replicas score again); Redis stopped and started again.
@@ -32,7 +35,7 @@ import pytest
 from router.config import load_settings
 from router.scorer.source import resolve_model
 from scripts.demo import CONFIG, start_scorer
-from scripts.demo_fleet import replica_env, start_replica
+from scripts.demo_fleet import replica_env, start_replica, work_dir
 from scripts.redis_server import RedisServer
 from scripts.vllm_cpu import VllmServer, wait_ready
 from tests.conftest import ROOT
@@ -44,6 +47,10 @@ MESSAGES = [{"role": "user", "content": "What is 6 * 7?"}]
 REQUESTS = 40
 CONCURRENCY = 4
 KILL_AFTER = 6
+LEARNING = {"MIN_LABELS": "20", "GUARD_MIN_LABELS": "10", "GUARD_Z": "0", "REFIT_EVERY_LABELS": "20",
+            "REFIT_INTERVAL_S": "1", "RELOAD_INTERVAL_S": "0.5", "CANDIDATES": '["recalibrate"]'}
+RATED = 100
+RIGHT = 0.3  # the share of answers rated right (the shipped probes say about 0.9 on these prompts)
 
 
 @dataclass
@@ -121,7 +128,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                QWEN_LARGE_URL=f"http://127.0.0.1:{ports['large']}/v1",
                DEMO_SCORER_PORT=str(ports["scorer"]), DEMO_REDIS_PORT=str(ports["redis"]),
                DEMO_REPLICA_PORTS=f"{ports['replica0']},{ports['replica1']}",
-               ROUTER_SERVER__PORT=str(ports["balancer"]))
+               ROUTER_SERVER__PORT=str(ports["balancer"]),
+               # the learner as make demo-fleet runs it, promoting after tens of ratings instead of hundreds
+               **{f"ROUTER_LEARNING__{k}": v for k, v in LEARNING.items()})
     log = tmp_path_factory.mktemp("demo-fleet") / "demo.log"
     with log.open("wb") as out:
         demo = subprocess.Popen([sys.executable, "-m", "scripts.demo_fleet"], cwd=ROOT, env=env, stdout=out,
@@ -160,6 +169,74 @@ def test_the_balancer_serves_the_openai_sdk_and_feedback_from_either_replica(fle
         r = httpx.post(f"{where}/v1/feedback", json={"id": answer_id, "correct": True})
         assert r.status_code == 200, r.text
         assert httpx.post(f"{fleet.url}/v1/feedback", json={"id": answer_id, "correct": True}).status_code == 404
+
+
+def _metric_lines(url: str, name: str) -> dict[str, float]:
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(name)}
+
+
+def _stored(urls: list[str]) -> float:
+    """Ratings stored as labelled examples by the replicas (and nothing else: no rating without its features)."""
+    outcomes: Counter[str] = Counter()
+    for u in urls:
+        for key, value in _metric_lines(u, "router_learning_examples_total").items():
+            outcomes[key.split('outcome="')[1].split('"')[0]] += value
+    assert set(outcomes) <= {"stored"}, outcomes
+    return outcomes["stored"]
+
+
+def test_ratings_on_one_replica_change_what_the_other_serves_after_a_promotion(fleet: Fleet) -> None:
+    urls = [fleet.replica_url(0), fleet.replica_url(1)]
+    run = uuid.uuid4().hex[:8]
+
+    def asked(i: int) -> dict[str, object]:  # prompts never asked before: no score cache, no earlier rating
+        return {"model": "router", "max_tokens": 1,
+                "messages": [{"role": "user", "content": f"[{run}] What is {i} * 7?"}]}
+
+    def estimates() -> list[dict[str, float]]:
+        """Each replica's mean estimate per backend over 8 prompts like the rated ones, none of them rated."""
+        out = []
+        for u in urls:
+            routes = [httpx.post(f"{u}/v1/route", json=asked(RATED + i)).json()["estimates"] for i in range(8)]
+            out.append({b: sum(r[b] for r in routes) / len(routes) for b in routes[0]})
+        return out
+
+    before = estimates()
+    assert before[0] == pytest.approx(before[1])
+    stored = _stored(urls)  # the ratings of the tests before this one
+    rng, answered = random.Random(0), Counter()
+    with httpx.Client(timeout=120) as client:
+        for i in range(RATED):  # each answer rated on the replica that did not give it
+            r = client.post(f"{urls[i % 2]}/v1/chat/completions", json=asked(i))
+            assert r.status_code == 200, r.text
+            answered[r.headers["x-router-backend"]] += 1
+            rated = client.post(f"{urls[(i + 1) % 2]}/v1/feedback", json={"id": r.headers["x-router-request-id"],
+                                                                          "correct": rng.random() < RIGHT})
+            assert rated.status_code == 200, rated.text
+    assert _stored(urls) - stored == RATED  # every rating joined the features the other replica kept
+
+    deadline = time.monotonic() + 90
+    while True:  # the learner recalibrates the backend(s) rated often enough; both replicas serve it
+        versions = [_metric_lines(u, "router_probe_version") for u in urls]
+        promoted = {k for k, v in versions[0].items() if v >= 2}
+        if promoted and all(versions[1].get(k, 0) >= 2 for k in promoted):
+            break
+        assert time.monotonic() < deadline, (f"no promotion served by both replicas within 90 s: {versions}; "
+                                             f"answered {dict(answered)}")
+        time.sleep(1)
+    for _ in range(10):  # read while no further promotion lands (the other backend's may still come)
+        after = estimates()
+        if [_metric_lines(u, "router_probe_version") for u in urls] == [versions[0]] * 2:
+            break
+        versions = [_metric_lines(u, "router_probe_version") for u in urls]
+        promoted = {k for k, v in versions[0].items() if v >= 2}
+        time.sleep(2)
+    assert after[0] == pytest.approx(after[1])  # both replicas serve the same versions
+    backends = [k.split('backend="')[1].split('"')[0] for k in promoted]
+    print(f"\nanswered {dict(answered)}, promoted {backends}: mean estimates {before[0]} -> {after[0]}")
+    for backend in backends:  # recalibrated toward the realised 0.3 from the shipped probes' confidence
+        assert after[0][backend] < before[0][backend] - 0.2
 
 
 def test_conversations_through_the_balancer_continue_on_either_replica(fleet: Fleet) -> None:
@@ -244,7 +321,8 @@ def test_a_replica_sigkilled_under_load_then_restarted_rejoins(fleet: Fleet, tmp
     port = fleet.ports["replica0"]
     scorer_url = f"http://127.0.0.1:{fleet.ports['scorer']}/v1"
     redis_url = f"redis://127.0.0.1:{fleet.ports['redis']}/0"
-    restarted = start_replica(replica_env(fleet.env, port, scorer_url, redis_url), tmp_path / "replica.log")
+    env = replica_env(fleet.env, port, scorer_url, redis_url, work_dir(fleet.ports["balancer"]) / "learning")
+    restarted = start_replica(env, tmp_path / "replica.log")
     fleet.adopted.append(restarted)  # it serves the tests below in the killed replica's place
     deadline = time.monotonic() + 120
     while True:
