@@ -617,6 +617,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for ours in ("probes", "router"):
         logging.getLogger(ours).setLevel(level)
+    if getattr(args, "no_progress", False):  # transformers' own bar while it loads the scorer's weights
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         return args.run(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
