@@ -1,4 +1,5 @@
-"""Probe files for tests: constant estimates (zero weights, a bias) that match a given scorer."""
+"""Probe files for tests: constant estimates (zero weights, a bias) that match a given scorer; prompts to fit text
+features on; a config for ``python -m probes`` with two backends."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ import numpy as np
 
 from router.probe import Probe, save_probe, scorer_block
 from router.scorer.recipe import ScorerInfo
+
+TEXTS = [
+    "What is 2 + 2? Let's think step by step.",
+    "A train leaves at 3 pm and travels 60 miles per hour. How far has it gone by 5 pm?",
+    "Find the sum of all real x with x^2 - 5x + 6 = 0.",
+    "How many ways can 5 books be arranged on a shelf? Think step by step.",
+    "If a train travels 60 miles, how many hours at 30 miles per hour?",
+]
+"""Maths prompts, some sharing words, that the unit tests fit text features (TF-IDF) on."""
 
 
 def constant_probe(info: ScorerInfo, p: float) -> Probe:
