@@ -22,6 +22,14 @@ from router.scorer.local import LocalScorer
 # FairQueue: pure, no threads, no clock
 
 
+def _queued_items(quantum: int, *items: tuple[str, str, int]) -> FairQueue[str]:
+    """A FairQueue (up to 100 items a key) with ``items`` (key, item, cost) pushed in that order."""
+    q: FairQueue[str] = FairQueue(quantum=quantum, max_per_key=100)
+    for key, item, cost in items:
+        assert q.push(key, item, cost)
+    return q
+
+
 def test_one_key_is_served_first_come_first_served() -> None:
     q: FairQueue[int] = FairQueue(quantum=100, max_per_key=10)
     for i, cost in enumerate([50, 300, 7, 100]):
@@ -54,9 +62,7 @@ def test_a_key_arriving_behind_a_backlog_is_served_within_one_turn() -> None:
 
 
 def test_a_turn_that_does_not_fit_the_batch_is_kept_for_the_next() -> None:
-    q: FairQueue[str] = FairQueue(quantum=1024, max_per_key=100)
-    q.push("a", "a0", 1024)
-    q.push("b", "b0", 100)
+    q = _queued_items(1024, ("a", "a0", 1024), ("b", "b0", 100))
     assert q.pop(room=500) is None  # a's turn, its prompt does not fit: the batch is full
     assert q.pop() == "a0"  # a keeps its turn and its allowance for the next batch
     assert q.pop() == "b0"
@@ -73,11 +79,7 @@ def test_a_key_arriving_while_a_full_batch_runs_goes_before_the_other_keys_next_
 
 
 def test_a_key_whose_first_item_waits_passes_its_turn_without_its_quantum() -> None:
-    q: FairQueue[str] = FairQueue(quantum=100, max_per_key=100)
-    q.push("a", "a0", 100)
-    q.push("a", "a1", 100)
-    q.push("b", "b0", 100)
-    q.push("b", "b1", 100)
+    q = _queued_items(100, ("a", "a0", 100), ("a", "a1", 100), ("b", "b0", 100), ("b", "b1", 100))
     waiting = {"a0"}
     assert q.pop(waits=waiting.__contains__) == "b0"
     assert q.pop(waits=waiting.__contains__) == "b1"
@@ -90,11 +92,7 @@ def test_a_key_whose_first_item_waits_passes_its_turn_without_its_quantum() -> N
 
 
 def test_allowance_builds_up_over_turns_when_the_quantum_is_small() -> None:
-    q: FairQueue[str] = FairQueue(quantum=100, max_per_key=100)
-    q.push("a", "a0", 250)
-    q.push("b", "b0", 100)
-    q.push("b", "b1", 100)
-    q.push("b", "b2", 100)
+    q = _queued_items(100, ("a", "a0", 250), ("b", "b0", 100), ("b", "b1", 100), ("b", "b2", 100))
     assert [q.pop() for _ in range(4)] == ["b0", "b1", "a0", "b2"]  # a saves up three quanta for its 250
 
 
