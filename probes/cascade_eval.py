@@ -37,7 +37,7 @@ from probes.data import Dataset
 from probes.extract import probe_inputs
 from probes.fit import Inputs, fit_calibrated, probe_model
 from probes.metrics import Frontier, apgr, auroc, routing_frontier
-from probes.pool import Points, summarise
+from probes.pool import Points, cost_accuracy_plot, summarise
 from router import Rule, Settings
 
 log = logging.getLogger(__name__)
@@ -262,26 +262,11 @@ def evaluate_cascade(
 
 def plot_cascade(cascade: Points, full: Points, names: Sequence[str], acc: np.ndarray, cost: np.ndarray, path: Path,
                  knob: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for pts, label, style in ((full, "full probes", "-"), (cascade, "cascade", "--")):
-        order = np.argsort(pts.cost)
-        ax.plot(pts.cost[order] * 1000, pts.accuracy[order], style, lw=1.4, label=f"{label} ({knob} swept)")
-    ax.scatter(cost * 1000, acc, color="k", zorder=5)
-    for n, a, c in zip(names, acc, cost, strict=True):
-        ax.annotate(n, (c * 1000, a), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set(xlabel="mean cost per 1,000 requests (USD)", ylabel="accuracy",
-           title="cascade against the full probes (held out)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with cost_accuracy_plot(path, "cascade against the full probes (held out)", names, acc, cost, figsize=(7.5, 5),
+                            legend_size=8) as ax:
+        for pts, label, style in ((full, "full probes", "-"), (cascade, "cascade", "--")):
+            order = np.argsort(pts.cost)
+            ax.plot(pts.cost[order] * 1000, pts.accuracy[order], style, lw=1.4, label=f"{label} ({knob} swept)")
     return path.name
 
 

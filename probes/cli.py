@@ -27,24 +27,21 @@ FORCE_HELP = ("write {what} even where a backend's own labels hold too few succe
               "those are refused, said why, and the command exits 1")
 
 
-def _label_keys(items: list[str]) -> dict[str, str]:
-    out = {}
+def _pairs(items: list[str], option: str, form: str) -> list[tuple[str, str]]:
+    """A repeated option's NAME=VALUE items, split at the first ``=`` (``form`` says what the option wants)."""
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--label wants BACKEND=KEY, not {item!r}")
-        name, key = item.split("=", 1)
-        out[name] = key
-    return out
+            raise ValueError(f"{option} wants {form}, not {item!r}")
+    return [(name, value) for name, _, value in (item.partition("=") for item in items)]
+
+
+def _label_keys(items: list[str]) -> dict[str, str]:
+    return dict(_pairs(items, "--label", "BACKEND=KEY"))
 
 
 def _train_keys(items: list[str]) -> dict[str, list[str]]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--train-labels wants BACKEND=KEY[+KEY...], not {item!r}")
-        name, keys = item.split("=", 1)
-        out[name] = [k for k in keys.split("+") if k]
-    return out
+    pairs = _pairs(items, "--train-labels", "BACKEND=KEY[+KEY...]")
+    return {name: [k for k in keys.split("+") if k] for name, keys in pairs}
 
 
 def _all_train_keys(args: argparse.Namespace, settings: Settings, dataset: Dataset) -> dict[str, list[str]]:
@@ -336,13 +333,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
 
 
 def _where(items: list[str]) -> dict[str, list[str]]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--where wants FIELD=VALUE[,VALUE...], not {item!r}")
-        name, values = item.split("=", 1)
-        out[name] = values.split(",")
-    return out
+    return {name: values.split(",") for name, values in _pairs(items, "--where", "FIELD=VALUE[,VALUE...]")}
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -8,12 +8,16 @@ against ``router.policy`` itself, the one home of the rules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 @dataclass(frozen=True)
@@ -239,35 +243,46 @@ def pool_report(
     return result
 
 
-def plot_pool(curves: dict[str, dict[str, Points]], names: Sequence[str], acc: np.ndarray, cost: np.ndarray,
-              oracle: tuple[float, float, np.ndarray], path: Path) -> None:
+@contextmanager
+def cost_accuracy_plot(path: Path, title: str, names: Sequence[str], acc: np.ndarray, cost: np.ndarray, *,
+                       figsize: tuple[float, float], legend_size: int) -> Iterator[Axes]:
+    """Axes of accuracy against mean cost per 1,000 requests to draw curves on; on leaving, each backend alone
+    (``names``, their ``acc`` and ``cost`` per request) a labelled point, and the figure saved to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        yield ax
+        ax.scatter(cost * 1000, acc, color="k", zorder=5)
+        for n, a, c in zip(names, acc, cost, strict=True):
+            ax.annotate(n, (c * 1000, a), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        ax.set(xlabel="mean cost per 1,000 requests (USD)", ylabel="accuracy", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def plot_pool(curves: dict[str, dict[str, Points]], names: Sequence[str], acc: np.ndarray, cost: np.ndarray,
+              oracle: tuple[float, float, np.ndarray], path: Path) -> None:
     styles = {"threshold": "-", "utility": "--"}
-    for i, (router, by_policy) in enumerate(curves.items()):
-        for policy, pts in by_policy.items():
-            order = np.argsort(pts.cost)
-            ax.plot(pts.cost[order] * 1000, pts.accuracy[order], styles[policy], color=f"C{i}", lw=1.4,
-                    label=f"{router}, {policy}")
-    ax.scatter(cost * 1000, acc, color="k", zorder=5)
-    for n, a, c in zip(names, acc, cost, strict=True):
-        ax.annotate(n, (c * 1000, a), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    hull_c, hull_a = _upper_hull(cost, acc)
-    ax.plot(hull_c * 1000, hull_a, color="0.5", lw=0.8, ls=":", label="random mixes")
-    ax.scatter([oracle[1] * 1000], [oracle[0]], marker="*", color="0.5", label="oracle")
-    ax.axhline(acc.max(), color="k", lw=0.5, ls=":")
-    ax.set(xlabel="mean cost per 1,000 requests (USD)", ylabel="accuracy",
-           title="routing the pool (held-out estimates)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with cost_accuracy_plot(path, "routing the pool (held-out estimates)", names, acc, cost, figsize=(8, 5.5),
+                            legend_size=7) as ax:
+        for i, (router, by_policy) in enumerate(curves.items()):
+            for policy, pts in by_policy.items():
+                order = np.argsort(pts.cost)
+                ax.plot(pts.cost[order] * 1000, pts.accuracy[order], styles[policy], color=f"C{i}", lw=1.4,
+                        label=f"{router}, {policy}")
+        hull_c, hull_a = _upper_hull(cost, acc)
+        ax.plot(hull_c * 1000, hull_a, color="0.5", lw=0.8, ls=":", label="random mixes")
+        ax.scatter([oracle[1] * 1000], [oracle[0]], marker="*", color="0.5", label="oracle")
+        ax.axhline(acc.max(), color="k", lw=0.5, ls=":")
 
 
 def _upper_hull(cost: np.ndarray, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from router.errors import InvalidRequest, NotFound
+from router.scorer.recipe import message_text
 from router.upstream import Usage
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
 
 TERMINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
+_READ_PARTS = (*TEXT_PARTS, "refusal")
 
 
 class ResponsesRequest(BaseModel):
@@ -108,25 +110,14 @@ def input_items(value: str | Sequence[Any] | None) -> list[dict[str, Any]]:
 
 
 def _parts_text(content: Any) -> str:
-    """The text of a message's content or a tool output: a string, or the text of its text and refusal parts
-    (images, files and audio have none)."""
-    if content is None:
-        return ""
+    """The text of a message's content or a tool output: a string, or the text of its text and refusal parts as
+    the scorer reads a chat message's (``message_text``); a part of another type (an image, a file, audio) has
+    none, whatever it holds."""
     if isinstance(content, str):
         return content
-    if isinstance(content, Sequence):
-        texts = []
-        for part in content:
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, Mapping):
-                if part.get("type") in TEXT_PARTS or "type" not in part:
-                    if isinstance(part.get("text"), str):
-                        texts.append(part["text"])
-                elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
-                    texts.append(part["refusal"])
-        return "\n".join(texts)
-    return ""
+    if not isinstance(content, Sequence):
+        return ""
+    return message_text([p for p in content if not isinstance(p, Mapping) or p.get("type", "text") in _READ_PARTS])
 
 
 def _call(item: Mapping[str, Any]) -> dict[str, Any]:

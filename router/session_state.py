@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 V = TypeVar("V")
+F = TypeVar("F")
 
 
 class TTLMemory(Generic[V]):
@@ -98,27 +99,44 @@ class LocalAffinity:
         self.memory.put(session, backend)
 
 
-class RedisAffinity:
-    """Pins in Redis, one key each with the TTL (``SET … PX``); while Redis is down, in ``fallback``."""
+class _InRedis(Generic[F]):
+    """What the Redis stores share: one key per id under the state's prefix and the store's ``namespace``, written
+    with the TTL (``SET … PX``), and ``fallback``, this replica's memory, for what Redis cannot take or give now."""
 
-    def __init__(self, state: RedisState, ttl_s: float, fallback: LocalAffinity) -> None:
+    namespace: str
+
+    def __init__(self, state: RedisState, ttl_s: float, fallback: F) -> None:
         self.state = state
         self.ttl_ms = max(int(ttl_s * 1000), 1)
         self.fallback = fallback
 
-    def _key(self, session: str) -> str:
-        return f"{self.state.prefix}affinity:{session}"
+    def _key(self, name: str) -> str:
+        return f"{self.state.prefix}{self.namespace}:{name}"
+
+    async def _read(self, op: str, name: str) -> Any:
+        """The value under ``name``; None when there is none, or Redis is down."""
+        ok, value = await self.state.call(op, lambda: self.state.client.get(self._key(name)))
+        return value if ok else None
+
+    async def _write(self, op: str, name: str, value: str | bytes) -> bool:
+        """Set ``name``'s value for the TTL; False when Redis is down (nothing written)."""
+        ok, _ = await self.state.call(op, lambda: self.state.client.set(self._key(name), value, px=self.ttl_ms))
+        return ok
+
+
+class RedisAffinity(_InRedis[LocalAffinity]):
+    """Pins in Redis, one key each with the TTL (``SET … PX``); while Redis is down, in ``fallback``."""
+
+    namespace = "affinity"
 
     async def get(self, session: str) -> str | None:
-        ok, value = await self.state.call("affinity_get", lambda: self.state.client.get(self._key(session)))
-        if ok and value is not None:
+        value = await self._read("affinity_get", session)
+        if value is not None:
             return value.decode() if isinstance(value, bytes) else str(value)
         return await self.fallback.get(session)
 
     async def pin(self, session: str, backend: str) -> None:
-        ok, _ = await self.state.call("affinity_pin", lambda: self.state.client.set(self._key(session), backend,
-                                                                                    px=self.ttl_ms))
-        if not ok:
+        if not await self._write("affinity_pin", session, backend):
             await self.fallback.pin(session, backend)
 
 
@@ -162,29 +180,23 @@ class LocalConversations:
         return None if record is None else _decode(record, owner)
 
 
-class RedisConversations:
+class RedisConversations(_InRedis[LocalConversations]):
     """Conversations in Redis, one key per response id with the TTL; while Redis is down, in ``fallback``, where
     ``load`` also looks for what was saved during an outage."""
 
-    def __init__(self, state: RedisState, ttl_s: float, fallback: LocalConversations) -> None:
-        self.state = state
-        self.ttl_ms = max(int(ttl_s * 1000), 1)
-        self.fallback = fallback
-
-    def _key(self, response_id: str) -> str:
-        return f"{self.state.prefix}response:{response_id}"
+    namespace = "response"
 
     async def save(self, response_id: str, items: Sequence[dict[str, Any]], owner: str) -> bool:
         record = _encode(items, owner)
         if len(record) > self.fallback.max_bytes:
             return False
-        ok, _ = await self.state.call("conversation_save",
-                                      lambda: self.state.client.set(self._key(response_id), record, px=self.ttl_ms))
-        return True if ok else await self.fallback.save(response_id, items, owner)
+        if await self._write("conversation_save", response_id, record):
+            return True
+        return await self.fallback.save(response_id, items, owner)
 
     async def load(self, response_id: str, owner: str) -> list[dict[str, Any]] | None:
-        ok, record = await self.state.call("conversation_load", lambda: self.state.client.get(self._key(response_id)))
-        if ok and record is not None:
+        record = await self._read("conversation_load", response_id)
+        if record is not None:
             return _decode(record, owner)
         return await self.fallback.load(response_id, owner)
 

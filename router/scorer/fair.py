@@ -31,6 +31,16 @@ T = TypeVar("T")
 __all__ = ["FairQueue", "TokenBudget"]
 
 
+def _take(counts: dict[str, int], key: str, tokens: int) -> None:
+    """Take ``tokens`` from ``key``'s count, forgetting the key once nothing is left (the tables hold live keys
+    only)."""
+    left = counts.get(key, 0) - tokens
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
 @dataclass(eq=False)
 class _Entry(Generic[T]):
     item: T
@@ -84,14 +94,14 @@ class FairQueue(Generic[T]):
     def requeue(self, key: str, item: T, cost: int, later: int = 0) -> None:
         """Put a taken item back at the front of its key's queue (whatever its bound: it was admitted), with the
         ``cost`` of its next turn; ``cost`` and ``later`` come out of the tokens it was to bring back."""
-        self._give_back(key, max(0, cost) + max(0, later))
+        _take(self._held, key, max(0, cost) + max(0, later))
         self._enter(key).appendleft(_Entry(item, max(0, cost), max(0, later)))
         self._tokens[key] += max(0, cost) + max(0, later)
         self._count += 1
 
     def release(self, key: str, later: int) -> None:
         """A taken item will not bring back its ``later`` tokens (dropped between chunks)."""
-        self._give_back(key, later)
+        _take(self._held, key, later)
 
     def remove(self, key: str, item: T) -> bool:
         """Take ``item`` out of its queue (a request that gave up waiting); False if it is not queued."""
@@ -191,13 +201,6 @@ class FairQueue(Generic[T]):
             self._active.append(key)
         return q
 
-    def _give_back(self, key: str, tokens: int) -> None:
-        left = self._held.get(key, 0) - tokens
-        if left > 0:
-            self._held[key] = left
-        else:
-            self._held.pop(key, None)
-
     def _leave(self, key: str) -> None:
         """A key whose queue emptied leaves the round, and its allowance with it (DRR's rule: an idle key saves
         nothing up)."""
@@ -246,11 +249,7 @@ class TokenBudget:
             raise
 
     def release(self, key: str, tokens: int) -> None:
-        left = self._in_flight.get(key, 0) - tokens
-        if left > 0:
-            self._in_flight[key] = left
-        else:
-            self._in_flight.pop(key, None)
+        _take(self._in_flight, key, tokens)
         self._wake(key)
 
     def _fits(self, key: str, tokens: int) -> bool:

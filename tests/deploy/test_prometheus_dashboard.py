@@ -37,6 +37,7 @@ from router.app import create_app, create_metrics_app
 from router.config import ScoreCacheConfig, ScorerConfig, Settings
 from router.routing import load_probe_groups
 from router.scorer.features import FeatureExtractor
+from router.scorer.recipe import ScorerInfo
 from tests.deploy.test_grafana import LEARNING_ROW, dashboard_exprs_by_row
 from tests.deploy.tools import DASHBOARD, PROMETHEUS_CONFIG, run, tool
 from tests.support.probes import write_constant_probes
@@ -263,6 +264,16 @@ def traffic(main: str, faulty: str, sent: Sent) -> None:
 
 
 @contextmanager
+def small_and_large(folder: Path, info: ScorerInfo) -> Iterator[tuple[dict[str, Path], str, str]]:
+    """Constant probes written to ``folder`` (small 0.70, large 0.95) and fake backends small and large that answer,
+    served: (probes, small's URL, large's URL)."""
+    probes = write_constant_probes(folder, info, {"small": 0.70, "large": 0.95})
+    small, large = FakeBackend("org/small", "small says 4"), FakeBackend("org/large", "large says 4")
+    with serve(small.app) as small_url, serve(large.app) as large_url:
+        yield probes, small_url, large_url
+
+
+@contextmanager
 def gateway(settings: Settings) -> Iterator[tuple[str, str]]:
     """The gateway as `python -m router serve` runs it with server.metrics_port: (API URL, metrics host:port)."""
     app = create_app(settings, load_probe_groups(settings))
@@ -276,13 +287,11 @@ def gateway(settings: Settings) -> Iterator[tuple[str, str]]:
 def live(tmp_path_factory: pytest.TempPathFactory, tiny_scorer_cfg: ScorerConfig,
          tiny_extractor: FeatureExtractor) -> Iterator[Live]:
     folder = tmp_path_factory.mktemp("prometheus")
-    probes = write_constant_probes(folder, tiny_extractor.info, {"small": 0.70, "large": 0.95})
-    small, large = FakeBackend("org/small", "small says 4"), FakeBackend("org/large", "large says 4")
     broken = FakeBackend("org/large", status=503)
     vllm = VllmMetrics(DASHBOARD.read_text())
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens here
-    with (serve(small.app) as small_url, serve(large.app) as large_url, serve(broken.app) as broken_url,
-          serve(vllm.app) as vllm_url):
+    with (small_and_large(folder, tiny_extractor.info) as (probes, small_url, large_url),
+          serve(broken.app) as broken_url, serve(vllm.app) as vllm_url):
         # no score cache: each round's (repeated) prompts must reach the scorer, whose histograms the panels read
         main = Settings(scorer=tiny_scorer_cfg.model_copy(update={"cache": ScoreCacheConfig(entries=0)}),
                         policy={"threshold": 0.8}, server={"metrics_port": free_port()},
@@ -392,9 +401,7 @@ def test_backend_up_follows_the_circuits(live: Live) -> None:
 def learning_live(tmp_path_factory: pytest.TempPathFactory, tiny_scorer_cfg: ScorerConfig,
                   tiny_extractor: FeatureExtractor) -> Iterator[Prometheus]:
     folder = tmp_path_factory.mktemp("prometheus-learning")
-    probes = write_constant_probes(folder, tiny_extractor.info, {"small": 0.70, "large": 0.95})
-    small, large = FakeBackend("org/small", "small says 4"), FakeBackend("org/large", "large says 4")
-    with serve(small.app) as small_url, serve(large.app) as large_url:
+    with small_and_large(folder, tiny_extractor.info) as (probes, small_url, large_url):
         settings = Settings(
             scorer=tiny_scorer_cfg, server={"metrics_port": free_port()},
             policy={"threshold": 0.8, "explore": 0.2, "target": {"kind": "dear_share", "value": 0.5,

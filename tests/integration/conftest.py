@@ -15,6 +15,7 @@ from router.edge import server_options
 from router.routing import load_probe_groups
 from router.scorer.source import resolve_model, truncate_model
 from router.scorer.vllm import vllm_pooling_args
+from scripts.redis_server import RedisServer, redis_server
 from scripts.vllm_cpu import VllmServer, standin_args, start_vllm, wait_ready
 from tests.conftest import ROOT
 from tests.support.servers import free_port, serve
@@ -105,3 +106,10 @@ def vllm_scorer(vllm_pool: Pool, tmp_path_factory: pytest.TempPathFactory) -> It
         yield scorer
     finally:
         scorer.server.stop()
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of the test's own, on a free port."""
+    with redis_server(tmp_path, free_port()) as server:
+        yield server

@@ -5,28 +5,18 @@ Redis stopped (every call answers, from the replica's own memory) and restarted.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import orjson
-import pytest
 import redis as redis_py
 from prometheus_client import CollectorRegistry
 
 from router.config import ScoreCacheConfig, StateConfig
 from router.score_cache import ScoreCache
 from router.state import RedisState
-from scripts.redis_server import RedisServer, redis_server
-from tests.support.servers import free_port
+from scripts.redis_server import RedisServer
 
 IDS = [1, 17, 4, 99, 12]
 RETRY_AFTER_S = 0.3
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with redis_server(tmp_path, free_port()) as server:
-        yield server
 
 
 def replica(redis: RedisServer, ttl_s: float = 60.0) -> tuple[ScoreCache, RedisState, CollectorRegistry]:

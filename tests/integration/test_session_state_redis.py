@@ -4,25 +4,15 @@ replica's own memory while Redis is down (no error reaches the caller)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from router.config import StateConfig
 from router.session_state import LocalAffinity, LocalConversations, RedisAffinity, RedisConversations
 from router.state import RedisState
-from scripts.redis_server import RedisServer, redis_server
-from tests.support.servers import free_port
+from scripts.redis_server import RedisServer
 
 RETRY_AFTER_S = 0.3
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with redis_server(tmp_path, free_port()) as server:
-        yield server
 
 
 def replica(url: str, ttl_s: float = 30) -> tuple[RedisState, RedisAffinity, RedisConversations]:

@@ -18,18 +18,12 @@ from router.config import ScorerConfig, StateConfig
 from router.limits import LocalLimiter
 from router.scorer.features import FeatureExtractor
 from router.state import RedisLimiter, RedisState
-from scripts.redis_server import RedisServer, redis_server
-from tests.support.servers import FakeBackend, free_port, serve
+from scripts.redis_server import RedisServer
+from tests.support.servers import FakeBackend, serve
 from tests.support.stack import make_settings, metric, running_gateway
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
 RETRY_AFTER_S = 0.5
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with redis_server(tmp_path, free_port()) as server:
-        yield server
 
 
 @pytest.fixture

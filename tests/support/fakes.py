@@ -1,10 +1,21 @@
-"""Small stand-ins for unit tests of routing: a prompt encoder as routing uses it."""
+"""Small stand-ins for unit tests: a clock set by hand, a prompt encoder as routing uses it."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from router.scorer.recipe import Message, normalise_messages
+
+
+@dataclass
+class Clock:
+    """A clock to inject, moved by hand (``clock.now += 60``)."""
+
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class ViewEncoder:

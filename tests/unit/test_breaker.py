@@ -1,18 +1,11 @@
 from __future__ import annotations
 
 from router.breaker import Breaker, State
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.fakes import Clock
 
 
 def test_opens_after_consecutive_failures_and_trials_after_the_cooldown() -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     b = Breaker(failure_threshold=2, cooldown_s=10, clock=clock)
     b.failure()
     assert b.current is State.CLOSED and b.available()
@@ -29,7 +22,7 @@ def test_opens_after_consecutive_failures_and_trials_after_the_cooldown() -> Non
 
 
 def test_a_failed_trial_reopens_for_another_cooldown() -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     b = Breaker(failure_threshold=1, cooldown_s=5, clock=clock)
     b.failure()
     clock.now = 5
@@ -43,7 +36,7 @@ def test_a_failed_trial_reopens_for_another_cooldown() -> None:
 
 
 def test_a_success_resets_the_count() -> None:
-    b = Breaker(failure_threshold=2, clock=Clock())
+    b = Breaker(failure_threshold=2, clock=Clock(0.0))
     b.failure()
     b.success()
     b.failure()
@@ -51,7 +44,7 @@ def test_a_success_resets_the_count() -> None:
 
 
 def test_a_passing_health_check_lets_an_open_circuit_try_one_request() -> None:
-    b = Breaker(failure_threshold=1, cooldown_s=60, clock=Clock())
+    b = Breaker(failure_threshold=1, cooldown_s=60, clock=Clock(0.0))
     b.healthy()
     assert b.current is State.CLOSED  # nothing to do when closed
     b.failure()

@@ -26,32 +26,17 @@ from probes.cascade import (
     stage_curve,
 )
 from probes.fit import Inputs, fit_text_features
+from router import Probe, ProbeError, ProbeSet, check_compatible, load_probe, save_probe, scorer_block
 from router.policy import Option, Rule, choose
-from router.probe import (
-    Probe,
-    ProbeError,
-    ProbeSet,
-    cascade_margins,
-    check_compatible,
-    check_early_compatible,
-    load_probe,
-    save_probe,
-    scorer_block,
-)
+from router.probe import cascade_margins, check_early_compatible
 from router.scorer.recipe import ScorerInfo
 from router.text_features import prompt_text
+from tests.support.probes import TEXTS
 
 INFO = ScorerInfo(model="m", layers=(4,), pooling="last", final_norm=True, hidden_size=2, feature_dim=2,
                   fingerprint="full")
 EARLY = ScorerInfo(model="m", layers=(2,), pooling="last", final_norm=True, hidden_size=2, feature_dim=2,
                    fingerprint="early")
-TEXTS = [
-    "What is 2 + 2? Let's think step by step.",
-    "A train leaves at 3 pm and travels 60 miles per hour. How far has it gone by 5 pm?",
-    "Find the sum of all real x with x^2 - 5x + 6 = 0.",
-    "How many ways can 5 books be arranged on a shelf? Think step by step.",
-    "If a train travels 60 miles, how many hours at 30 miles per hour?",
-]
 MESSAGES = [{"role": "user", "content": "A train travels 60 miles per hour, step by step."}]
 
 

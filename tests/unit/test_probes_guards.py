@@ -22,6 +22,7 @@ from probes.cli import main
 from probes.guards import auroc_check, label_shortfall, min_per_class
 from router.probe import load_probe
 from router.scorer.recipe import describe
+from tests.support.probes import two_backend_config
 
 SMALL, BIG = "small-model", "big-model"
 N, D = 120, 16
@@ -86,29 +87,8 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     for module in ("probes.train", "probes.evaluate"):  # modules: the face's `probes.evaluate` is the function
         monkeypatch.setattr(importlib.import_module(module), "probe_inputs", probe_inputs)
     config = tmp_path / "config.yaml"
-    config.write_text(f"""\
-scorer:
-  model: synthetic
-  layers: [2]
-  pooling: last
-  cache_dir: {tmp_path / "cache"}
-backends:
-  - name: small
-    base_url: http://127.0.0.1:9/v1
-    model: {SMALL}
-    input_cost_per_mtok: 0.1
-    output_cost_per_mtok: 0.2
-    probe: {tmp_path / "probes" / "small.json"}
-  - name: big
-    base_url: http://127.0.0.1:9/v1
-    model: {BIG}
-    input_cost_per_mtok: 0.4
-    output_cost_per_mtok: 0.8
-    probe: {tmp_path / "probes" / "big.json"}
-policy:
-  threshold: 0.5   # keep me
-  fallback: big
-""")
+    config.write_text(two_backend_config(tmp_path, "  fallback: big\n", model="synthetic", small=SMALL, big=BIG,
+                                         threshold=0.5))
 
     def make(big_failures: int | None) -> Path:
         from probes.data import load_dataset

@@ -10,20 +10,9 @@ import numpy as np
 import pytest
 from starlette.datastructures import Headers
 
+from router import errors
 from router.affinity import Session, Verdict
 from router.config import AffinityConfig, PolicyConfig, ScorerConfig
-from router.errors import (
-    AuthenticationFailed,
-    HTTPRefusal,
-    InvalidRequest,
-    NotFound,
-    PermissionDenied,
-    RateLimited,
-    RouterError,
-    TooLarge,
-    Unavailable,
-    UpstreamFailed,
-)
 from router.http import error_response, status_of
 from router.metrics import Metrics
 from router.policy import Reason
@@ -105,11 +94,11 @@ def test_routing_keeps_to_the_keys_backends_and_raises_domain_errors(tmp_path: P
     only_small = _ask(router, "router", frozenset({"small"}))
     assert only_small.decision.order == ("small",) and set(only_small.probabilities) == {"small"}
     assert _ask(router, "router", None, threshold=0.5).decision.backend == "small"
-    with pytest.raises(PermissionDenied):
+    with pytest.raises(errors.PermissionDenied):
         _ask(router, "large", frozenset({"small"}))
-    with pytest.raises(PermissionDenied):
+    with pytest.raises(errors.PermissionDenied):
         _ask(router, "router", frozenset({"unprobed"}))
-    with pytest.raises(NotFound):
+    with pytest.raises(errors.NotFound):
         _ask(router, "no-such-model", None)
 
 
@@ -178,21 +167,23 @@ def test_routing_keeps_a_session_on_its_pin_looked_up_while_scoring(tmp_path: Pa
 
 
 @pytest.mark.parametrize(("error", "status"), [
-    (InvalidRequest("m"), 400), (AuthenticationFailed("m"), 401), (PermissionDenied("m"), 403),
-    (NotFound("m"), 404), (TooLarge("m"), 413), (RateLimited("m", retry_after_s=1.2), 429),
-    (UpstreamFailed("m"), 502), (Unavailable("m"), 503), (HTTPRefusal(405, "m"), 405), (RouterError("m"), 500),
+    (errors.InvalidRequest("m"), 400), (errors.AuthenticationFailed("m"), 401), (errors.PermissionDenied("m"), 403),
+    (errors.NotFound("m"), 404), (errors.TooLarge("m"), 413), (errors.RateLimited("m", retry_after_s=1.2), 429),
+    (errors.UpstreamFailed("m"), 502), (errors.Unavailable("m"), 503), (errors.HTTPRefusal(405, "m"), 405),
+    (errors.RouterError("m"), 500),
 ])
-def test_one_place_maps_each_domain_error_to_its_status_and_openai_body(error: RouterError, status: int) -> None:
+def test_one_place_maps_each_domain_error_to_its_status_and_openai_body(error: errors.RouterError,
+                                                                        status: int) -> None:
     assert status_of(error) == status
     response = error_response(error)
     assert response.status_code == status
     assert b'"error":{"message":"m"' in response.body
-    if isinstance(error, RateLimited):
+    if isinstance(error, errors.RateLimited):
         assert response.headers["retry-after"] == "2"
 
 
 def test_a_rate_limit_that_waiting_cannot_lift_says_no_retry_after() -> None:
-    assert "retry-after" not in error_response(RateLimited("too big", retry_after_s=None)).headers
+    assert "retry-after" not in error_response(errors.RateLimited("too big", retry_after_s=None)).headers
 
 
 async def test_a_relay_closed_before_its_first_chunk_still_closes_upstream_and_reports() -> None:

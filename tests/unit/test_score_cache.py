@@ -5,16 +5,9 @@ from __future__ import annotations
 
 from router.config import ScoreCacheConfig
 from router.score_cache import ScoreCache
+from tests.support.fakes import Clock
 
 IDS = [1, 17, 4, 99]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def cache(entries: int = 8, ttl_s: float = 60.0) -> tuple[ScoreCache, Clock]:

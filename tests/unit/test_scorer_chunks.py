@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from router.scorer.batcher import MicroBatcher
+from router.scorer.batcher import BatchResult, MicroBatcher
 from router.scorer.features import FeatureExtractor
 from router.scorer.interface import Chunk, EarlyExit, ScorerUnavailable
 from router.scorer.local import LocalScorer
@@ -113,19 +113,26 @@ def whose(batches: list[list[tuple[int, int, int, int]]]) -> list[str]:
             for batch in batches]
 
 
+async def _behind_a_held_pass(batcher: MicroBatcher, passes: ChunkedPasses, first: tuple[list[int], str],
+                              *groups: list[tuple[list[int], str]]) -> list[BatchResult]:
+    """``first`` (prompt, key) in a held pass, then each group's prompts queued behind it, a group after the one
+    before; then every pass let go: the results, in that order."""
+    tasks = [asyncio.create_task(batcher.run(first[0], key=first[1]))]
+    await passes.wait_entered()
+    for group in groups:
+        tasks += [asyncio.create_task(batcher.run(ids, key=key, timeout_s=30)) for ids, key in group]
+        await asyncio.sleep(0)
+    passes.hold = False
+    passes.let_go()
+    return await asyncio.wait_for(asyncio.gather(*tasks), 20)
+
+
 async def test_a_long_prompts_chunks_run_in_order_and_other_keys_passes_run_between_them() -> None:
     passes = ChunkedPasses()
     batcher = _batcher(passes, chunk=100)
     try:
-        first = asyncio.create_task(batcher.run(prompt(W, 0, 30), key="w"))
-        await passes.wait_entered()
-        long = asyncio.create_task(batcher.run(prompt(A, 0, 350), key="a", timeout_s=30))
-        await asyncio.sleep(0)
-        shorts = [asyncio.create_task(batcher.run(prompt(B, i, 60), key="b", timeout_s=30)) for i in range(4)]
-        await asyncio.sleep(0)
-        passes.hold = False
-        passes.let_go()
-        results = await asyncio.wait_for(asyncio.gather(first, long, *shorts), 20)
+        results = await _behind_a_held_pass(batcher, passes, (prompt(W, 0, 30), "w"), [(prompt(A, 0, 350), "a")],
+                                            [(prompt(B, i, 60), "b") for i in range(4)])
     finally:
         batcher.close()
     # A's prompt in 100-token chunks, each a pass of its own (a pass with a chunk holds at most 100 tokens), and
@@ -143,15 +150,9 @@ async def test_a_keys_later_chunks_keep_their_place_and_keys_share_by_tokens() -
     passes = ChunkedPasses()
     batcher = _batcher(passes, chunk=100)
     try:
-        first = asyncio.create_task(batcher.run(prompt(W, 0, 30), key="w"))
-        await passes.wait_entered()
-        longs = [asyncio.create_task(batcher.run(prompt(A, i, 300), key="a", timeout_s=30)) for i in range(3)]
-        await asyncio.sleep(0)
-        shorts = [asyncio.create_task(batcher.run(prompt(B, i, 50), key="b", timeout_s=30)) for i in range(12)]
-        await asyncio.sleep(0)
-        passes.hold = False
-        passes.let_go()
-        await asyncio.wait_for(asyncio.gather(first, *longs, *shorts), 20)
+        await _behind_a_held_pass(batcher, passes, (prompt(W, 0, 30), "w"),
+                                  [(prompt(A, i, 300), "a") for i in range(3)],
+                                  [(prompt(B, i, 50), "b") for i in range(12)])
     finally:
         batcher.close()
     batches = passes.batches[1:]
@@ -286,16 +287,9 @@ async def test_at_most_max_open_chunked_long_prompts_are_partway_at_once_and_oth
     passes = ChunkedPasses()
     batcher = _batcher(passes, chunk=100, max_open_chunked=1)
     try:
-        first = asyncio.create_task(batcher.run(prompt(B, 9, 30), key="b"))
-        await passes.wait_entered()
-        longs = [asyncio.create_task(batcher.run(prompt(key, 0, 300), key=str(key), timeout_s=30))
-                 for key in (A, W)]
-        await asyncio.sleep(0)
-        shorts = [asyncio.create_task(batcher.run(prompt(B, i, 60), key="b", timeout_s=30)) for i in range(4)]
-        await asyncio.sleep(0)
-        passes.hold = False
-        passes.let_go()
-        results = await asyncio.wait_for(asyncio.gather(first, *longs, *shorts), 20)
+        results = await _behind_a_held_pass(batcher, passes, (prompt(B, 9, 30), "b"),
+                                            [(prompt(key, 0, 300), str(key)) for key in (A, W)],
+                                            [(prompt(B, i, 60), "b") for i in range(4)])
     finally:
         batcher.close()
     assert [list(r.row) for r in results[1:3] if r.row is not None] == [[A, 300], [W, 300]]

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +20,14 @@ from router.scorer.interface import EarlyExit, ScorerUnavailable
 from router.scorer.local import LocalScorer
 
 # FairQueue: pure, no threads, no clock
+
+
+def _queued_items(quantum: int, *items: tuple[str, str, int]) -> FairQueue[str]:
+    """A FairQueue (up to 100 items a key) with ``items`` (key, item, cost) pushed in that order."""
+    q: FairQueue[str] = FairQueue(quantum=quantum, max_per_key=100)
+    for key, item, cost in items:
+        assert q.push(key, item, cost)
+    return q
 
 
 def test_one_key_is_served_first_come_first_served() -> None:
@@ -52,9 +62,7 @@ def test_a_key_arriving_behind_a_backlog_is_served_within_one_turn() -> None:
 
 
 def test_a_turn_that_does_not_fit_the_batch_is_kept_for_the_next() -> None:
-    q: FairQueue[str] = FairQueue(quantum=1024, max_per_key=100)
-    q.push("a", "a0", 1024)
-    q.push("b", "b0", 100)
+    q = _queued_items(1024, ("a", "a0", 1024), ("b", "b0", 100))
     assert q.pop(room=500) is None  # a's turn, its prompt does not fit: the batch is full
     assert q.pop() == "a0"  # a keeps its turn and its allowance for the next batch
     assert q.pop() == "b0"
@@ -71,11 +79,7 @@ def test_a_key_arriving_while_a_full_batch_runs_goes_before_the_other_keys_next_
 
 
 def test_a_key_whose_first_item_waits_passes_its_turn_without_its_quantum() -> None:
-    q: FairQueue[str] = FairQueue(quantum=100, max_per_key=100)
-    q.push("a", "a0", 100)
-    q.push("a", "a1", 100)
-    q.push("b", "b0", 100)
-    q.push("b", "b1", 100)
+    q = _queued_items(100, ("a", "a0", 100), ("a", "a1", 100), ("b", "b0", 100), ("b", "b1", 100))
     waiting = {"a0"}
     assert q.pop(waits=waiting.__contains__) == "b0"
     assert q.pop(waits=waiting.__contains__) == "b1"
@@ -88,11 +92,7 @@ def test_a_key_whose_first_item_waits_passes_its_turn_without_its_quantum() -> N
 
 
 def test_allowance_builds_up_over_turns_when_the_quantum_is_small() -> None:
-    q: FairQueue[str] = FairQueue(quantum=100, max_per_key=100)
-    q.push("a", "a0", 250)
-    q.push("b", "b0", 100)
-    q.push("b", "b1", 100)
-    q.push("b", "b2", 100)
+    q = _queued_items(100, ("a", "a0", 250), ("b", "b0", 100), ("b", "b1", 100), ("b", "b2", 100))
     assert [q.pop() for _ in range(4)] == ["b0", "b1", "a0", "b2"]  # a saves up three quanta for its 250
 
 
@@ -125,6 +125,24 @@ class HeldPasses:
         self.batches.append([ids[0] for ids in batch])
         return np.zeros((len(batch), 2), dtype=np.float32)
 
+    async def let_go(self, tasks: Sequence[asyncio.Task]) -> None:
+        """Release the held pass and wait for ``tasks`` to finish."""
+        self.release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 20)
+
+
+@asynccontextmanager
+async def held_batcher(**options: Any) -> AsyncIterator[tuple[MicroBatcher, HeldPasses]]:
+    """A MicroBatcher (batches taken at once) over HeldPasses; on leaving, the pass released and the batcher
+    closed."""
+    passes = HeldPasses()
+    batcher = MicroBatcher(passes, max_wait_s=0.0, **options)
+    try:
+        yield batcher, passes
+    finally:
+        passes.release.set()
+        batcher.close()
+
 
 A, B, W = 1, 2, 3  # the first token id says whose prompt it is
 
@@ -141,47 +159,27 @@ async def _queued(batcher: MicroBatcher, passes: HeldPasses, *jobs: tuple[str, i
 
 
 async def test_batches_alternate_keys_by_tokens_and_stay_under_the_token_cap() -> None:
-    passes = HeldPasses()
-    batcher = MicroBatcher(passes, max_batch_size=16, max_wait_s=0.0, max_queue=64, max_batch_tokens=1024,
-                           quantum_tokens=1024)
-    try:
-        tasks = await _queued(batcher, passes, *[("a", A, 1024)] * 4, *[("b", B, 100)] * 12)
-        passes.release.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 20)
-    finally:
-        batcher.close()
+    async with held_batcher(max_batch_size=16, max_queue=64, max_batch_tokens=1024,
+                            quantum_tokens=1024) as (batcher, passes):
+        await passes.let_go(await _queued(batcher, passes, *[("a", A, 1024)] * 4, *[("b", B, 100)] * 12))
     # one of a's prompts fills a batch; b's take turns with them, ten of its 100-token prompts to a batch
     assert passes.batches == [[W], [A], [B] * 10, [A], [B] * 2, [A], [A]]
 
 
 async def test_one_key_alone_batches_as_before() -> None:
-    passes = HeldPasses()
-    batcher = MicroBatcher(passes, max_batch_size=4, max_wait_s=0.0, max_queue=64, max_batch_tokens=1024)
-    try:
-        tasks = await _queued(batcher, passes, *[("a", A, 10)] * 10)
-        passes.release.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 20)
-    finally:
-        batcher.close()
+    async with held_batcher(max_batch_size=4, max_queue=64, max_batch_tokens=1024) as (batcher, passes):
+        await passes.let_go(await _queued(batcher, passes, *[("a", A, 10)] * 10))
     assert passes.batches == [[W], [A] * 4, [A] * 4, [A] * 2]
 
 
 async def test_a_prompt_longer_than_the_cap_runs_alone() -> None:
-    passes = HeldPasses()
-    batcher = MicroBatcher(passes, max_batch_size=8, max_wait_s=0.0, max_queue=64, max_batch_tokens=100)
-    try:
-        tasks = await _queued(batcher, passes, ("a", A, 500), ("a", A, 30), ("a", A, 30))
-        passes.release.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 20)
-    finally:
-        batcher.close()
+    async with held_batcher(max_batch_size=8, max_queue=64, max_batch_tokens=100) as (batcher, passes):
+        await passes.let_go(await _queued(batcher, passes, ("a", A, 500), ("a", A, 30), ("a", A, 30)))
     assert passes.batches == [[W], [A], [A, A]]
 
 
 async def test_a_flooding_key_is_refused_for_its_own_backlog_not_another_keys() -> None:
-    passes = HeldPasses()
-    batcher = MicroBatcher(passes, max_batch_size=8, max_wait_s=0.0, max_queue=64, max_batch_tokens=1024)
-    try:
+    async with held_batcher(max_batch_size=8, max_queue=64, max_batch_tokens=1024) as (batcher, passes):
         tasks = await _queued(batcher, passes, *[("a", A, 1000)] * 8)
         batcher._token_s = 0.001  # as if timed: a token takes 1 ms
         # what is left of the pass under way (at most its 1 token), a's 8000 queued and its own 1000
@@ -193,59 +191,37 @@ async def test_a_flooding_key_is_refused_for_its_own_backlog_not_another_keys() 
         assert refused.value.kind == "overloaded"
         scored = asyncio.create_task(batcher.run([B] * 100, key="b", timeout_s=5))  # not refused
         await asyncio.sleep(0)
-        passes.release.set()
-        await asyncio.wait_for(asyncio.gather(scored, *tasks), 20)
-    finally:
-        passes.release.set()
-        batcher.close()
+        await passes.let_go([scored, *tasks])
     assert passes.batches[1] == [A] and passes.batches[2] == [B]  # b's came next, after the pass under way
 
 
 async def test_the_estimate_counts_what_the_pass_under_way_has_left() -> None:
-    passes = HeldPasses()
-    batcher = MicroBatcher(passes, max_batch_size=1, max_wait_s=0.0, max_queue=8)
-    try:
+    async with held_batcher(max_batch_size=1, max_queue=8) as (batcher, passes):
         tasks = await _queued(batcher, passes)
         batcher._token_s = 1000.0  # as if timed: the held pass (1 token) takes 1000 s, and has just begun
         assert 999 < batcher.expected_wait_s("b", 1) - 1000.0 <= 1000
         batcher._token_s = 1e-6  # ... it should have ended long ago: nothing left of it
         assert batcher.expected_wait_s("b", 1) == pytest.approx(1e-6)
-        passes.release.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 20)
-    finally:
-        passes.release.set()
-        batcher.close()
+        await passes.let_go(tasks)
 
 
 async def test_each_key_has_its_own_queue_bound() -> None:
-    passes = HeldPasses()
-    batcher = MicroBatcher(passes, max_batch_size=1, max_wait_s=0.0, max_queue=2)
-    try:
+    async with held_batcher(max_batch_size=1, max_queue=2) as (batcher, passes):
         tasks = await _queued(batcher, passes, ("a", A, 10), ("a", A, 10))
         with pytest.raises(ScorerUnavailable, match="queue is full"):
             await batcher.run([A], key="a")
         tasks.append(asyncio.create_task(batcher.run([B], key="b")))  # another key's queue has room
         await asyncio.sleep(0)
-        passes.release.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 20)
-    finally:
-        passes.release.set()
-        batcher.close()
+        await passes.let_go(tasks)
 
 
 async def test_a_request_that_gives_up_leaves_the_queue() -> None:
-    passes = HeldPasses()
-    batcher = MicroBatcher(passes, max_batch_size=1, max_wait_s=0.0, max_queue=8)
-    try:
+    async with held_batcher(max_batch_size=1, max_queue=8) as (batcher, passes):
         tasks = await _queued(batcher, passes)
         with pytest.raises(ScorerUnavailable, match="longer than"):
             await batcher.run([A] * 50, key="a", timeout_s=0.05)
         assert len(batcher._queue) == 0 and batcher.expected_wait_s("b", 1) == 0.0  # nothing timed yet
-        passes.release.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 20)
-    finally:
-        passes.release.set()
-        batcher.close()
+        await passes.let_go(tasks)
     assert passes.batches == [[W]]  # the abandoned prompt never ran
 
 

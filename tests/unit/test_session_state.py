@@ -6,14 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from router.session_state import LocalAffinity, LocalConversations, TTLMemory
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.fakes import Clock
 
 
 def test_memory_expires_entries_after_their_ttl_from_the_last_write() -> None:

@@ -14,14 +14,8 @@ from probes.fit import fit_text_features
 from router.probe import Probe, ProbeError, ProbeSet, check_compatible, load_probe, save_probe, scorer_block
 from router.scorer.recipe import ScorerInfo
 from router.text_features import TextFeatures, prompt_text
+from tests.support.probes import TEXTS
 
-TEXTS = [
-    "What is 2 + 2? Let's think step by step.",
-    "A train leaves at 3 pm and travels 60 miles per hour. How far has it gone by 5 pm?",
-    "Find the sum of all real x with x^2 - 5x + 6 = 0.",
-    "How many ways can 5 books be arranged on a shelf? Think step by step.",
-    "If a train travels 60 miles, how many hours at 30 miles per hour?",
-]
 INFO = ScorerInfo(model="m", layers=(2,), pooling="last", final_norm=True, hidden_size=2, feature_dim=2,
                   fingerprint="abc")
 
