@@ -12,12 +12,12 @@ its own), the configured local scorer (``LocalScorer``, as the gateway runs it) 
    meanwhile B sends the same questions again.
 
 Schedulings: ``chunked`` (the shipped batcher: per-key queues in deficit round robin by tokens, at most
-``max_batch_tokens`` tokens to a pass, and a prompt longer than ``scorer.chunk_tokens`` scored in chunks of that
-many tokens, other passes between them; ``--chunk-tokens`` sets them, default the config's, else 128; ``chunkedN``
-with N tokens, so that one run compares sizes), ``fair``
-(the same without chunks: ``chunk_tokens: 0``) and ``fifo`` (the batcher with both keys as one, no token cap and no
-chunks: first come, first served, batches of up to ``max_batch_size`` prompts whatever their length, as before
-issue #36; A has at most ``--flood`` requests in the scorer, as ``scorer.max_in_flight_per_key`` (8) allowed).
+``max_batch_tokens`` tokens to a pass, and a prompt longer than ``scorer.chunk_above_tokens`` scored in chunks of
+``scorer.chunk_tokens`` tokens, other passes between them; ``--chunk-tokens`` sets them, default the config's, else
+128; ``chunkedN`` with N tokens, so that one run compares sizes), ``fair`` (the same without chunks: ``chunk_tokens:
+0``) and ``fifo`` (the batcher with both keys as one, no token cap and no chunks: first come, first served, batches
+of up to ``max_batch_size`` prompts whatever their length, as before issue #36; A has at most ``--flood`` requests
+in the scorer, as ``scorer.max_in_flight_per_key`` (8) allowed).
 Prints one JSON object: for each scheduling, B's p50 / p90 seconds alone and during the flood, how many of B's
 requests were scored (the others were refused or timed out: routed unscored), A's scored and refused requests, the
 seconds one of A's prompts takes alone (what a pass of ``max_batch_tokens`` costs: without preempting a pass, B's
@@ -144,6 +144,7 @@ async def measure(config: Path, scheduling: str, n_questions: int, flood: int, p
         await scorer.aclose()
     return {
         "max_batch_tokens": cfg.max_batch_tokens or cfg.max_prompt_tokens, "chunk_tokens": cfg.chunk_tokens or None,
+        "chunk_above_tokens": cfg.chunk_above_tokens if cfg.chunk_tokens else None,
         "a_prompt_tokens": long_tokens, "timeout_s": cfg.timeout_s,
         "b_alone_s": quantiles(alone), "b_alone_unscored": dict(alone_refused), "a_alone_s": quantiles(a_alone),
         "b_flood_s": quantiles(during), "b_flood_scored": len(during), "b_flood_unscored": dict(during_refused),

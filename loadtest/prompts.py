@@ -1,4 +1,4 @@
-"""Request bodies from the GSM8K questions in ``data/gsm8k_test_qwen25math.jsonl``."""
+"""Request bodies from the GSM8K questions in ``data/gsm8k_test_qwen25math.jsonl`` (or another file's)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import orjson
 DATA = Path(__file__).resolve().parent.parent / "data" / "gsm8k_test_qwen25math.jsonl"
 
 
-def questions(n: int, seed: int = 0) -> list[str]:
-    """``n`` questions drawn at random (fixed seed), so prompt lengths follow the data set's."""
-    rows = [orjson.loads(line)["question"] for line in DATA.read_bytes().splitlines() if line.strip()]
+def questions(n: int, seed: int = 0, data: Path = DATA) -> list[str]:
+    """``n`` questions of ``data`` (a JSONL file with a "question" field: GSM8K test by default) drawn at random
+    (fixed seed), so prompt lengths follow the data set's."""
+    rows = [orjson.loads(line)["question"] for line in data.read_bytes().splitlines() if line.strip()]
     return random.Random(seed).sample(rows, min(n, len(rows)))
 
 

@@ -1,15 +1,15 @@
 """The routed path of gateways that differ only in their environment, side by side in interleaved rounds.
 
-``python -m loadtest.routed_ab --variant NAME[=CONFIG][:VAR=VALUE,...] ... [--rounds 3]`` starts the fake backend
-and one gateway per variant (the scorer, probes and policy of CONFIG, ``config.yaml`` by default, every backend
-on the fake one; every variable a ``ROUTER_…`` override), then, round by
-round with the order rotating, loads each with routed requests: 40 at c=1 (median latency) and 192 at c=16
-(requests a second, and the scorer's mean batch from the gateway's /metrics). Only one gateway is loaded at a
-time. Each round also measures the benchmark's reference (``loadtest.forward``: transformers' padded pass over
-blocks 1-15 at batch 8, all cores, in its own process while the gateways idle), so every variant's c=16 rate is
-also a ratio to it, measured in the same run (and, where the scorer's dtype is not bf16, to transformers' bf16
-pass, the issue's literal reference). Prints one JSON object: per variant, each figure's rounds and
-median, and the reference's. Used for the scorer's batching
+``python -m loadtest.routed_ab --variant NAME[=CONFIG][:VAR=VALUE,...] ... [--rounds 3] [--data FILE] [--prompts
+64]`` starts the fake backend and one gateway per variant (the scorer, probes and policy of CONFIG, ``config.yaml``
+by default, every backend on the fake one; every variable a ``ROUTER_…`` override), then, round by round with the
+order rotating, loads each with routed requests (``--prompts`` questions of ``--data``, a JSONL file with a
+"question" field, GSM8K test by default): 40 at c=1 (median latency) and 192 at c=16 (requests a second, and the
+scorer's mean batch from the gateway's /metrics). Only one gateway is loaded at a time. Each round also measures the
+benchmark's reference (``loadtest.forward``: transformers' padded pass over blocks 1-15 at batch 8, all cores, in
+its own process while the gateways idle), so every variant's c=16 rate is also a ratio to it, measured in the same
+run (and, where the scorer's dtype is not bf16, to transformers' bf16 pass, the issue's literal reference). Prints
+one JSON object: per variant, each figure's rounds and median, and the reference's. Used for the scorer's batching
 settings in research/perf/README.md, e.g.::
 
     python -m loadtest.routed_ab --variant wait2 --variant wait10:ROUTER_SCORER__MAX_WAIT_MS=10
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from loadtest.gen import async_load
 from loadtest.procs import Service, free_port
-from loadtest.prompts import chat_body, questions
+from loadtest.prompts import DATA, chat_body, questions
 from loadtest.run import ROOT, _gateway_config, _measure, _scorer_counts
 
 
@@ -42,6 +42,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest.routed_ab", description=__doc__)
     parser.add_argument("--variant", action="append", required=True, help="NAME[=CONFIG][:VAR=VALUE,...]")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=DATA, help="JSONL questions (a \"question\" field each)")
+    parser.add_argument("--prompts", type=int, default=64, help="distinct questions drawn from --data")
     args = parser.parse_args()
     variants = {name: (config, env) for name, config, env in map(parse_variant, args.variant)}
     folder = Path(tempfile.mkdtemp(prefix="routed-ab-"))
@@ -60,7 +62,7 @@ def main() -> None:
             services.append(service)
             service.wait_ready(300)
             urls[name] = f"http://127.0.0.1:{port}"
-        bodies = [chat_body("router", q) for q in questions(64)]
+        bodies = [chat_body("router", q) for q in questions(args.prompts, data=args.data)]
         figures: dict[str, dict[str, list[float]]] = {
             n: {"c1_p50_ms": [], "c16_rps": [], "c16_mean_batch": []} for n in variants}
         names = list(variants)
@@ -87,7 +89,8 @@ def main() -> None:
                     round((prompts_after - prompts) / max(passes_after - passes, 1), 2))
         ref = statistics.median(reference)
         ref_bf16 = statistics.median(emulated) if emulated else None
-        head = {"reference_prompts_per_s": {"rounds": reference, "median": ref}}
+        head = {"data": str(args.data), "prompts": len(bodies), "reference_prompts_per_s": {"rounds": reference,
+                                                                                             "median": ref}}
         if ref_bf16:
             head["bf16_reference_prompts_per_s"] = {"rounds": emulated, "median": ref_bf16}
         print(json.dumps(head | {

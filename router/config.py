@@ -148,17 +148,26 @@ class ScorerConfig(_Strict):
         "Keys share the passes by tokens, in deficit round robin (router/scorer/batcher.py)",
     )
     chunk_tokens: int | None = Field(
-        0, ge=0, description="the local scorer scores a prompt longer than this in chunks of this many tokens, one "
-        "forward pass each, and other requests' passes run between them: a pass cannot be interrupted, so a request "
-        "waits for about one chunk's pass behind a long prompt instead of the whole prompt's. A pass that holds a "
-        "chunk holds at most this many tokens, and a key's turn in the round robin is this many tokens. The "
-        "features are the unchunked pass's (within float rounding). Between its chunks a prompt keeps its keys and "
-        "values (2 x blocks run x key/value width x its tokens x 4 bytes: 23.6 MB for SmolLM2-135M's 15 blocks, "
-        "width 192, at 1,024 tokens in float32; at most max_chunked_prompts of them at once); a request that gives "
-        "up drops them at the next chunk boundary. A chunked prompt takes no early exit. The packed pass only "
-        "(packing: true); 0 or None (the default): every prompt in one pass. Measured on a 2-core CPU "
+        128, ge=0, description="the local scorer scores a prompt longer than chunk_above_tokens in chunks of this "
+        "many tokens, one forward pass each, and other requests' passes run between them: a pass cannot be "
+        "interrupted, so another key's request waits for about one chunk's pass behind a long prompt instead of the "
+        "whole prompt's. A pass that holds a chunk holds at most this many tokens, and a key's turn in the round "
+        "robin is this many tokens. The features are the unchunked pass's (within float rounding). Between its "
+        "chunks a prompt keeps its keys and values (2 x blocks run x key/value width x its tokens x 4 bytes: 23.6 MB "
+        "for SmolLM2-135M's 15 blocks, width 192, at 1,024 tokens in float32; at most max_chunked_prompts of them at "
+        "once); a request that gives up drops them at the next chunk boundary. A chunked prompt takes no early exit. "
+        "The packed pass only (packing: true); 0 or None: every prompt in one pass. Measured on a 2-core CPU "
         "(research/perf/chunked-passes.md): 128 kept another key's p50 within 3x of its own during a flood of "
-        "1,024-token prompts (15x without chunks), at about 6% of plain throughput",
+        "1,024-token prompts (15x without chunks)",
+    )
+    chunk_above_tokens: int = Field(
+        512, ge=1, description="with chunk_tokens: a prompt longer than this (and than chunk_tokens) is scored in "
+        "chunks; shorter ones run whole and batch as they would without chunks, so ordinary traffic keeps its "
+        "batches (chunking every prompt over 128 tokens split GSM8K's batches and cost about 6% of plain "
+        "throughput). Except for a key that floods the scorer: while it has a full pass's tokens "
+        "(max_batch_tokens) waiting and another key has asked within the last second, its prompts over chunk_tokens "
+        "are chunked too, so a flood of prompts just under this length costs the other keys one chunk's wait, as "
+        "a flood of long ones does (research/perf/chunked-passes.md)",
     )
     max_chunked_prompts: int = Field(
         8, ge=1, description="with chunk_tokens: at most this many long prompts partway through their chunks at "

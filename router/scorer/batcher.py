@@ -26,15 +26,15 @@ An early exit (``router.scorer.interface.EarlyExit``) travels with its request: 
 ``staged_features``, which may stop some prompts' passes at a shallower block.
 
 A pass cannot be interrupted, so a request waits for the one under way. With ``chunk_tokens``, a prompt longer than
-that is scored in chunks of that many tokens (``router.scorer.interface.Chunk``), one pass each, and other
-requests' passes run between them: the prompt is one item of its key's queue whose cost is its next chunk's
-tokens, and after each chunk it goes back to the front of its key's queue (its place there and in the round robin
-kept), its keys and values kept with it (``Chunk.state``). A batch that holds a chunk holds at most
-``chunk_tokens`` tokens, and a key's turn at most ``chunk_tokens`` (the quantum): while long prompts are scored, a
-request waits for about one chunk's pass, then runs in a pass of its own size. A prompt's chunks run in order,
-one at a time (it is in the queue or in one worker's pass, never both); a request that timed out or was
-cancelled drops its prompt's state at the next chunk boundary, and its later chunks never run. A chunked prompt
-takes no early exit (it is scored in full).
+``chunk_above_tokens`` (shorter ones run whole, batched as without chunks) is scored in chunks of that many tokens
+(``router.scorer.interface.Chunk``), one pass each, and other requests' passes run between them: the prompt is one
+item of its key's queue whose cost is its next chunk's tokens, and after each chunk it goes back to the front of its
+key's queue (its place there and in the round robin kept), its keys and values kept with it (``Chunk.state``). A
+batch that holds a chunk holds at most ``chunk_tokens`` tokens, and a key's turn at most ``chunk_tokens`` (the
+quantum): while long prompts are scored, a request waits for about one chunk's pass, then runs in a pass of its own
+size. A prompt's chunks run in order, one at a time (it is in the queue or in one worker's pass, never both); a
+request that timed out or was cancelled drops its prompt's state at the next chunk boundary, and its later chunks
+never run. A chunked prompt takes no early exit (it is scored in full).
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ AVERAGE_TOKENS = 4096
 Features = Callable[[Sequence[TokenIds]], np.ndarray]
 # per prompt: (its features at its early exit or None, its configured features or None where its exit stopped it)
 Staged = list[tuple[np.ndarray | None, np.ndarray | None]]
+CONTENDED_S = 1.0  # another key asked this recently: a flooding key's prompts over chunk_tokens go in chunks
+
 # a batch's prompts may be chunks of long ones (``chunk_tokens``); a chunk has no exit, and (None, None) unless last
 StagedFeatures = Callable[[Sequence[TokenIds | Chunk], Sequence[EarlyExit | None]], Staged]
 
@@ -113,8 +115,9 @@ class MicroBatcher:
     instead for a batch where a request asked for an early exit (without it, early exits are ignored).
     ``max_queue``: requests one key may have waiting; ``quantum_tokens``: the tokens a key's allowance grows by at
     each of its turns (the default: the largest prompt never waits more than one round; with ``chunk_tokens``,
-    ``chunk_tokens``). ``chunk_tokens``: score a longer prompt in chunks of that many tokens, through ``staged``
-    (which must be given and take ``Chunk`` pieces); ``max_open_chunked``: at most so many long prompts partway
+    ``chunk_tokens``). ``chunk_tokens``: score a prompt longer than ``chunk_above_tokens`` (default: than
+    ``chunk_tokens``) in chunks of that many tokens, through ``staged`` (which must be given and take ``Chunk``
+    pieces); ``max_open_chunked``: at most so many long prompts partway
     through their chunks (each keeping its keys and values) at once, over all keys; another waits in its queue,
     its key's turn passed on, until one ends."""
 
@@ -134,6 +137,7 @@ class MicroBatcher:
         quantum_tokens: int | None = None,
         staged: StagedFeatures | None = None,
         chunk_tokens: int | None = None,
+        chunk_above_tokens: int | None = None,
         max_open_chunked: int = 8,
     ) -> None:
         if chunk_tokens is not None and (chunk_tokens < 1 or staged is None):
@@ -143,6 +147,10 @@ class MicroBatcher:
         self._features = features
         self._staged = staged
         self._chunk = chunk_tokens
+        # a prompt longer than this is scored in chunks; shorter ones run whole (and batch as without chunks)
+        self._chunk_above = max(chunk_above_tokens or 0, chunk_tokens or 0)
+        self._flood_tokens = max_batch_tokens or 1024  # a key with this many tokens waiting floods the scorer
+        self._seen: dict[str, float] = {}  # key -> when it last asked (monotonic), for ``_chunked``
         self._max_open = max_open_chunked
         self._open = 0  # long prompts whose first chunk was taken and whose state is kept (``_Job.opened``)
         self._max_batch = max_batch_size
@@ -170,10 +178,10 @@ class MicroBatcher:
                   early: EarlyExit | None = None) -> BatchResult:
         """``ids``' features (and early features, for ``early``), in ``key``'s share of the scorer."""
         job = _Job(np.asarray(ids, dtype=np.int32), key, early, Future())
-        if self._chunk is not None and job.tokens > self._chunk:
-            job.chunk = Chunk(job.ids, 0, self._chunk)
         with self._lock:
             self._admit(key, job.tokens, timeout_s)
+            if self._chunked(key, job.tokens):
+                job.chunk = Chunk(job.ids, 0, self._chunk)
             if not self._queue.push(key, job, job.cost, job.later):
                 raise ScorerUnavailable("queue_full", "scorer queue is full")
             self._lock.notify()
@@ -187,6 +195,21 @@ class MicroBatcher:
             raise
         started = job.started if job.started is not None else time.perf_counter()
         return BatchResult(row, queue_s=started - job.enqueued, early=early_row)
+
+    def _chunked(self, key: str, tokens: int) -> bool:
+        """Whether a prompt of ``key`` with ``tokens`` is scored in chunks: where it is longer than
+        ``chunk_above_tokens``, or than ``chunk_tokens`` while its key floods the scorer (a full pass's tokens,
+        ``max_batch_tokens``, already waiting) and another key has asked within ``CONTENDED_S``: a key that floods
+        with prompts just short of ``chunk_above_tokens`` then pays for its chunks, not the others for its passes;
+        alone, a busy key's prompts batch whole. Under the lock."""
+        now = time.monotonic()
+        contended = any(k != key and now - t < CONTENDED_S for k, t in self._seen.items())
+        self._seen[key] = now
+        if len(self._seen) > 256:  # only recent keys matter
+            self._seen = {k: t for k, t in self._seen.items() if now - t < CONTENDED_S}
+        if self._chunk is None or tokens <= self._chunk:
+            return False
+        return tokens > self._chunk_above or (contended and self._queue.backlog(key) >= self._flood_tokens)
 
     def _abandon(self, job: _Job) -> None:
         """A request that gave up: out of the queue, its state dropped, where it waits; where its pass is under

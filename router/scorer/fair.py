@@ -51,8 +51,9 @@ class _Entry(Generic[T]):
 class FairQueue(Generic[T]):
     """Items (prompts) in per-key FIFO queues, each with a cost in tokens, taken by deficit round robin.
 
-    ``quantum``: the tokens a key's allowance grows by at each of its turns (at least the largest cost, and a key
-    can always take its next prompt in one turn). ``max_per_key``: the most items one key may have queued."""
+    ``quantum``: the tokens a key's allowance grows by at each of its turns (where an item costs more, its key
+    saves its allowance over as many turns as it takes, the other keys' items taken between). ``max_per_key``: the
+    most items one key may have queued."""
 
     def __init__(self, quantum: int, max_per_key: int) -> None:
         if quantum < 1 or max_per_key < 1:

@@ -57,6 +57,7 @@ class LocalScorer:
             quantum_tokens=chunk or self.cfg.max_prompt_tokens,
             staged=self.extractor.staged_features_from_ids if self.extractor.packed is not None else None,
             chunk_tokens=chunk,
+            chunk_above_tokens=self.cfg.chunk_above_tokens,
             max_open_chunked=self.cfg.max_chunked_prompts,
         )
 

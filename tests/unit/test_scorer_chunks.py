@@ -146,6 +146,53 @@ async def test_a_long_prompts_chunks_run_in_order_and_other_keys_passes_run_betw
     assert all(ref() is None for ref in passes.states)  # the state went with the last chunk
 
 
+async def test_prompts_up_to_chunk_above_tokens_run_whole_and_batch_as_without_chunks() -> None:
+    passes = ChunkedPasses()
+    batcher = _batcher(passes, chunk=100, chunk_above_tokens=300)
+    try:
+        # one key's prompts of 150 and 300 tokens: longer than a chunk, not than chunk_above_tokens
+        alone = await _behind_a_held_pass(batcher, passes, (prompt(W, 0, 30), "w"),
+                                          [(prompt(B, i, 150), "b") for i in range(4)] + [(prompt(B, 4, 300), "b")])
+        assert whose(passes.batches) == ["W", "B B B B B"]  # whole, in one pass, as without chunks
+        passes.batches.clear()
+        passes.hold = True
+        mixed = await _behind_a_held_pass(batcher, passes, (prompt(W, 1, 30), "w"),
+                                          [(prompt(B, i, 150), "b") for i in range(4)], [(prompt(A, 0, 301), "a")])
+    finally:
+        batcher.close()
+    assert [int(r.row[1]) for r in alone[1:]] == [150, 150, 150, 150, 300]  # type: ignore[index]
+    # A's 301-token prompt in chunks of 100, B's whole 150-token questions between them by tokens: a key's turn is
+    # worth one chunk (100 tokens), so B takes a question every 1.5 turns and never shares a pass with a chunk
+    assert whose(passes.batches) == ["W", "A0:0-100", "B", "A0:100-200", "B", "A0:200-300", "A0:300-301", "B B"]
+    assert [int(r.row[1]) for r in mixed[1:]] == [150, 150, 150, 150, 301]  # type: ignore[index]
+    assert batcher._open == 0 and len(batcher._queue) == 0
+
+
+async def test_a_key_flooding_with_shorter_prompts_has_them_chunked_while_another_key_asks() -> None:
+    # alone, a busy key's prompts under chunk_above_tokens run whole however many it has waiting
+    passes = ChunkedPasses()
+    batcher = _batcher(passes, chunk=100, chunk_above_tokens=500)  # max_batch_tokens 1000: a full pass
+    try:
+        await _behind_a_held_pass(batcher, passes, (prompt(A, 9, 30), "a"),
+                                  [(prompt(A, i, 300), "a") for i in range(5)])
+    finally:
+        batcher.close()
+    assert all(s == 0 and e == 300 for batch in passes.batches[1:] for _, _, s, e in batch)
+    # with another key asking meanwhile, the prompt that arrives when its key already has a full pass's tokens
+    # waiting (900 + 300 queued) is scored in chunks; B's question goes between them
+    passes = ChunkedPasses()
+    batcher = _batcher(passes, chunk=100, chunk_above_tokens=500)
+    try:
+        await _behind_a_held_pass(batcher, passes, (prompt(W, 0, 30), "w"),
+                                  [(prompt(A, i, 300), "a") for i in range(5)], [(prompt(B, 0, 50), "b")])
+    finally:
+        batcher.close()
+    pieces = [(p, s, e) for batch in passes.batches for k, p, s, e in batch if k == A]
+    assert pieces[:4] == [(i, 0, 300) for i in range(4)]
+    assert pieces[4:] == [(4, 0, 100), (4, 100, 200), (4, 200, 300)]
+    assert batcher._open == 0 and len(batcher._queue) == 0
+
+
 async def test_a_keys_later_chunks_keep_their_place_and_keys_share_by_tokens() -> None:
     passes = ChunkedPasses()
     batcher = _batcher(passes, chunk=100)
@@ -334,7 +381,7 @@ def test_chunks_need_the_staged_pass() -> None:
 
 async def test_local_scorer_scores_long_prompts_in_chunks_with_the_features_of_one_pass(
         tiny_extractor: FeatureExtractor) -> None:
-    cfg = tiny_extractor.cfg.model_copy(update={"chunk_tokens": 30})
+    cfg = tiny_extractor.cfg.model_copy(update={"chunk_tokens": 30, "chunk_above_tokens": 30})
     scorer = LocalScorer(tiny_extractor, cfg)
     long = [{"role": "user", "content": "Janet's ducks lay 16 eggs per day. She eats three for breakfast. " * 3}]
     short = [{"role": "user", "content": "What is 2 + 2?"}]
