@@ -85,6 +85,10 @@ class Metrics:
         self.scorer_early_stops = Counter(
             "router_scorer_early_stops", "Prompts whose scorer pass stopped at the cascade's early block", registry=r,
         )
+        self.scorer_chunks = Counter(
+            "router_scorer_chunks", "Parts of long prompts the local scorer ran in chunks (scorer.chunk_tokens), one "
+            "pass each; a prompt's last chunk gives its features", registry=r,
+        )
         self.scorer_errors = Counter(
             "router_scorer_errors", "Requests the scorer could not score, by kind", ["kind"], registry=r
         )
@@ -159,6 +163,8 @@ class Metrics:
             self.scorer_batch_tokens.observe(stats.tokens)
         if stats.stopped:
             self.scorer_early_stops.inc(stats.stopped)
+        if stats.chunks:
+            self.scorer_chunks.inc(stats.chunks)
 
     def child(self, metric: M, *labels: str) -> M:
         """``metric.labels(*labels)``, looked up once. prometheus-client's ``labels()`` validates and locks on

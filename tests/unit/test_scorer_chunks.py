@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from router.metrics import Metrics
 from router.scorer.batcher import BatchResult, MicroBatcher
 from router.scorer.features import FeatureExtractor
 from router.scorer.interface import Chunk, EarlyExit, ScorerUnavailable
@@ -408,6 +409,14 @@ async def test_local_scorer_scores_long_prompts_in_chunks_with_the_features_of_o
         np.testing.assert_allclose(s.features, expected, rtol=1e-5, atol=1e-5)
     assert not scored[2].stopped and scored[2].early is None  # a chunked prompt takes no early exit
     assert sum(chunks) == 3 * -(-len(ids[0]) // 30)  # every long prompt, in chunks
+    metrics = Metrics()
+    counted = LocalScorer(tiny_extractor, cfg)
+    await counted.start(on_batch=metrics.observe_batch)
+    try:
+        await counted.score(long, key="g")
+    finally:
+        await counted.aclose()
+    assert metrics.registry.get_sample_value("router_scorer_chunks_total") == -(-len(ids[0]) // 30)
     off = LocalScorer(tiny_extractor, tiny_extractor.cfg.model_copy(update={"chunk_tokens": 0}))
     await off.start()
     try:
