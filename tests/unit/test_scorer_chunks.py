@@ -157,6 +157,7 @@ async def test_prompts_up_to_chunk_above_tokens_run_whole_and_batch_as_without_c
         assert whose(passes.batches) == ["W", "B B B B B"]  # whole, in one pass, as without chunks
         passes.batches.clear()
         passes.hold = True
+        passes.entered = threading.Semaphore(0)  # the next wait_entered waits for the next held pass
         mixed = await _behind_a_held_pass(batcher, passes, (prompt(W, 1, 30), "w"),
                                           [(prompt(B, i, 150), "b") for i in range(4)], [(prompt(A, 0, 301), "a")])
     finally:
