@@ -285,13 +285,23 @@ def summarise(trace: Trace, stream: Stream, idx: np.ndarray, dearer: set[str]) -
         "explored_share": round(float(np.mean(sent != chosen)), 4),
         "explore_extra_cost_per_1k": round(float(np.mean(cost - np.array(trace.chosen_cost)[idx])) * 1000, 5),
         "share": {n: round(float(np.mean(sent == n)), 4) for n in trace.p},
-        "auroc": {}, "ece": {},
+        "auroc": {}, "ece": {}, "served": {},
     }
     for n, ps in trace.p.items():
         p, y = np.array(ps)[idx], stream.labels[n][idx]
         out["auroc"][n] = _safe(sk_auroc, y, p)
         out["ece"][n] = _safe(sk_ece, y, p)
+        out["served"][n] = served_calibration(p[sent == n], y[sent == n])
     return out
+
+
+def served_calibration(p: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Calibration on the questions a backend answered (the traffic it serves, what the gateway's predicted and
+    realised accuracy compare): their count, mean estimate, accuracy and ECE (None without both outcomes)."""
+    if len(y) == 0:
+        return {"n": 0, "predicted": None, "accuracy": None, "ece": None}
+    return {"n": len(y), "predicted": round(float(np.mean(p)), 4), "accuracy": round(float(np.mean(y)), 4),
+            "ece": _safe(sk_ece, y, p)}
 
 
 def ece_floor(p: np.ndarray, rounds: int = 200, seed: int = 0) -> float:

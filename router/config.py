@@ -601,6 +601,14 @@ class LearningConfig(_Strict):
         "configured probe (its strength chosen by cross-validation); 'shared_shift' (opt-in, not yet measured on a "
         "replay) gives a backend with too few ratings of its own the calibration shift the others' ratings show",
     )
+    fit_weights: list[Literal["propensity", "none"]] = Field(
+        default_factory=lambda: ["propensity"], min_length=1, description="how each candidate's fit weighs its "
+        "labels: 'propensity' by the inverse of the chance its request went to that backend (clipped at "
+        "max_weight), 'none' all alike; each named weighting gives one candidate of each kind, all judged on the "
+        "guard by inverse-propensity-weighted log-loss. ['propensity', 'none'] lets the guard choose per backend "
+        "(on MATH replays: better cheap-backend calibration and dear-backend AUROC, worse dear-backend "
+        "calibration; research/learning/README.md)",
+    )
     lambdas: list[float] = Field(
         default_factory=lambda: [3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0], min_length=1,
         description="strengths of the refit's pull toward the configured probe that cross-validation chooses from "

@@ -10,7 +10,11 @@ For one backend, ``Learner.refit`` reads the backend's most recent ratings from 
    describe the traffic the backend was sent, not the traffic it will be judged on;
 3. splits off the guard slice: a fixed share of examples, drawn by a hash of their id, that no candidate is ever
    fitted on (an example stays on its side across refits and restarts);
-4. fits candidates on the rest:
+4. fits candidates on the rest, each kind once per weighting of ``fit_weights``: with the weights of step 2 (the
+   default) and, if asked, also unweighted, named ``KIND:unweighted`` (labels of the requests the policy already
+   sends the backend dominate an unweighted fit, but a handful of explored labels counted ten times no longer
+   swing it; every candidate is still judged by weighted losses, so the guard decides which serves all the
+   traffic better; research/learning/README.md measures both on replays):
    - ``recalibrate``: Platt's (a, b) re-fitted on the serving probe's logits (weights unchanged);
    - ``refit``: the weights and bias re-fitted, pulled toward the anchor probe (the one the config shipped) by
      ``λ/2·‖θ − θ_anchor‖²`` in its standardised space, λ chosen by cross-validated log-loss on the training
@@ -58,6 +62,8 @@ log = logging.getLogger(__name__)
 DEFAULT_LAMBDAS: tuple[float, ...] = (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
 KINDS = ("recalibrate", "refit", "shared_shift")
 DEFAULT_KINDS = ("recalibrate", "refit")
+FIT_WEIGHTS = ("propensity", "none")
+DEFAULT_FIT_WEIGHTS = ("propensity",)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class LearnerSettings:
     guard_z: float = 1.0  # ...and by this many standard errors of the paired per-label difference
     auroc_tolerance: float = 0.0  # guard: a candidate's AUROC may be lower than the serving one's by at most this
     kinds: tuple[str, ...] = DEFAULT_KINDS  # which candidates to fit
+    fit_weights: tuple[str, ...] = DEFAULT_FIT_WEIGHTS  # each kind fitted once per weighting named here
 
     @classmethod
     def from_config(cls, cfg: LearningConfig) -> LearnerSettings:
@@ -86,12 +93,14 @@ class LearnerSettings:
                    raters=tuple(cfg.raters) if cfg.raters is not None else None, min_keys=cfg.min_keys,
                    max_weight=cfg.max_weight, lambdas=tuple(cfg.lambdas), folds=cfg.folds,
                    min_logloss_gain=cfg.min_logloss_gain, guard_z=cfg.guard_z, auroc_tolerance=cfg.auroc_tolerance,
-                   kinds=tuple(cfg.candidates))
+                   kinds=tuple(cfg.candidates), fit_weights=tuple(cfg.fit_weights))
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown candidate kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+        if not self.fit_weights or set(self.fit_weights) - set(FIT_WEIGHTS):
+            raise ValueError(f"fit_weights must name some of {', '.join(FIT_WEIGHTS)}")
         if not 0.0 < self.guard_fraction < 1.0:
             raise ValueError("guard_fraction must be in (0, 1)")
 
@@ -206,19 +215,23 @@ class Candidate:
 
 
 def fit_recalibration(serving: Probe, cols: Columns, idx: np.ndarray, y: np.ndarray, w: np.ndarray,
-                      ids: Sequence[str], folds: int = 3) -> Candidate:
+                      ids: Sequence[str], folds: int = 3, fit_w: np.ndarray | None = None) -> Candidate:
     """Platt re-fitted on the serving probe's logits (its weights unchanged): either only its intercept (a shift
     of the base rate) or both numbers, whichever has the lower cross-validated log-loss. The ratings of a backend
     cover mostly the requests the policy sends it, a narrow band of its logits, where the slope is poorly
-    determined; a slope fitted there and applied to every request can be far off, a shift rarely is."""
+    determined; a slope fitted there and applied to every request can be far off, a shift rarely is.
+
+    ``fit_w`` (default ``w``) weighs the fits, ``w`` the cross-validated losses that choose between them: fits
+    may use flattened weights while the choice is still judged on the traffic the backend will serve."""
     z = cols.logits(serving, idx)
     a0, b0 = serving.platt_a, serving.platt_b
     fold = np.array([int(unit_hash(i, "fold") * folds) for i in ids])
+    fw = w if fit_w is None else fit_w
 
     def fit(kind: str, m: np.ndarray) -> tuple[float, float]:
         if kind == "platt":
-            return fit_platt(z[m], y[m], w[m], prior=(a0, b0))
-        (b,) = fit_logistic(np.ones((int(m.sum()), 1)), y[m], w[m], prior=np.array([b0]), lam=1e-3,
+            return fit_platt(z[m], y[m], fw[m], prior=(a0, b0))
+        (b,) = fit_logistic(np.ones((int(m.sum()), 1)), y[m], fw[m], prior=np.array([b0]), lam=1e-3,
                             offset=a0 * z[m])
         return a0, float(b)
 
@@ -264,10 +277,11 @@ def _as_probe(anchor: Probe, theta: np.ndarray, d: int, platt: tuple[float, floa
 
 
 def fit_refit(anchor: Probe, cols: Columns, idx: np.ndarray, y: np.ndarray, w: np.ndarray,
-              ids: Sequence[str], settings: LearnerSettings) -> Candidate | None:
+              ids: Sequence[str], settings: LearnerSettings, fit_w: np.ndarray | None = None) -> Candidate | None:
     """Weights re-fitted with an L2 pull toward ``anchor``, λ chosen by cross-validated weighted log-loss (λ is
     absolute, not per label: the more labels, the further the data may move the fit); None when no λ beats the
-    anchor itself."""
+    anchor itself. ``fit_w`` (default ``w``) weighs the fits, ``w`` the cross-validated losses."""
+    fw = w if fit_w is None else fit_w
     design, prior, pulled = _design(cols, idx)
     d = cols.d
     folds = np.array([int(unit_hash(i, "fold") * settings.folds) for i in ids])
@@ -281,7 +295,7 @@ def fit_refit(anchor: Probe, cols: Columns, idx: np.ndarray, y: np.ndarray, w: n
             continue
         theta = prior
         for j, lam in enumerate(lambdas, start=1):
-            theta = fit_logistic(design[tr], y[tr], w[tr], prior=prior, lam=lam, penalised=pulled, init=theta)
+            theta = fit_logistic(design[tr], y[tr], fw[tr], prior=prior, lam=lam, penalised=pulled, init=theta)
             oof[j, te] = design[te] @ theta
     losses = [log_loss(y, sigmoid(z), w) for z in oof]
     best = int(np.argmin(losses))
@@ -290,8 +304,8 @@ def fit_refit(anchor: Probe, cols: Columns, idx: np.ndarray, y: np.ndarray, w: n
     if best == 0:
         return None
     lam = lambdas[best - 1]
-    theta = fit_logistic(design, y, w, prior=prior, lam=lam, penalised=pulled)
-    a, b = fit_platt(oof[best], y, w)  # calibrated on the out-of-fold logits at the chosen λ
+    theta = fit_logistic(design, y, fw, prior=prior, lam=lam, penalised=pulled)
+    a, b = fit_platt(oof[best], y, fw)  # calibrated on the out-of-fold logits at the chosen λ
     theta_prior_gap = float(np.linalg.norm((theta - prior)[pulled > 0]) / max(np.linalg.norm(prior[pulled > 0]),
                                                                               1e-12))
     details |= {"lambda": lam, "relative_change": round(theta_prior_gap, 5), "platt": [round(a, 6), round(b, 6)]}
@@ -425,23 +439,36 @@ def learn(backend: str, examples: Sequence[LabelledExample], serving: Probe, anc
     rated = np.array([e.rated_at for e in batch.examples])
     candidates: list[Candidate] = []
     verdicts: dict[str, dict[str, Any]] = {}
+    fresh_for_platt = None
     if "recalibrate" in settings.kinds:
         # Platt on the serving logits of ratings its weights were not fitted on (in-sample logits are too sure).
         fitted_to = (serving.training.get("learning") or {}).get("fitted_to")
         fresh = tr if fitted_to is None else tr[rated[tr] > fitted_to]
         if len(fresh) >= settings.min_labels and len(np.unique(batch.y[fresh] > 0.5)) == 2:
-            candidates.append(replace(
-                c := fit_recalibration(serving, cols, fresh, batch.y[fresh], batch.w[fresh],
-                                       [batch.examples[i].id for i in fresh], settings.folds),
-                details=c.details | {"fitted_to": fitted_to, "n_fitted": len(fresh)}))
+            fresh_for_platt = fresh
         else:
             verdicts["recalibrate"] = {"promote": False, "reason": f"{len(fresh)} training labels newer than the "
                                        f"serving weights' fit, fewer than min_labels {settings.min_labels}"}
-    if "refit" in settings.kinds:
-        refit = fit_refit(anchor, cols, tr, batch.y[tr], batch.w[tr], [batch.examples[i].id for i in tr], settings)
-        if refit is not None:
-            candidates.append(replace(refit, details=refit.details | {"fitted_to": float(rated[tr].max()),
-                                                                      "n_fitted": len(tr)}))
+    # Each kind is fitted once per weighting: with the inverse-propensity weights (unbiased for the traffic the
+    # backend will serve, but noisy: a few explored labels count ten times) and, if fit_weights asks, also
+    # unweighted (biased toward the requests the policy already sends it, but steadier). All are judged the same
+    # way, by cross-validated and guard losses weighted by inverse propensity (importance-weighted validation).
+    for weighting in settings.fit_weights:
+        fit_w = batch.w if weighting == "propensity" else np.ones(len(batch.w))
+        suffix = "" if weighting == "propensity" else ":unweighted"
+        if fresh_for_platt is not None:
+            f = fresh_for_platt
+            c = fit_recalibration(serving, cols, f, batch.y[f], batch.w[f], [batch.examples[i].id for i in f],
+                                  settings.folds, fit_w=fit_w[f])
+            candidates.append(replace(c, kind=c.kind + suffix, details=c.details | {
+                "fitted_to": (serving.training.get("learning") or {}).get("fitted_to"), "n_fitted": len(f),
+                "fit_weights": weighting}))
+        if "refit" in settings.kinds:
+            refit = fit_refit(anchor, cols, tr, batch.y[tr], batch.w[tr], [batch.examples[i].id for i in tr],
+                              settings, fit_w=fit_w[tr])
+            if refit is not None:
+                candidates.append(replace(refit, kind=refit.kind + suffix, details=refit.details | {
+                    "fitted_to": float(rated[tr].max()), "n_fitted": len(tr), "fit_weights": weighting}))
     p_serving = cols.probability(serving, gd)
     best: tuple[float, Candidate] | None = None
     for c in candidates:
@@ -495,7 +522,8 @@ class Learner:
                   "n_guard": outcome.n_guard, "keys": outcome.keys,
                   "rated_from": min(rated), "rated_to": max(rated), "guard": outcome.verdicts[chosen.kind],
                   "settings": {"window": self.settings.window, "guard_fraction": self.settings.guard_fraction,
-                               "per_key_cap": self.settings.per_key_cap, "max_weight": self.settings.max_weight}}
+                               "per_key_cap": self.settings.per_key_cap, "max_weight": self.settings.max_weight,
+                               "fit_weights": list(self.settings.fit_weights)}}
         name = self.registry.promote(backend, chosen.probe, record)
         log.info("%s: promoted %s (%s) over %s: guard log-loss %.4f → %.4f", backend, name, chosen.kind, current,
                  outcome.verdicts[chosen.kind]["serving"]["logloss"],

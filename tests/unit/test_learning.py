@@ -523,3 +523,31 @@ def test_a_backend_too_rarely_chosen_takes_the_shift_the_others_show(tmp_path: P
     assert registry.current("weak")[1].platt_b == pytest.approx(delta, abs=1e-4)
     assert outcomes["agrees"].promoted is None and "disagree" in outcomes["agrees"].reason
     assert load_probe(registry.current_path("weak")).training["learning"]["donors"] == ["strong"]
+
+
+def test_each_kind_is_fitted_with_and_without_the_propensity_weights_and_judged_alike() -> None:
+    """With ``fit_weights`` (propensity, none) every kind gives two candidates: one fitted on the inverse-propensity
+    weights, one on the labels alike. Both are judged on the same guard, weighted by inverse propensity, and the
+    promoted one is the passing candidate with the lowest weighted guard log-loss."""
+    rng = np.random.default_rng(15)
+    w_true = np.linspace(-1, 1, D)
+    serving = _probe(w_true, bias=1.5)
+    x, y = _world(4000, rng, w_true, bias=-0.5)
+    sent = serving.predict(x) > 0.8  # the policy sends this backend what it expects it to get right...
+    prop = np.where(sent, 0.97, 0.03)
+    logged = sent | (rng.random(len(y)) < 0.03)  # ...and now and then another request, explored
+    examples = _examples(x[logged], y[logged], prop=prop[logged])
+    chosen, outcome = learn("cheap", examples, serving, serving,
+                            LearnerSettings(kinds=("recalibrate",), fit_weights=("propensity", "none")))
+    assert set(outcome.verdicts) == {"recalibrate", "recalibrate:unweighted"}
+    weighted, alike = outcome.verdicts["recalibrate"], outcome.verdicts["recalibrate:unweighted"]
+    assert (weighted["fit_weights"], alike["fit_weights"]) == ("propensity", "none")
+    assert weighted["platt"] != alike["platt"]  # the weights matter on a log this skewed
+    assert weighted["serving"] == alike["serving"]  # one guard, the same weights, for both
+    passing = {k: v["candidate"]["logloss"] for k, v in outcome.verdicts.items() if v["promote"]}
+    assert chosen is not None and outcome.kind == min(passing, key=passing.__getitem__)
+    _, one = learn("cheap", examples, serving, serving, LearnerSettings(kinds=("recalibrate",)))  # the default
+    assert set(one.verdicts) == {"recalibrate"}
+    assert one.verdicts["recalibrate"]["platt"] == weighted["platt"]
+    with pytest.raises(ValueError, match="fit_weights"):
+        LearnerSettings(fit_weights=("uniform",))

@@ -51,7 +51,12 @@ learning:
         for w in windows:
             assert set(w) >= {"n", "accuracy", "cost", "dear_share", "auroc", "ece"}
             assert set(w["auroc"]) == set(w["ece"]) == {"small", "big"}
-        assert set(report[arm]["total"]) >= {"accuracy", "cost", "dear_share", "auroc", "ece"}
+        total = report[arm]["total"]
+        assert set(total) >= {"accuracy", "cost", "dear_share", "auroc", "ece", "served"}
+        # The served figures count the questions each backend answered, and their accuracy is the stream's.
+        assert sum(total["served"][n]["n"] for n in ("small", "big")) == total["n"]
+        answered = sum(total["served"][n]["n"] * (total["served"][n]["accuracy"] or 0) for n in ("small", "big"))
+        assert answered / total["n"] == pytest.approx(total["accuracy"], abs=1e-3)
     assert report["static"]["total"]["explored_share"] == 0
     assert 0 < report["learning"]["total"]["explored_share"] < 0.25
     assert report["after_ratings"]["from_question"] > 40
