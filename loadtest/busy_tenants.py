@@ -27,12 +27,11 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from loadtest.procs import rotating_rounds
 from loadtest.prompts import DATA, questions
 
 VARIANTS = ("keys", "keys-no-rule", "one-key")
@@ -138,18 +137,9 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     if unknown := set(variants) - set(VARIANTS):
         parser.error(f"unknown variants {sorted(unknown)}")
-    rounds: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    for r in range(args.rounds):
-        for variant in variants[r % len(variants):] + variants[:r % len(variants)]:
-            out = subprocess.run([sys.executable, "-m", "loadtest.busy_tenants", "--config", str(args.config),
-                                  "--data", str(args.data), "--keys", str(args.keys),
-                                  "--concurrency", str(args.concurrency), "--requests", str(args.requests),
-                                  "--variant", variant], stdout=subprocess.PIPE, text=True)
-            lines = out.stdout.strip().splitlines()
-            if out.returncode != 0 or not lines:
-                raise SystemExit(f"{variant}: the measuring process failed (exit status {out.returncode})")
-            rounds[variant].append({**json.loads(lines[-1]), "round": r})
-            print(f"round {r} {variant}: " + json.dumps(rounds[variant][-1]), file=sys.stderr, flush=True)
+    common = ["--config", str(args.config), "--data", str(args.data), "--keys", str(args.keys),
+              "--concurrency", str(args.concurrency), "--requests", str(args.requests)]
+    rounds = rotating_rounds("loadtest.busy_tenants", common, "--variant", variants, args.rounds)
     print(json.dumps({"data": str(args.data), "keys": args.keys, "concurrency_per_key": args.concurrency,
                       "requests_per_key": args.requests, "rounds": args.rounds,
                       "median": {v: medians(rs) for v, rs in rounds.items()}, "per_round": rounds}))

@@ -32,13 +32,12 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from loadtest.procs import rotating_rounds
 from loadtest.prompts import questions
 
 SCHEDULINGS = ("fifo", "fair", "chunked")
@@ -211,25 +210,13 @@ def main() -> None:
     if unknown := {s for s in schedulings if s not in SCHEDULINGS
                    and not (s.startswith("chunked") and s.removeprefix("chunked").isdigit())}:
         parser.error(f"unknown schedulings {sorted(unknown)}")
-    rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in schedulings}
-    for r in range(args.rounds):
-        for scheduling in schedulings[r % len(schedulings):] + schedulings[:r % len(schedulings)]:
-            out = subprocess.run([sys.executable, "-m", "loadtest.key_flood", "--config", str(args.config),
-                                  "--questions", str(args.questions), "--flood", str(args.flood),
-                                  "--prompt-mb", str(args.prompt_mb), "--scheduling", scheduling,
-                                  "--refused-pause-s", str(args.refused_pause_s),
-                                  *(["--timeout-s", str(args.timeout_s)] if args.timeout_s is not None else []),
-                                  *(["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else [])],
-                                 stdout=subprocess.PIPE, text=True)
-            lines = out.stdout.strip().splitlines()
-            if not lines:
-                raise SystemExit(f"{scheduling}: the measuring process printed nothing (exit status {out.returncode})")
-            # its exit status aside: a pass still under way when the process ends (the scorer closes without
-            # waiting for more than 5 s) may abort it after it printed
-            rounds[scheduling].append({**json.loads(lines[-1]), "round": r, "exit_status": out.returncode})
-            print(f"round {r} {scheduling}: B p50 alone {rounds[scheduling][-1]['b_alone_s']['p50']} s, "
-                  f"in the flood {rounds[scheduling][-1]['b_flood_s']['p50']} s; "
-                  + json.dumps(rounds[scheduling][-1]), file=sys.stderr, flush=True)  # kept if the run is stopped
+    common = ["--config", str(args.config), "--questions", str(args.questions), "--flood", str(args.flood),
+              "--prompt-mb", str(args.prompt_mb), "--refused-pause-s", str(args.refused_pause_s),
+              *(["--timeout-s", str(args.timeout_s)] if args.timeout_s is not None else []),
+              *(["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else [])]
+    rounds = rotating_rounds(
+        "loadtest.key_flood", common, "--scheduling", schedulings, args.rounds,
+        lambda m: f"B p50 alone {m['b_alone_s']['p50']} s, in the flood {m['b_flood_s']['p50']} s; ")
     print(json.dumps({"questions": args.questions, "flood": args.flood, "prompt_mb": args.prompt_mb,
                       "rounds": args.rounds, "median": {s: medians(rs) for s, rs in rounds.items()},
                       "per_round": rounds}))

@@ -3,17 +3,42 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
+
+
+def rotating_rounds(module: str, common: Sequence[str], flag: str, variants: Sequence[str], rounds: int,
+                    describe: Callable[[dict[str, Any]], str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Each variant measured once a round, each in its own process (``python -m MODULE *common FLAG variant``,
+    whose last stdout line is a JSON object), the order rotating from round to round; returns each variant's
+    objects with ``round`` and ``exit_status`` added. A process that printed is kept whatever its exit status
+    (a scorer pass still under way when it ends may abort it after it printed); one that printed nothing stops
+    the run. Each result is also written to stderr as it comes (``describe`` heads the line), so that a stopped
+    run keeps what it measured."""
+    out: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for variant in list(variants[r % len(variants):]) + list(variants[:r % len(variants)]):
+            done = subprocess.run([sys.executable, "-m", module, *common, flag, variant], stdout=subprocess.PIPE,
+                                  text=True)
+            lines = done.stdout.strip().splitlines()
+            if not lines:
+                raise SystemExit(f"{variant}: the measuring process printed nothing (exit status {done.returncode})")
+            out[variant].append({**json.loads(lines[-1]), "round": r, "exit_status": done.returncode})
+            head = describe(out[variant][-1]) if describe else ""
+            print(f"round {r} {variant}: {head}" + json.dumps(out[variant][-1]), file=sys.stderr, flush=True)
+    return out
 
 
 def free_port() -> int:
